@@ -1,0 +1,3 @@
+from stream_fm.cli import main
+
+raise SystemExit(main())

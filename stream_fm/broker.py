@@ -1,0 +1,758 @@
+"""Launch a real single-node Apache Kafka broker (KRaft, combined broker+controller).
+
+Used by ``stream-fm demo``, the Makefile and the integration tests. The broker is Apache Kafka
+itself: its release jars are fetched once from Maven Central with Maven into a local cache (or
+taken from an installation named by ``KAFKA_HOME``) and run as a child JVM bound to 127.0.0.1.
+
+Only Java 17+ and (for the first download) Maven are needed; without them the error says so in
+one line and names the Docker alternative.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import ctypes
+import fcntl
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from stream_fm.errors import BrokerError, BrokerStartError
+
+__all__ = [
+    "DOCKER_ALTERNATIVE",
+    "KAFKA_VERSION",
+    "KafkaBroker",
+    "default_cache_root",
+    "find_java",
+    "kafka_classpath",
+]
+
+#: Newest 4.x release on Maven Central when this was written (checked with the maven-metadata).
+KAFKA_VERSION = "4.4.0"
+SCALA_VERSION = "2.13"
+#: The log4j-core that kafka-server 4.4.0 depends on. The slf4j binding below is not a
+#: transitive dependency of the published POMs (the release tarball adds it), so without it
+#: every slf4j log line of the broker would be dropped; api/core/binding are pinned together
+#: so Maven's nearest-wins cannot mix two log4j versions.
+LOG4J_VERSION = "2.25.5"
+#: Pinned because Maven 3.8's default (2.8, from 2013) is ancient and the prefix lookup would
+#: otherwise vary between machines.
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+DOCKER_ALTERNATIVE = "docker compose -f deploy/docker-compose.yml up"
+MIN_JAVA = 17
+
+_MARKER = ".complete"
+_MVN_TIMEOUT_S = 900.0
+_FORMAT_TIMEOUT_S = 120.0
+
+
+# --------------------------------------------------------------------------------------------
+# jars
+
+
+def default_cache_root() -> Path:
+    """``$STREAM_FM_KAFKA_CACHE``, else ``$XDG_CACHE_HOME/stream-fm``, else ``~/.cache/stream-fm``."""
+    env = os.environ.get("STREAM_FM_KAFKA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "stream-fm"
+
+
+def _pom(version: str) -> str:
+    deps = [
+        ("org.apache.kafka", f"kafka_{SCALA_VERSION}", version),
+        ("org.apache.logging.log4j", "log4j-api", LOG4J_VERSION),
+        ("org.apache.logging.log4j", "log4j-core", LOG4J_VERSION),
+        # slf4j 1.7 binding: kafka 4.x still compiles against slf4j-api 1.7.36.
+        ("org.apache.logging.log4j", "log4j-slf4j-impl", LOG4J_VERSION),
+    ]
+    body = "\n".join(
+        f"    <dependency><groupId>{g}</groupId><artifactId>{a}</artifactId>"
+        f"<version>{v}</version></dependency>"
+        for g, a, v in deps
+    )
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.stream-fm</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>{version}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+{body}
+  </dependencies>
+</project>
+"""
+
+
+def mvn_command(pom: Path, out_dir: Path) -> list[str]:
+    """The exact Maven invocation used to fetch the broker's runtime jars."""
+    mvn = shutil.which("mvn") or "mvn"
+    return [
+        mvn, "-q", "-B", "-f", str(pom),
+        f"{DEPENDENCY_PLUGIN}:copy-dependencies",
+        f"-DoutputDirectory={out_dir}",
+        "-DincludeScope=runtime",
+    ]  # fmt: skip
+
+
+def _kafka_home_classpath(home: str) -> str:
+    libs = Path(home).expanduser() / "libs"
+    if not any(libs.glob("kafka_*.jar")):
+        raise BrokerStartError(
+            f"KAFKA_HOME={home} is not an Apache Kafka installation (no libs/kafka_*.jar); "
+            f"unset it to fetch Kafka {KAFKA_VERSION} from Maven Central, "
+            f"or run `{DOCKER_ALTERNATIVE}`"
+        )
+    return str(libs / "*")
+
+
+def kafka_classpath(cache_dir: Path | None = None, version: str = KAFKA_VERSION) -> str:
+    """Return a Java classpath (``dir/*``) holding a complete Apache Kafka broker.
+
+    ``$KAFKA_HOME/libs`` when ``KAFKA_HOME`` is set; otherwise the jars of ``version`` fetched
+    from Maven Central into ``<cache_dir or default_cache_root()>/kafka-<version>/libs``. The
+    fetch happens once: it goes to a temporary directory that is renamed into place after a
+    marker file is written, under a file lock, so a crashed or concurrent earlier run never
+    leaves a half-filled cache behind.
+    """
+    home = os.environ.get("KAFKA_HOME")
+    if home:
+        return _kafka_home_classpath(home)
+
+    root = (cache_dir or default_cache_root()) / f"kafka-{version}"
+    libs = root / "libs"
+    if (libs / _MARKER).is_file():
+        return str(libs / "*")
+
+    if shutil.which("mvn") is None:
+        raise BrokerStartError(
+            f"Maven (mvn) not found: it is needed once to fetch Apache Kafka {version} from "
+            f"Maven Central; install Maven, set KAFKA_HOME to a Kafka installation, "
+            f"or run `{DOCKER_ALTERNATIVE}`"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        # Another process (e.g. a second test session) may be downloading the same version.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (libs / _MARKER).is_file():
+            return str(libs / "*")
+        tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=root))
+        try:
+            pom = tmp / "pom.xml"
+            pom.write_text(_pom(version))
+            out = tmp / "libs"
+            cmd = mvn_command(pom, out)
+            try:
+                proc = subprocess.run(
+                    cmd, cwd=tmp, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                    timeout=_MVN_TIMEOUT_S, check=False,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired as exc:
+                raise BrokerStartError(
+                    f"fetching Apache Kafka {version} with Maven timed out after "
+                    f"{_MVN_TIMEOUT_S:.0f}s: {' '.join(cmd)}"
+                ) from exc
+            if proc.returncode != 0:
+                tail = _tail_text(proc.stdout + proc.stderr, 30)
+                raise BrokerStartError(
+                    f"fetching Apache Kafka {version} from Maven Central failed "
+                    f"(mvn exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
+                )
+            jars = sorted(p.name for p in out.glob("*.jar"))
+            if f"kafka_{SCALA_VERSION}-{version}.jar" not in jars:
+                raise BrokerStartError(
+                    f"Maven finished but kafka_{SCALA_VERSION}-{version}.jar is missing in {out}"
+                )
+            (out / _MARKER).write_text("\n".join([f"kafka {version}", *jars]) + "\n")
+            # A directory without the marker is a leftover of an interrupted older layout.
+            if libs.exists():
+                shutil.rmtree(libs)
+            os.replace(out, libs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(libs / "*")
+
+
+def _classpath_version(classpath: str) -> str:
+    for jar in Path(classpath.rstrip("*")).glob("kafka_*.jar"):
+        m = re.match(r"kafka_[\d.]+-(\d+\.\d+\.\d+[^/]*?)\.jar$", jar.name)
+        if m:
+            return m.group(1)
+    return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# java
+
+
+def find_java() -> str:
+    """Path of a Java 17+ ``java``; ``$JAVA_HOME/bin/java`` wins over ``PATH``."""
+    java_home = os.environ.get("JAVA_HOME")
+    candidate = Path(java_home) / "bin" / "java" if java_home else None
+    java = str(candidate) if candidate and candidate.is_file() else shutil.which("java")
+    if java is None:
+        raise BrokerStartError(
+            f"Java {MIN_JAVA}+ not found (no `java` on PATH or in JAVA_HOME): install a JDK "
+            f"{MIN_JAVA}+ to run the local Apache Kafka broker, or run `{DOCKER_ALTERNATIVE}`"
+        )
+    try:
+        out = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BrokerStartError(f"`{java} -version` failed: {exc}") from exc
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if m is None:
+        raise BrokerStartError(f"cannot tell the version of {java}: {out.stderr.strip()[:200]}")
+    # Java 8 and older report "1.8.0_..."
+    major = int(m.group(2) or 0) if m.group(1) == "1" else int(m.group(1))
+    if major < MIN_JAVA:
+        raise BrokerStartError(
+            f"Java {major} found at {java}, but Apache Kafka 4 needs Java {MIN_JAVA}+: install "
+            f"a newer JDK (or set JAVA_HOME), or run `{DOCKER_ALTERNATIVE}`"
+        )
+    return java
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _free_ports(host: str, n: int) -> list[int]:
+    # Hold all sockets open until every port is chosen so the n ports differ.
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Same option the JVM acceptor uses, so a port in TIME_WAIT after restart() counts free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _tail_text(text: str, n: int) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def _tail_file(path: Path, n: int) -> str:
+    # Read from the end: the demo broker's log can grow for hours.
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            block = 64 * 1024
+            data = b""
+            while size > 0 and data.count(b"\n") <= n:
+                step = min(block, size)
+                size -= step
+                f.seek(size)
+                data = f.read(step) + data
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-n:])
+
+
+def _cluster_id() -> str:
+    # Kafka's Uuid string form (base64url, no padding); a leading "-" would be read as an option.
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
+
+
+def _parent_death_signal() -> Any:
+    """A preexec_fn asking Linux to SIGTERM the JVM when this process dies (even by kill -9).
+
+    Only used from the main thread: the kernel ties the signal to the forking *thread*, so
+    starting from a short-lived worker thread would kill the broker when that thread ends.
+    """
+    if (
+        not sys.platform.startswith("linux")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        pr_set_pdeathsig = 1
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+_LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = STDOUT
+# Each start dumps hundreds of config lines; keep the log tail about what went wrong.
+logger.config.name = org.apache.kafka.common.config.AbstractConfig
+logger.config.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+_LIVE: set[KafkaBroker] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    with _LIVE_LOCK:
+        brokers = list(_LIVE)
+    for b in brokers:
+        with contextlib.suppress(Exception):
+            b.close()
+
+
+# --------------------------------------------------------------------------------------------
+# broker
+
+
+class KafkaBroker:
+    """One Apache Kafka process in KRaft combined mode (broker + controller, node id 1).
+
+    ``with KafkaBroker() as kb: ... kb.bootstrap_servers`` starts it on free ports of
+    127.0.0.1 in a temporary data directory and removes everything on exit. With ``data_dir``
+    given, the data is kept (and reused on the next start). ``restart()`` keeps ports and data.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        controller_port: int = 0,
+        log_path: Path | None = None,
+        partitions: int = 3,
+        auto_create_topics: bool = True,
+        startup_timeout_s: float = 120.0,
+        stop_timeout_s: float = 30.0,
+        heap: str = "512m",
+        extra_properties: Mapping[str, str] | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self._owns_dir = data_dir is None
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.host = host
+        self._requested = (port, controller_port)
+        self.port = port
+        self.controller_port = controller_port
+        self._log_path = log_path
+        self.partitions = partitions
+        self.auto_create_topics = auto_create_topics
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.heap = heap
+        self.extra_properties = dict(extra_properties or {})
+        self.cache_dir = cache_dir
+        self.kafka_version = "unknown"
+        self._classpath: str | None = None
+        self._java: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if not self.port:
+            raise BrokerError("the broker has not been started yet")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        if self._log_path is not None:
+            return self._log_path
+        if self.data_dir is None:
+            raise BrokerError("the broker has not been started yet")
+        return self.data_dir / "broker.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> KafkaBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the broker and wait until it answers a metadata request; idempotent."""
+        if self.is_running():
+            return
+        if self._java is None:
+            self._java = find_java()
+        if self._classpath is None:
+            self._classpath = kafka_classpath(self.cache_dir)
+            self.kafka_version = _classpath_version(self._classpath)
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="stream-fm-kafka-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._choose_ports()
+        self._write_config()
+        if not (self.data_dir / "kafka-data" / "meta.properties").is_file():
+            self._format()
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        self._spawn()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the JVM: SIGTERM to its process group, wait, then SIGKILL. Keeps the data."""
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                self._signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._signal_group(proc, signal.SIGKILL)
+                    proc.wait(timeout=30)
+            # The JVM forks nothing, but make sure no member of its group outlives it.
+            self._signal_group(proc, signal.SIGKILL)
+            self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def close(self) -> None:
+        """Stop, and delete the data directory if it was a temporary one made by ``start``."""
+        self.stop()
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        if self._owns_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports and data directory."""
+        self.stop()
+        self.start()
+
+    def log_tail(self, n_lines: int = 40) -> str:
+        """The last ``n_lines`` of the broker's log (stdout and stderr of the JVM)."""
+        try:
+            return _tail_file(self.log_path, n_lines)
+        except BrokerError:
+            return ""
+
+    # -- admin ------------------------------------------------------------------------------
+
+    def admin(self, **configs: Any) -> Any:
+        """A kafka-python ``KafkaAdminClient`` for this broker; the caller closes it."""
+        from kafka.admin import KafkaAdminClient
+
+        return KafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers, client_id="stream-fm-broker", **configs
+        )
+
+    def create_topics(
+        self,
+        names: Iterable[str],
+        partitions: int | None = None,
+        replication: int = 1,
+        configs: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        """Create the topics that do not exist yet and wait until every partition has a leader."""
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return
+        n = partitions if partitions is not None else self.partitions
+        admin = self.admin()
+        try:
+            for name in wanted:
+                topic = NewTopic(name, n, replication, topic_configs=dict(configs or {}))
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    admin.create_topics([topic], timeout_ms=int(timeout_s * 1000))
+            self._wait_for_leaders(admin, wanted, timeout_s)
+        finally:
+            admin.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _choose_ports(self) -> None:
+        # Ports are chosen once; restart() must come back on the same ones.
+        if not self.port or not self.controller_port:
+            free = iter(_free_ports(self.host, 2))
+            self.port = self.port or next(free)
+            self.controller_port = self.controller_port or next(free)
+        for what, p in (("port", self.port), ("controller port", self.controller_port)):
+            if not _port_is_free(self.host, p):
+                raise BrokerStartError(
+                    f"cannot start Apache Kafka: {what} {self.host}:{p} is already in use"
+                )
+
+    def _properties(self) -> dict[str, str]:
+        assert self.data_dir is not None
+        h, p, c = self.host, self.port, self.controller_port
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            # Static quorum: the voter is named by config, not stored at format time, so a kept
+            # data_dir also works when a later run picks other ports.
+            "controller.quorum.voters": f"1@{h}:{c}",
+            "controller.listener.names": "CONTROLLER",
+            "listeners": f"PLAINTEXT://{h}:{p},CONTROLLER://{h}:{c}",
+            "advertised.listeners": f"PLAINTEXT://{h}:{p}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir / "kafka-data"),
+            "num.partitions": str(self.partitions),
+            "auto.create.topics.enable": str(self.auto_create_topics).lower(),
+            # One node: internal topics cannot have more replicas than brokers.
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # Fewer internal partitions: the first consumer group then starts in well under a
+            # second instead of creating 50 partitions on a 2-core box.
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.num.partitions": "4",
+            "share.coordinator.state.topic.num.partitions": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # Lets tests use short consumer session timeouts (the default floor is 6 s).
+            "group.min.session.timeout.ms": "500",
+            "num.network.threads": "2",
+            "num.io.threads": "4",
+            "num.recovery.threads.per.data.dir": "1",
+        }
+        props.update(self.extra_properties)
+        return props
+
+    def _write_config(self) -> None:
+        assert self.data_dir is not None
+        lines = [f"{k}={v}" for k, v in self._properties().items()]
+        (self.data_dir / "server.properties").write_text("\n".join(lines) + "\n")
+        (self.data_dir / "log4j2.properties").write_text(_LOG4J2)
+
+    def _jvm(self, main: str, heap: str, *args: str) -> list[str]:
+        assert self._java is not None and self._classpath is not None and self.data_dir
+        return [
+            self._java,
+            f"-Xmx{heap}",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.data_dir}",
+            "-cp",
+            self._classpath,
+            main,
+            *args,
+        ]
+
+    def _format(self) -> None:
+        assert self.data_dir is not None
+        cmd = self._jvm(
+            "kafka.tools.StorageTool", "256m",
+            "format", "--ignore-formatted",
+            "--cluster-id", _cluster_id(),
+            "--config", str(self.data_dir / "server.properties"),
+        )  # fmt: skip
+        # Short-lived tool: tiered compilation off and a serial GC start faster.
+        cmd[1:1] = ["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"]
+        try:
+            out = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=_FORMAT_TIMEOUT_S, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise BrokerStartError(
+                f"formatting Kafka storage timed out after {_FORMAT_TIMEOUT_S:.0f}s"
+            ) from exc
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(out.stdout + out.stderr)
+        if out.returncode != 0:
+            raise BrokerStartError(
+                f"formatting Kafka storage failed (exit {out.returncode}):\n"
+                f"{_tail_text(out.stdout + out.stderr, 30)}"
+            )
+
+    def _spawn(self) -> None:
+        assert self.data_dir is not None
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the JVM
+        heap = os.environ.get("STREAM_FM_KAFKA_HEAP", self.heap)
+        cmd = self._jvm("kafka.Kafka", heap, str(self.data_dir / "server.properties"))
+        cmd[1:1] = [f"-Xms{min(64, _mib(heap))}m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                # Own process group: stop() signals the group, and Ctrl-C in a terminal
+                # reaches only us, so the broker is stopped in order, after the worker.
+                start_new_session=True,
+                preexec_fn=_parent_death_signal(),
+            )
+        except OSError as exc:
+            raise BrokerStartError(f"cannot run {cmd[0]}: {exc}") from exc
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        last_error = "port not open yet"
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise self._start_error(f"the broker process exited with code {code}")
+            # TCP first: kafka-python logs loudly on refused connections.
+            if _accepts(self.host, self.port):
+                try:
+                    if self._answers_metadata():
+                        return
+                    last_error = "metadata lists no broker yet"
+                except Exception as exc:
+                    last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise self._start_error(
+                    f"no answer within {self.startup_timeout_s:.0f}s ({last_error})"
+                )
+            time.sleep(0.2)
+
+    def _answers_metadata(self) -> bool:
+        admin = self.admin(request_timeout_ms=5000)
+        try:
+            cluster = admin.describe_cluster()
+        finally:
+            admin.close()
+        # A fenced (not yet registered) broker is left out of the metadata's broker list.
+        return bool(cluster.get("brokers"))
+
+    def _start_error(self, reason: str) -> BrokerStartError:
+        tail = self.log_tail(40)
+        hint = ""
+        if "Address already in use" in tail:
+            hint = f" (port {self.port} or {self.controller_port} is already in use)"
+        return BrokerStartError(
+            f"Apache Kafka {self.kafka_version} did not start on {self.host}:{self.port}: "
+            f"{reason}{hint}; log {self.log_path}:\n{tail}"
+        )
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    @staticmethod
+    def _wait_for_leaders(admin: Any, names: list[str], timeout_s: float) -> None:
+        wait = getattr(admin, "wait_for_topics", None)
+        if wait is not None:  # kafka-python >= 3
+            wait(names, timeout_ms=int(timeout_s * 1000))
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            topics = {t["topic"]: t for t in admin.describe_topics(names)}
+            if all(
+                t is not None
+                and t["error_code"] == 0
+                and t["partitions"]
+                and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in (topics.get(n) for n in names)
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise BrokerError(f"topics {names} have no leader after {timeout_s:.0f}s")
+            time.sleep(0.1)
+
+
+def _mib(heap: str) -> int:
+    m = re.fullmatch(r"(\d+)([kKmMgG]?)", heap)
+    if m is None:
+        raise BrokerStartError(f"heap size {heap!r} is not a JVM size like 512m or 1g")
+    n, unit = int(m.group(1)), m.group(2).lower()
+    return {"k": n // 1024, "m": n, "g": n * 1024, "": n // (1024 * 1024)}[unit]
+
+
+def _main() -> int:
+    # SIGTERM (e.g. from a supervisor) takes the same orderly path as Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with KafkaBroker(data_dir=None) as broker:
+        print(broker.bootstrap_servers, flush=True)
+        print(f"Apache Kafka {broker.kafka_version}; log: {broker.log_path}", file=sys.stderr)
+        with contextlib.suppress(KeyboardInterrupt):
+            while broker.is_running():
+                time.sleep(1)
+        if not broker.is_running():
+            print(broker.log_tail(20), file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

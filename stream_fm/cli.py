@@ -1,0 +1,213 @@
+"""The ``stream-fm`` command: run, replay, simulate, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stream_fm.config import SPECS, Settings, load_settings
+from stream_fm.errors import StreamFMError
+
+log = logging.getLogger("stream_fm")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (``--attribution-window-s``), listed with its default."""
+    parser.add_argument("--config", help="TOML settings file (then STREAM_FM_* env vars, then flags)")
+    group = parser.add_argument_group("settings (also STREAM_FM_<NAME> or a TOML key)")
+    for spec in SPECS.values():
+        flag = "--" + spec.name.replace("_", "-")
+        default = ",".join(spec.default) if isinstance(spec.default, tuple) else spec.default
+        help_text = f"{spec.help} (default: {default})"
+        if spec.kind is bool:
+            group.add_argument(flag, dest=f"setting__{spec.name}", action="store_const", const=True, help=help_text)
+        else:
+            group.add_argument(flag, dest=f"setting__{spec.name}", metavar=spec.name.upper(), help=help_text)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key.removeprefix("setting__"): value
+        for key, value in vars(args).items()
+        if key.startswith("setting__") and value is not None
+    }
+    return load_settings(args.config, overrides=overrides)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-fm", description="Streaming click prediction with a Factorization Machine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="the Kafka worker")
+    _add_setting_flags(run)
+
+    replay = commands.add_parser("replay", help="progressive validation over a file, no Kafka")
+    replay.add_argument("path", type=Path)
+    replay.add_argument("--format", required=True, choices=("jsonl", "libsvm", "criteo", "avazu", "talkingdata"))
+    replay.add_argument("--report", type=Path, help="write the JSON report here")
+    replay.add_argument("--plot", type=Path, help="draw rolling log loss and NE to this PNG")
+    replay.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_setting_flags(replay)
+
+    simulate = commands.add_parser("simulate", help="synthetic traffic from a ground-truth FM")
+    simulate.add_argument("--out", type=Path, help="JSONL file to write (.gz compresses)")
+    simulate.add_argument("--impressions", type=int, default=100_000)
+    simulate.add_argument("--fields", type=int, default=20)
+    simulate.add_argument("--max-cardinality", type=int, default=100_000)
+    simulate.add_argument("--k", type=int, default=4, help="latent dimension of the ground truth")
+    simulate.add_argument("--base-ctr", type=float, default=0.03)
+    simulate.add_argument("--impressions-per-s", type=float, default=100.0, help="event-time rate")
+    simulate.add_argument("--attribution-window-s", type=float, default=3600.0)
+    simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--summary", type=Path, help="write the ground-truth summary (JSON) here")
+
+    bench = commands.add_parser("bench", help="fast engine vs river vs Vowpal Wabbit, side by side")
+    bench.add_argument("--streams", default="simulated,ipinyou,talkingdata", help="comma-separated: simulated, ipinyou, talkingdata")
+    bench.add_argument("--events", type=int, default=2_000_000, help="events of the simulated stream")
+    bench.add_argument("--river-events", type=int, default=20_000, help="prefix all engines run for the river comparison")
+    bench.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    bench.add_argument("--json", type=Path, help="write all figures as JSON here")
+    bench.add_argument("--seed", type=int, default=7)
+    _add_setting_flags(bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        handler = {"run": _run, "replay": _replay, "simulate": _simulate, "bench": _bench}[args.command]
+        return handler(args)
+    except StreamFMError as error:
+        print(f"stream-fm: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from stream_fm.worker import run_worker
+
+    return run_worker(settings)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stream_fm.events import EventDecoder
+    from stream_fm.features import FeatureHasher
+    from stream_fm.model import FastFM
+    from stream_fm.pipeline import Pipeline
+    from stream_fm.replay import plot_series, read_batches, replay
+
+    settings = _settings(args)
+    if not args.path.is_file():
+        raise StreamFMError(f"no such file: {args.path}")
+    hasher = FeatureHasher(settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features)
+    decoder = EventDecoder(hasher, settings.max_event_bytes)
+    pipeline = Pipeline(
+        FastFM(settings.model),
+        decoder,
+        settings.attribution_window_ms,
+        settings.max_pending_impressions,
+        auc_window=settings.auc_window,
+    )
+    with tqdm(unit=" events", unit_scale=True, disable=args.no_progress or None, file=sys.stderr) as bar:
+        report = replay(pipeline, read_batches(args.path, args.format, decoder), progress=bar.update)
+    figures = {k: v for k, v in _report_dict(report).items() if k != "series"}
+    print(json.dumps(figures, indent=2))
+    if args.report:
+        args.report.write_text(json.dumps(_report_dict(report), indent=2))
+    if args.plot:
+        plot_series(report.series, args.plot, f"stream-fm replay: {args.path.name}")
+    return 0
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    out = asdict(report)
+    # JSON has no NaN: report undefined figures as null.
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import gzip
+
+    import orjson
+
+    from stream_fm.simulate import SimulationParams, Simulator
+
+    params = SimulationParams(
+        n_impressions=args.impressions,
+        n_fields=args.fields,
+        max_cardinality=args.max_cardinality,
+        k=args.k,
+        base_ctr=args.base_ctr,
+        impressions_per_s=args.impressions_per_s,
+        attribution_window_s=args.attribution_window_s,
+        seed=args.seed,
+    )
+    traffic = Simulator(params).generate()
+    if args.out is None:
+        raise StreamFMError("simulate needs --out PATH (or --bootstrap-servers with the Kafka worker)")
+    opener = gzip.open if args.out.suffix == ".gz" else open
+    with opener(args.out, "wb") as sink:
+        for event in traffic.events():
+            sink.write(orjson.dumps(event) + b"\n")
+    stats = traffic.stats.as_dict()
+    if args.summary:
+        args.summary.write_text(json.dumps(stats, indent=2))
+    print(
+        f"wrote {stats['impressions']:,} impressions and {stats['clicks']:,} clicks to {args.out}; "
+        f"{stats['positives']:,} clicks inside the {params.attribution_window_s:g}s window, "
+        f"{stats['clicks_beyond_window']:,} beyond it; Bayes-optimal log loss {stats['bayes_logloss']:.5f}, "
+        f"NE {stats['bayes_normalized_entropy']:.4f}"
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from stream_fm import bench
+    from stream_fm.features import FeatureHasher
+
+    settings = _settings(args)
+    hasher = FeatureHasher(settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features)
+    streams = [s.strip() for s in args.streams.split(",") if s.strip()]
+    unknown = set(streams) - {"simulated", "ipinyou", "talkingdata"}
+    if unknown:
+        raise StreamFMError(f"unknown bench stream(s): {', '.join(sorted(unknown))}")
+    results: list[bench.StreamResult] = []
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    throughput = bench.engine_only_throughput()
+    print(f"engine only (compiled kernel, 20 fields, k={settings.model.k}, score+learn): {throughput:,.0f} examples/s")
+    for stream in streams:
+        if stream == "simulated":
+            batches, bayes_ll, bayes_ne = bench.simulated_stream(args.events, args.seed, settings.attribution_window_s, hasher)
+            outcome = bench.compare("simulated", batches, settings, hasher, args.river_events, say, (bayes_ll, bayes_ne))
+        elif stream == "ipinyou":
+            folder = args.data_dir / "ipinyou_deepctr"
+            batches = bench.file_stream(folder / "train.fm.txt", "libsvm", hasher)
+            batches += bench.file_stream(folder / "test.fm.txt", "libsvm", hasher)
+            outcome = bench.compare("ipinyou train+test", batches, settings, hasher, args.river_events, say)
+        else:
+            path = args.data_dir / "talkingdata" / "train_sample.sorted.csv"
+            batches = bench.file_stream(path, "talkingdata", hasher)
+            outcome = bench.compare("talkingdata", batches, settings, hasher, args.river_events, say)
+        for result in outcome:
+            print(bench.format_table(result), flush=True)
+        results += outcome
+    if args.json:
+        payload = {"engine_only_examples_per_second": throughput, "streams": [r.as_dict() for r in results]}
+        args.json.write_text(json.dumps(payload, indent=2, default=lambda v: None))
+    return 0

@@ -1,0 +1,263 @@
+"""One frozen, validated ``Settings`` object, built at the edge.
+
+Sources, later ones winning: defaults, a TOML file (``--config``), environment variables
+``STREAM_FM_<SETTING>``, command-line flags. This module is the only reader of the TOML file
+and of ``STREAM_FM_*``; an unknown or invalid setting fails here with one line naming it.
+Model settings are the fields of ``FMParams`` under the same flat names.
+
+>>> s = load_settings(env={"STREAM_FM_ATTRIBUTION_WINDOW_S": "600"}, overrides={"k": 4})
+>>> s.attribution_window_s, s.model.k
+(600.0, 4)
+>>> load_settings(env={"STREAM_FM_BATCH_SIZ": "1"})
+Traceback (most recent call last):
+...
+stream_fm.errors.ConfigError: STREAM_FM_BATCH_SIZ: unknown setting (environment variable)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from stream_fm.errors import ConfigError
+from stream_fm.features import NUMERIC_TRANSFORMS
+from stream_fm.model.params import FMParams
+
+ENV_PREFIX: Final = "STREAM_FM_"
+# Variables with the prefix that are read elsewhere and are not settings.
+NON_SETTING_ENV: Final = frozenset({"STREAM_FM_KAFKA_CACHE", "STREAM_FM_KAFKA_VERSION"})
+SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS: Final = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the worker, replay and simulator; see ``stream-fm run --help``."""
+
+    # Kafka
+    bootstrap_servers: str = field(default="127.0.0.1:9092", metadata=_help("Kafka bootstrap servers, comma-separated"))
+    group_id: str = field(default="stream-fm", metadata=_help("consumer group id"))
+    client_id: str = field(default="stream-fm", metadata=_help("Kafka client id"))
+    input_topics: tuple[str, ...] = field(default=("ad-events",), metadata=_help("one topic with impressions and clicks, or two (impressions,clicks) with equal partition counts"))
+    predictions_topic: str = field(default="ad-predictions", metadata=_help("output topic for served probabilities"))
+    dead_letter_topic: str = field(default="ad-events-dlq", metadata=_help("topic for records that could not be decoded"))
+    labels_topic: str = field(default="", metadata=_help("optional training-log topic (id, label, served p, times); empty = off"))
+    security_protocol: str = field(default="PLAINTEXT", metadata=_help("PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"))
+    sasl_mechanism: str = field(default="", metadata=_help("PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI"))
+    sasl_username: str = field(default="", metadata=_help("SASL user name"))
+    sasl_password: str = field(default="", metadata=_help("SASL password"))
+    ssl_cafile: str = field(default="", metadata=_help("CA bundle for SSL"))
+    ssl_certfile: str = field(default="", metadata=_help("client certificate for SSL"))
+    ssl_keyfile: str = field(default="", metadata=_help("client key for SSL"))
+    poll_timeout_ms: int = field(default=200, metadata=_help("longest wait for records in one poll"))
+    max_poll_records: int = field(default=5000, metadata=_help("records per batch at most"))
+    produce_timeout_s: float = field(default=30.0, metadata=_help("wait for output acknowledgements before failing the batch"))
+    # Events and features
+    max_event_bytes: int = field(default=65_536, metadata=_help("records larger than this go to the dead-letter topic"))
+    hash_bits: int = field(default=20, metadata=_help("features are hashed into 2^hash_bits buckets"))
+    hash_seed: int = field(default=0, metadata=_help("MurmurHash3 seed of the feature hasher"))
+    numeric_transform: str = field(default="signed_log1p", metadata=_help(f"numeric feature transform: {', '.join(NUMERIC_TRANSFORMS)}"))
+    max_features: int = field(default=1000, metadata=_help("features per event at most"))
+    # Join and evaluation
+    attribution_window_s: float = field(default=3600.0, metadata=_help("a click within this many seconds of its impression makes it positive"))
+    max_pending_impressions: int = field(default=2_000_000, metadata=_help("pending-impression buffer bound; the oldest are learned as negatives when full"))
+    auc_window: int = field(default=100_000, metadata=_help("examples in the rolling window for AUC and windowed log loss"))
+    # Checkpoints
+    checkpoint_dir: str = field(default="checkpoints", metadata=_help("directory of checkpoint generations (may be a shared volume)"))
+    checkpoint_interval_s: float = field(default=30.0, metadata=_help("checkpoint at least this often"))
+    checkpoint_every_events: int = field(default=1_000_000, metadata=_help("checkpoint after this many events even if the interval has not passed"))
+    checkpoint_keep: int = field(default=3, metadata=_help("checkpoint generations kept"))
+    cold_start: bool = field(default=False, metadata=_help("start without a checkpoint even though the group has committed offsets"))
+    # Operations
+    metrics_host: str = field(default="127.0.0.1", metadata=_help("address of the /metrics, /healthz, /readyz server (0.0.0.0 in a container)"))
+    metrics_port: int = field(default=9464, metadata=_help("port of the metrics server; 0 picks a free one"))
+    log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
+    model: FMParams = field(default_factory=FMParams, metadata=_help("FM hyperparameters"))
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def attribution_window_ms(self) -> int:
+        return round(self.attribution_window_s * 1000)
+
+
+def _validate(s: Settings) -> None:
+    def require(ok: bool, setting: str, problem: str) -> None:
+        if not ok:
+            raise ConfigError(setting, problem)
+
+    require(bool(s.bootstrap_servers.strip()), "bootstrap_servers", "must not be empty")
+    require(1 <= len(s.input_topics) <= 2, "input_topics", "give one topic or two (impressions,clicks)")
+    require(all(s.input_topics), "input_topics", "topic names must not be empty")
+    require(len(set(s.input_topics)) == len(s.input_topics), "input_topics", "topics must differ")
+    require(bool(s.predictions_topic), "predictions_topic", "must not be empty")
+    require(bool(s.dead_letter_topic), "dead_letter_topic", "must not be empty")
+    outputs = {s.predictions_topic, s.dead_letter_topic, s.labels_topic} - {""}
+    require(not outputs & set(s.input_topics), "predictions_topic", "an output topic is also an input topic")
+    require(s.security_protocol in SECURITY_PROTOCOLS, "security_protocol", f"must be one of {', '.join(SECURITY_PROTOCOLS)}")
+    require(s.sasl_mechanism in SASL_MECHANISMS, "sasl_mechanism", f"must be one of {', '.join(m for m in SASL_MECHANISMS if m)}")
+    require(not s.security_protocol.startswith("SASL") or bool(s.sasl_mechanism), "sasl_mechanism", f"required with security_protocol={s.security_protocol}")
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(s, name)
+        require(not path or Path(path).is_file(), name, f"file not found: {path}")
+    require(s.poll_timeout_ms >= 0, "poll_timeout_ms", "must be >= 0")
+    require(s.max_poll_records >= 1, "max_poll_records", "must be >= 1")
+    require(s.produce_timeout_s > 0, "produce_timeout_s", "must be > 0")
+    require(s.max_event_bytes >= 64, "max_event_bytes", "must be >= 64")
+    require(1 <= s.hash_bits <= 30, "hash_bits", "must be between 1 and 30")
+    require(s.numeric_transform in NUMERIC_TRANSFORMS, "numeric_transform", f"must be one of {', '.join(NUMERIC_TRANSFORMS)}")
+    require(s.max_features >= 1, "max_features", "must be >= 1")
+    require(s.attribution_window_s > 0, "attribution_window_s", "must be > 0")
+    require(s.max_pending_impressions >= 1, "max_pending_impressions", "must be >= 1")
+    require(s.auc_window >= 10, "auc_window", "must be >= 10")
+    require(bool(s.checkpoint_dir), "checkpoint_dir", "must not be empty")
+    require(s.checkpoint_interval_s > 0, "checkpoint_interval_s", "must be > 0")
+    require(s.checkpoint_every_events >= 1, "checkpoint_every_events", "must be >= 1")
+    require(s.checkpoint_keep >= 2, "checkpoint_keep", "must be >= 2 so a corrupt newest file has a fallback")
+    require(0 <= s.metrics_port <= 65535, "metrics_port", "must be a port number")
+    require(s.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
+    require(s.model.n_buckets == 1 << s.hash_bits, "hash_bits", f"disagrees with n_buckets={s.model.n_buckets}")
+
+
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    name: str
+    kind: Any  # int, float, str, bool or tuple[str, ...]
+    default: Any
+    help: str
+    in_model: bool
+
+
+def _kind_of(annotation: Any) -> Any:
+    if annotation in (int, float, str, bool):
+        return annotation
+    if typing.get_origin(annotation) is tuple:
+        return tuple
+    raise TypeError(f"unsupported setting type {annotation!r}")
+
+
+def setting_specs() -> Iterator[SettingSpec]:
+    """Every flat setting name with its type, default and help, model ones included."""
+    hints = typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        if f.name == "model":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        yield SettingSpec(f.name, _kind_of(hints[f.name]), default, f.metadata.get("help", ""), False)
+    model_hints = typing.get_type_hints(FMParams)
+    defaults = FMParams()
+    for f in dataclasses.fields(FMParams):
+        if f.name == "n_buckets":  # derived from hash_bits
+            continue
+        help_text = f.metadata.get("help", "FM hyperparameter")
+        yield SettingSpec(f.name, _kind_of(model_hints[f.name]), getattr(defaults, f.name), help_text, True)
+
+
+SPECS: Final = {spec.name: spec for spec in setting_specs()}
+
+
+def _coerce(spec: SettingSpec, raw: Any, source: str) -> Any:
+    """Turn a TOML value or a string (env, flag) into the setting's type."""
+    kind = spec.kind
+    try:
+        if isinstance(raw, str) and kind is not str:
+            text = raw.strip()
+            if kind is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError("expected true or false")
+            if kind is tuple:
+                return tuple(part.strip() for part in text.split(",") if part.strip())
+            return kind(text)
+        if kind is tuple and isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return tuple(raw)
+        if kind is float and type(raw) is int:
+            return float(raw)
+        if type(raw) is kind:
+            return raw
+        raise ValueError(f"expected {getattr(kind, '__name__', kind)}, got {type(raw).__name__}")
+    except ValueError as error:
+        raise ConfigError(spec.name, f"invalid value {raw!r} from {source}: {error}") from None
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the one ``Settings``: defaults < TOML < ``STREAM_FM_*`` < ``overrides`` (flags)."""
+    chosen: dict[str, Any] = {}
+    if config_path is not None:
+        path = Path(config_path)
+        try:
+            document = tomllib.loads(path.read_text())
+        except OSError as error:
+            raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError("config", f"{path} is not valid TOML: {error}") from None
+        for key, value in _flatten_toml(document):
+            spec = SPECS.get(key)
+            if spec is None:
+                raise ConfigError(key, f"unknown setting (in {path})")
+            chosen[key] = _coerce(spec, value, str(path))
+    for var, text in (os.environ if env is None else env).items():
+        if not var.startswith(ENV_PREFIX) or var in NON_SETTING_ENV:
+            continue
+        spec = SPECS.get(var[len(ENV_PREFIX):].lower())
+        if spec is None:
+            raise ConfigError(var, "unknown setting (environment variable)")
+        chosen[spec.name] = _coerce(spec, text, var)
+    for key, value in (overrides or {}).items():
+        spec = SPECS.get(key)
+        if spec is None:
+            raise ConfigError(key, "unknown setting")
+        chosen[key] = _coerce(spec, value, "command line")
+    return build_settings(chosen)
+
+
+def build_settings(chosen: Mapping[str, Any]) -> Settings:
+    """Settings from already-typed flat values (a test or the demo building its own)."""
+    unknown = set(chosen) - set(SPECS)
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown setting")
+    hash_bits = chosen.get("hash_bits", SPECS["hash_bits"].default)
+    model_values = {k: v for k, v in chosen.items() if SPECS[k].in_model}
+    try:
+        model = FMParams(n_buckets=1 << int(hash_bits), **model_values)
+    except TypeError as error:
+        raise ConfigError("model", str(error)) from None
+    top = {k: v for k, v in chosen.items() if not SPECS[k].in_model}
+    return Settings(model=model, **top)
+
+
+def _flatten_toml(document: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Accept both flat keys and one level of tables such as ``[kafka]`` or ``[model]``."""
+    for key, value in document.items():
+        if isinstance(value, dict):
+            yield from value.items()
+        else:
+            yield key, value
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Flat name -> value, secrets masked: for the start-up log line."""
+    out: dict[str, Any] = {}
+    for spec in SPECS.values():
+        owner: Any = settings.model if spec.in_model else settings
+        value = getattr(owner, spec.name)
+        out[spec.name] = "***" if spec.name == "sasl_password" and value else value
+    return out
+

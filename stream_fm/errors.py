@@ -1,0 +1,49 @@
+"""One exception root for the package; each subclass names what failed."""
+
+from __future__ import annotations
+
+
+class StreamFMError(Exception):
+    """Root of every error stream_fm raises on purpose."""
+
+
+class ConfigError(StreamFMError):
+    """A setting is unknown or invalid; the message starts with the setting's name."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class InvalidEvent(StreamFMError):
+    """A record could not be turned into an event; `reason` is a short stable label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class CheckpointError(StreamFMError):
+    """A checkpoint could not be written or read."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint file is truncated, fails its checksum or is malformed."""
+
+
+class MissingCheckpoint(StreamFMError):
+    """The consumer group has committed offsets but no checkpoint exists to restore."""
+
+
+class BrokerError(StreamFMError):
+    """Talking to Kafka failed (the broker launcher or the client)."""
+
+
+class BrokerStartError(BrokerError):
+    """The local Apache Kafka broker could not be started."""
+
+
+class ProduceError(BrokerError):
+    """A record could not be published and acknowledged."""

@@ -1,0 +1,76 @@
+"""The protocol every FM engine follows, and the batch of operations the fast path runs.
+
+An engine learns from hashed sparse examples (``SparseExample``: bucket indices and their
+values). One-example methods follow river (``predict_proba_one``, ``learn_one``); the batch
+method runs a list of score/learn operations strictly in order in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+OP_SCORE = 0
+OP_LEARN = 1
+
+StateValue = npt.NDArray[np.generic] | int | float | str
+
+
+class SparseExample(NamedTuple):
+    """A hashed example: ``indices`` (int32 buckets) and ``values`` (float64 x_i)."""
+
+    indices: npt.NDArray[np.int32]
+    values: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class OpBatch:
+    """Examples in CSR form plus the operations to run on them, in order.
+
+    Operation ``j`` is ``op_kind[j]`` (``OP_SCORE`` or ``OP_LEARN``) on example row
+    ``op_row[j]`` (features ``indices[indptr[r]:indptr[r+1]]``) with label ``op_label[j]``
+    (ignored for scores).
+    """
+
+    indptr: npt.NDArray[np.int64]
+    indices: npt.NDArray[np.int32]
+    values: npt.NDArray[np.float64]
+    op_kind: npt.NDArray[np.int8]
+    op_row: npt.NDArray[np.int64]
+    op_label: npt.NDArray[np.int8]
+
+    def __len__(self) -> int:
+        return len(self.op_kind)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the joiner, the replay, the bench and the worker need from a model."""
+
+    @property
+    def n_learned(self) -> int:
+        """Examples learned so far: the ``model_version`` served with predictions."""
+        ...
+
+    def predict_proba_one(self, x: SparseExample) -> float:
+        """P(click) for one example; never changes the model."""
+        ...
+
+    def learn_one(self, x: SparseExample, y: int) -> None:
+        """One optimizer step on one example with label 0 or 1."""
+        ...
+
+    def run_batch(self, batch: OpBatch) -> npt.NDArray[np.float64]:
+        """Run every operation in order; return, for each, p before it ran."""
+        ...
+
+    def state(self) -> dict[str, StateValue]:
+        """Everything needed to restore the engine: arrays and plain values only."""
+        ...
+
+    def load_state(self, state: dict[str, StateValue]) -> None:
+        """Restore what ``state`` returned, bit for bit."""
+        ...

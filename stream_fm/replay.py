@@ -1,0 +1,264 @@
+"""Replay a file through the same pipeline as the worker: no Kafka, same numbers.
+
+Formats:
+
+- ``jsonl``: one DESIGN.md event per line (impressions, clicks, labeled), joined with the
+  attribution window in event time;
+- ``libsvm``: ``label idx:val ...`` (also libffm ``label field:idx:val ...``), labeled rows;
+- ``criteo``: CSV ``Id,Label,I1..I13,C1..C26``, labeled rows;
+- ``avazu``: CSV ``id,click,hour,...``, labeled rows;
+- ``talkingdata``: CSV ``ip,app,device,os,channel,click_time,attributed_time,is_attributed``;
+  ``click_time`` is the impression, ``attributed_time`` the click, joined with real delays.
+
+Files may be gzip-compressed (``.gz``).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import heapq
+import io
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Final
+
+from stream_fm.errors import InvalidEvent, StreamFMError
+from stream_fm.events import Click, Event, EventDecoder, Impression, Labeled
+from stream_fm.features import FeatureHasher
+from stream_fm.pipeline import BatchResult, Pipeline, Rejected
+
+FORMATS: Final = ("jsonl", "libsvm", "criteo", "avazu", "talkingdata")
+BATCH_EVENTS: Final = 8192
+
+EventBatch = tuple[list[tuple[Hashable, Event | None]], list[Rejected]]
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def open_text(path: Path) -> IO[str]:
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8", newline="")
+
+
+def _chunks(items: Iterator[Event], size: int) -> Iterator[EventBatch]:
+    batch: list[tuple[Hashable, Event | None]] = []
+    for event in items:
+        batch.append((0, event))
+        if len(batch) >= size:
+            yield batch, []
+            batch = []
+    if batch:
+        yield batch, []
+
+
+def read_jsonl(path: Path, decoder: EventDecoder, size: int = BATCH_EVENTS) -> Iterator[EventBatch]:
+    """Decode lines in batches; a bad line becomes a ``Rejected`` with its reason."""
+    decode = decoder.decode
+    with open_binary(path) as stream:
+        while True:
+            lines = stream.readlines(size * 256)
+            if not lines:
+                return
+            events: list[tuple[Hashable, Event | None]] = []
+            rejected: list[Rejected] = []
+            for position, line in enumerate(lines):
+                try:
+                    events.append((0, decode(line)))
+                except InvalidEvent as error:
+                    rejected.append(Rejected(position, error.reason, error.detail))
+                    events.append((0, None))
+            yield events, rejected
+
+
+def read_libsvm(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
+    """Rows ``label idx:val ...``; libffm's ``field:idx:val`` keeps the field in the key."""
+    bucket = hasher.bucket
+    with open_text(path) as stream:
+        for number, line in enumerate(stream):
+            parts = line.split()
+            if not parts:
+                continue
+            label = 1 if float(parts[0]) > 0 else 0
+            indices: list[int] = []
+            values: list[float] = []
+            for item in parts[1:]:
+                key, _, value = item.rpartition(":")
+                indices.append(bucket(key))
+                values.append(float(value))
+            yield Labeled(f"row-{number}", number, label, indices, values)
+
+
+def read_criteo(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
+    with open_text(path) as stream:
+        reader = csv.DictReader(stream)
+        for number, row in enumerate(reader):
+            features: dict[str, Any] = {}
+            for name, value in row.items():
+                if name in ("Id", "Label") or value == "" or name is None:
+                    continue
+                features[name] = int(value) if name.startswith("I") else value
+            yield _labeled(hasher, f"row-{number}", number, int(row["Label"]), features)
+
+
+def read_avazu(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
+    with open_text(path) as stream:
+        reader = csv.DictReader(stream)
+        for number, row in enumerate(reader):
+            hour = row.get("hour", "")
+            features: dict[str, Any] = {
+                name: value for name, value in row.items() if name not in ("id", "click", "hour") and value
+            }
+            if len(hour) == 8:  # YYMMDDHH: the hour of day generalises, the date does not
+                features["hour_of_day"] = hour[6:]
+            yield _labeled(hasher, row.get("id") or f"row-{number}", number, int(row["click"]), features)
+
+
+def _labeled(hasher: FeatureHasher, ident: str, ts_ms: int, label: int, features: dict[str, Any]) -> Labeled:
+    indices: list[int] = []
+    values: list[float] = []
+    hasher.add_features(features, indices, values)
+    return Labeled(ident, ts_ms, label, indices, values)
+
+
+def _talkingdata_ts(text: str) -> int:
+    moment = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def read_talkingdata(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
+    """Each row's ``click_time`` is the impression, its ``attributed_time`` the click.
+
+    Rows are in ``click_time`` order; clicks are held in a heap and emitted when the stream
+    reaches their time, so the joiner sees the real delays.
+    """
+    clicks: list[tuple[int, int, str]] = []
+    with open_text(path) as stream:
+        reader = csv.DictReader(stream)
+        for number, row in enumerate(reader):
+            ts = _talkingdata_ts(row["click_time"])
+            while clicks and clicks[0][0] < ts:
+                click_ts, _, ident = heapq.heappop(clicks)
+                yield Click(ident, click_ts)
+            ident = f"td-{number}"
+            features = {name: row[name] for name in ("ip", "app", "device", "os", "channel")}
+            features["hour"] = row["click_time"][11:13]
+            features["app_channel"] = row["app"] + "_" + row["channel"]
+            indices: list[int] = []
+            values: list[float] = []
+            hasher.add_features(features, indices, values)
+            yield Impression(ident, ts, indices, values)
+            if row.get("attributed_time"):
+                heapq.heappush(clicks, (_talkingdata_ts(row["attributed_time"]), number, ident))
+    while clicks:
+        click_ts, _, ident = heapq.heappop(clicks)
+        yield Click(ident, click_ts)
+
+
+ROW_READERS: Final[dict[str, Callable[[Path, FeatureHasher], Iterator[Event]]]] = {
+    "libsvm": read_libsvm,
+    "criteo": read_criteo,
+    "avazu": read_avazu,
+    "talkingdata": read_talkingdata,
+}
+
+
+def read_batches(path: Path, fmt: str, decoder: EventDecoder, size: int = BATCH_EVENTS) -> Iterator[EventBatch]:
+    """Batches of decoded events of a file in any supported format."""
+    if fmt == "jsonl":
+        return read_jsonl(path, decoder, size)
+    reader = ROW_READERS.get(fmt)
+    if reader is None:
+        raise StreamFMError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return _chunks(reader(path, decoder.hasher), size)
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What ``stream-fm replay --report`` writes (DESIGN.md names the first fields)."""
+
+    examples: int = 0
+    logloss: float = float("nan")
+    normalized_entropy: float = float("nan")
+    auc: float = float("nan")
+    calibration: float = float("nan")
+    examples_per_second: float = 0.0
+    seconds: float = 0.0
+    events: int = 0
+    events_per_second: float = 0.0
+    positives: int = 0
+    logloss_window: float = float("nan")
+    invalid_events: dict[str, int] = field(default_factory=dict)
+    join: dict[str, int] = field(default_factory=dict)
+    refused_updates: int = 0
+    series: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+def replay(
+    pipeline: Pipeline,
+    batches: Iterator[EventBatch],
+    progress: Callable[[int], None] | None = None,
+    flush: bool = True,
+) -> ReplayReport:
+    """Run every batch through ``pipeline``; at the end, close remaining windows if ``flush``."""
+    report = ReplayReport()
+    evaluator = pipeline.evaluator
+    started = time.perf_counter()
+    for events, rejected in batches:
+        result = pipeline.process_events(events, rejected)
+        _account(report, result)
+        report.events += len(events)
+        report.series.append((evaluator.examples, evaluator.logloss_window, evaluator.normalized_entropy_window))
+        if progress is not None:
+            progress(len(events))
+    if flush:
+        result = pipeline.flush()
+        _account(report, result)
+    report.seconds = time.perf_counter() - started
+    quality = evaluator.report()
+    report.examples = evaluator.examples
+    report.positives = evaluator.positives
+    report.logloss = evaluator.logloss
+    report.logloss_window = evaluator.logloss_window
+    report.normalized_entropy = evaluator.normalized_entropy
+    report.auc = float(quality.get("auc", float("nan")))
+    report.calibration = evaluator.calibration
+    report.examples_per_second = report.examples / report.seconds if report.seconds else 0.0
+    report.events_per_second = report.events / report.seconds if report.seconds else 0.0
+    report.join = pipeline.join_counters()
+    report.refused_updates = int(getattr(pipeline.engine, "refused_updates", 0))
+    return report
+
+
+def _account(report: ReplayReport, result: BatchResult) -> None:
+    for rejected in result.invalid:
+        report.invalid_events[rejected.reason] = report.invalid_events.get(rejected.reason, 0) + 1
+
+
+def plot_series(series: Sequence[tuple[int, float, float]], path: Path, title: str) -> None:
+    """Rolling log loss and NE against examples seen (needs the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise StreamFMError("--plot needs matplotlib: pip install 'stream-fm[plot]'") from error
+    points = [(n, ll, ne) for n, ll, ne in series if n > 0]
+    figure, left = plt.subplots(figsize=(8, 4.5))
+    left.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue", label="rolling log loss")
+    left.set_xlabel("examples seen")
+    left.set_ylabel("rolling log loss", color="tab:blue")
+    right = left.twinx()
+    right.plot([p[0] for p in points], [p[2] for p in points], color="tab:orange", label="rolling NE")
+    right.set_ylabel("rolling normalized entropy", color="tab:orange")
+    left.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

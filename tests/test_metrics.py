@@ -1,0 +1,620 @@
+"""WorkerMetrics names and values, the HTTP endpoint, a real Prometheus scraping it, deploy files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from stream_fm.errors import ConfigError
+from stream_fm.metrics import (
+    BATCH_SECONDS_BUCKETS,
+    CLICK_DELAY_SECONDS_BUCKETS,
+    IMPRESSION_TO_PREDICTION_SECONDS_BUCKETS,
+    BulkHistogram,
+    MetricsServer,
+    WorkerMetrics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+
+DESIGN_COUNTERS = (
+    "stream_fm_events_total",
+    "stream_fm_invalid_events_total",
+    "stream_fm_predictions_total",
+    "stream_fm_examples_learned_total",
+    "stream_fm_logloss_sum_total",
+    "stream_fm_prediction_sum_total",
+    "stream_fm_late_clicks_total",
+    "stream_fm_orphan_clicks_total",
+    "stream_fm_evicted_impressions_total",
+)
+DESIGN_GAUGES = (
+    "stream_fm_progressive_logloss",
+    "stream_fm_normalized_entropy",
+    "stream_fm_calibration",
+    "stream_fm_auc_window",
+    "stream_fm_pending_impressions",
+    "stream_fm_consumer_lag",
+    "stream_fm_checkpoint_age_seconds",
+    "stream_fm_model_version",
+)
+DESIGN_HISTOGRAMS = (
+    "stream_fm_batch_seconds",
+    "stream_fm_impression_to_prediction_seconds",
+    "stream_fm_click_delay_seconds",
+)
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_700_000_000.0)
+
+
+@pytest.fixture
+def metrics(registry: CollectorRegistry, clock: FakeClock) -> WorkerMetrics:
+    return WorkerMetrics(registry, invalid_reasons=("not_json",), version="test", clock=clock)
+
+
+def _observe_everything(m: WorkerMetrics) -> None:
+    m.observe_batch(
+        events_by_type={"impression": 10, "click": 3, "labeled": 2},
+        invalid_by_reason={"not_json": 2, "bad_ts": 1},
+        duplicates_by_kind={"click": 1},
+        predictions=12,
+        learned_pos=3,
+        learned_neg=6,
+        logloss_sum=4.5,
+        prediction_sum=1.25,
+        late=1,
+        orphan=2,
+        evicted=4,
+        refused=1,
+        batch_seconds=0.02,
+        impression_to_prediction_s=np.array([0.004, 0.2, 3.0]),
+        click_delays_s=[2.0, 45.0, 7200.0],
+    )
+    m.set_quality(logloss=0.5, ne=0.9, calibration=1.1, auc=0.75)
+    m.set_pending(17)
+    m.set_lag("impressions", 3, 250)
+    m.set_model_version(1843211)
+
+
+def _sample_names(registry: CollectorRegistry) -> set[str]:
+    return {s.name for family in registry.collect() for s in family.samples}
+
+
+# --- WorkerMetrics -------------------------------------------------------------------------
+
+
+def test_every_design_metric_is_exposed_under_its_exact_name(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    _observe_everything(metrics)
+    names = _sample_names(registry)
+    for name in DESIGN_COUNTERS + DESIGN_GAUGES:
+        assert name in names, name
+    for name in DESIGN_HISTOGRAMS:
+        assert {f"{name}_bucket", f"{name}_count", f"{name}_sum"} <= names, name
+    # The trap: a Counter declared as "..._sum_total" would not expose "_sum_total_total".
+    assert not any(n.endswith("_total_total") for n in names)
+
+
+def test_observe_batch_values(registry: CollectorRegistry, metrics: WorkerMetrics) -> None:
+    _observe_everything(metrics)
+    v = registry.get_sample_value
+    assert v("stream_fm_events_total", {"type": "impression"}) == 10
+    assert v("stream_fm_events_total", {"type": "click"}) == 3
+    assert v("stream_fm_events_total", {"type": "labeled"}) == 2
+    assert v("stream_fm_invalid_events_total", {"reason": "not_json"}) == 2
+    assert v("stream_fm_invalid_events_total", {"reason": "bad_ts"}) == 1
+    assert v("stream_fm_predictions_total") == 12
+    assert v("stream_fm_examples_learned_total", {"label": "1"}) == 3
+    assert v("stream_fm_examples_learned_total", {"label": "0"}) == 6
+    assert v("stream_fm_logloss_sum_total") == 4.5
+    assert v("stream_fm_prediction_sum_total") == 1.25
+    assert v("stream_fm_late_clicks_total") == 1
+    assert v("stream_fm_orphan_clicks_total") == 2
+    assert v("stream_fm_evicted_impressions_total") == 4
+    assert v("stream_fm_duplicate_events_total", {"kind": "click"}) == 1
+    assert v("stream_fm_refused_updates_total") == 1
+    assert v("stream_fm_progressive_logloss") == 0.5
+    assert v("stream_fm_normalized_entropy") == 0.9
+    assert v("stream_fm_calibration") == 1.1
+    assert v("stream_fm_auc_window") == 0.75
+    assert v("stream_fm_pending_impressions") == 17
+    assert v("stream_fm_consumer_lag", {"topic": "impressions", "partition": "3"}) == 250
+    assert v("stream_fm_model_version") == 1843211
+    assert v("stream_fm_build_info", {"version": "test"}) == 1
+
+    assert v("stream_fm_batch_seconds_count") == 1
+    assert v("stream_fm_batch_seconds_sum") == pytest.approx(0.02)
+    assert v("stream_fm_batch_seconds_bucket", {"le": "0.01"}) == 0
+    assert v("stream_fm_batch_seconds_bucket", {"le": "0.025"}) == 1
+    assert v("stream_fm_impression_to_prediction_seconds_count") == 3
+    assert v("stream_fm_impression_to_prediction_seconds_bucket", {"le": "0.005"}) == 1
+    assert v("stream_fm_impression_to_prediction_seconds_bucket", {"le": "0.25"}) == 2
+    assert v("stream_fm_impression_to_prediction_seconds_sum") == pytest.approx(3.204)
+    assert v("stream_fm_click_delay_seconds_count") == 3
+    assert v("stream_fm_click_delay_seconds_bucket", {"le": "2.0"}) == 1
+    assert v("stream_fm_click_delay_seconds_bucket", {"le": "60.0"}) == 2
+    assert v("stream_fm_click_delay_seconds_bucket", {"le": "3600.0"}) == 2
+    assert v("stream_fm_click_delay_seconds_bucket", {"le": "86400.0"}) == 3
+
+
+def test_counters_accumulate_and_zero_entries_create_no_series(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    metrics.observe_batch(predictions=5, learned_neg=2, invalid_by_reason={"too_large": 0})
+    metrics.observe_batch(predictions=7, learned_neg=1)
+    v = registry.get_sample_value
+    assert v("stream_fm_predictions_total") == 12
+    assert v("stream_fm_examples_learned_total", {"label": "0"}) == 3
+    assert v("stream_fm_invalid_events_total", {"reason": "too_large"}) is None
+
+
+def test_known_labels_start_at_zero_and_quality_starts_undefined(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    v = registry.get_sample_value
+    for t in ("impression", "click", "labeled"):
+        assert v("stream_fm_events_total", {"type": t}) == 0
+    assert v("stream_fm_examples_learned_total", {"label": "0"}) == 0
+    assert v("stream_fm_examples_learned_total", {"label": "1"}) == 0
+    assert v("stream_fm_invalid_events_total", {"reason": "not_json"}) == 0
+    for name in ("progressive_logloss", "normalized_entropy", "calibration", "auc_window"):
+        value = v(f"stream_fm_{name}")
+        assert value is not None and math.isnan(value), name
+
+
+def test_auc_none_is_nan(registry: CollectorRegistry, metrics: WorkerMetrics) -> None:
+    metrics.set_quality(0.4, 0.8, 1.0, 0.7)
+    metrics.set_quality(0.4, 0.8, 1.0, None)
+    value = registry.get_sample_value("stream_fm_auc_window")
+    assert value is not None and math.isnan(value)
+
+
+def test_checkpoint_age_is_computed_at_scrape_time(
+    registry: CollectorRegistry, metrics: WorkerMetrics, clock: FakeClock
+) -> None:
+    # Before any checkpoint the age counts from start, so a worker that never manages one alerts.
+    clock.now += 30
+    assert registry.get_sample_value("stream_fm_checkpoint_age_seconds") == 30
+    metrics.mark_checkpoint()
+    assert registry.get_sample_value("stream_fm_checkpoint_age_seconds") == 0
+    clock.now += 12.5
+    assert registry.get_sample_value("stream_fm_checkpoint_age_seconds") == 12.5
+    metrics.mark_checkpoint(clock.now - 100)  # e.g. the restored checkpoint's write time
+    assert registry.get_sample_value("stream_fm_checkpoint_age_seconds") == 100
+
+
+def test_forget_partition_drops_its_lag(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    metrics.set_lag("t", 0, 5)
+    metrics.set_lag("t", 1, 6)
+    metrics.forget_partition("t", 0)
+    metrics.forget_partition("t", 9)  # never assigned: nothing to do
+    assert (
+        registry.get_sample_value("stream_fm_consumer_lag", {"topic": "t", "partition": "0"})
+        is None
+    )
+    assert (
+        registry.get_sample_value("stream_fm_consumer_lag", {"topic": "t", "partition": "1"}) == 6
+    )
+
+
+def test_second_worker_metrics_on_one_registry_is_refused(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    with pytest.raises(ValueError, match="Duplicated"):
+        WorkerMetrics(registry)
+
+
+@pytest.mark.parametrize(
+    "buckets",
+    [BATCH_SECONDS_BUCKETS, IMPRESSION_TO_PREDICTION_SECONDS_BUCKETS, CLICK_DELAY_SECONDS_BUCKETS],
+)
+def test_bulk_histogram_matches_prometheus_client_histogram(buckets: tuple[float, ...]) -> None:
+    rng = np.random.default_rng(7)
+    hi = buckets[-1] * 2
+    # Include every bound exactly: "le" means less than or equal.
+    values = np.concatenate([rng.uniform(0, hi, 500), np.asarray(buckets), [0.0, hi * 10]])
+    ours, reference = CollectorRegistry(), CollectorRegistry()
+    bulk = BulkHistogram("h", "doc", buckets, ours)
+    bulk.observe_many(values[:100])
+    bulk.observe_many(values[100:])
+    hist = Histogram("h", "doc", buckets=buckets, registry=reference)
+    for x in values:
+        hist.observe(float(x))
+    for le in [*(repr(b) for b in buckets), "+Inf"]:
+        assert ours.get_sample_value("h_bucket", {"le": le}) == reference.get_sample_value(
+            "h_bucket", {"le": le}
+        ), le
+    assert ours.get_sample_value("h_count") == reference.get_sample_value("h_count")
+    assert ours.get_sample_value("h_sum") == pytest.approx(reference.get_sample_value("h_sum"))
+
+
+def test_bulk_histogram_drops_nan_and_clamps_negative() -> None:
+    registry = CollectorRegistry()
+    bulk = BulkHistogram("h", "doc", (1.0, 2.0), registry)
+    bulk.observe_many([math.nan, -3.0, 1.5, math.inf])
+    bulk.observe_many([])
+    assert registry.get_sample_value("h_count") == 3
+    assert registry.get_sample_value("h_bucket", {"le": "1.0"}) == 1
+    assert registry.get_sample_value("h_bucket", {"le": "2.0"}) == 2
+    assert registry.get_sample_value("h_bucket", {"le": "+Inf"}) == 3
+    assert registry.get_sample_value("h_sum") == math.inf
+
+
+def test_bulk_histogram_rejects_bad_buckets() -> None:
+    with pytest.raises(ValueError, match="buckets"):
+        BulkHistogram("h", "doc", (1.0, 1.0), CollectorRegistry())
+    with pytest.raises(ValueError, match="buckets"):
+        BulkHistogram("h", "doc", (), CollectorRegistry())
+
+
+# --- MetricsServer -------------------------------------------------------------------------
+
+
+def _get(url: str, accept: str | None = None, method: str = "GET") -> tuple[int, str, str]:
+    request = urllib.request.Request(url, method=method)
+    if accept is not None:
+        request.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def test_metrics_endpoint_serves_the_registry(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    _observe_everything(metrics)
+    with MetricsServer(registry) as server:
+        assert server.port > 0
+        status, content_type, body = _get(f"{server.url}/metrics")
+        assert status == 200
+        assert content_type.startswith("text/plain; version=0.0.4")
+        assert "\nstream_fm_predictions_total 12.0\n" in body
+        assert "\nstream_fm_logloss_sum_total 4.5\n" in body
+        assert 'stream_fm_consumer_lag{partition="3",topic="impressions"} 250.0' in body
+
+        status, content_type, body = _get(
+            f"{server.url}/metrics?x=1", accept="application/openmetrics-text; version=1.0.0"
+        )
+        assert status == 200
+        assert content_type.startswith("application/openmetrics-text")
+        assert "\nstream_fm_predictions_total 12.0\n" in body
+        assert body.endswith("# EOF\n")
+
+        status, _, body = _get(f"{server.url}/metrics", method="HEAD")
+        assert (status, body) == (200, "")
+        assert _get(f"{server.url}/nope")[0] == 404
+
+
+def test_healthz_and_readyz_follow_their_checks(registry: CollectorRegistry) -> None:
+    state: dict[str, tuple[bool, str]] = {
+        "health": (True, "ok"),
+        "ready": (False, "broker unreachable"),
+    }
+    server = MetricsServer(
+        registry, health_check=lambda: state["health"], ready_check=lambda: state["ready"]
+    )
+    with server:
+        assert _get(f"{server.url}/healthz")[::2] == (200, "ok\n")
+        assert _get(f"{server.url}/readyz")[::2] == (503, "broker unreachable\n")
+        state["ready"] = (True, "")
+        state["health"] = (False, "loop stalled for 120 s")
+        assert _get(f"{server.url}/readyz")[::2] == (200, "ok\n")
+        assert _get(f"{server.url}/healthz")[::2] == (503, "loop stalled for 120 s\n")
+
+
+def test_a_raising_check_reports_unhealthy(registry: CollectorRegistry) -> None:
+    def broken() -> tuple[bool, str]:
+        raise RuntimeError("boom")
+
+    with MetricsServer(registry, health_check=broken) as server:
+        status, _, body = _get(f"{server.url}/healthz")
+        assert status == 503 and "boom" in body
+        assert _get(f"{server.url}/readyz")[0] == 200  # default check: ready
+
+
+def test_stop_frees_the_port_and_is_idempotent(registry: CollectorRegistry) -> None:
+    server = MetricsServer(registry).start()
+    port = server.port
+    thread = server._thread
+    assert _get(f"http://127.0.0.1:{port}/metrics")[0] == 200
+    server.stop()
+    server.stop()
+    assert thread is not None and not thread.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # would raise EADDRINUSE if the socket were still open
+    with pytest.raises(RuntimeError):
+        _ = server.port
+
+
+def test_port_in_use_names_the_setting(registry: CollectorRegistry) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        server = MetricsServer(registry, port=s.getsockname()[1])
+        with pytest.raises(ConfigError, match="^metrics_port: cannot listen"):
+            server.start()
+
+
+# --- the real Prometheus server ------------------------------------------------------------
+
+
+def _require_binary(name: str) -> str:
+    """The Debian prometheus package's binary; under CI its absence is a failure, not a skip."""
+    path = f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else shutil.which(name)
+    if path is None:
+        message = f"{name} not found: install the Debian package (apt-get install prometheus)"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrometheusProcess:
+    """The real Prometheus server as a child process, on a free port and a temp TSDB."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.log_path = workdir / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, config: str) -> str:
+        """Start with this config; return the base URL of its HTTP API."""
+        config_path = self.workdir / "prometheus.yml"
+        config_path.write_text(config)
+        port = _free_port()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[PrometheusProcess]:
+    server = PrometheusProcess(_require_binary("prometheus"), tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _query(base: str, promql: str) -> list[dict[str, Any]]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        payload = json.load(response)
+    assert payload["status"] == "success", payload
+    result: list[dict[str, Any]] = payload["data"]["result"]
+    return result
+
+
+def test_real_prometheus_scrapes_the_endpoint(
+    prometheus: PrometheusProcess, registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    metrics.observe_batch(
+        events_by_type={"impression": 42},
+        predictions=42,
+        learned_neg=40,
+        learned_pos=2,
+        logloss_sum=3.5,
+        batch_seconds=0.02,
+    )
+    metrics.set_lag("impressions", 0, 99)
+    with MetricsServer(registry) as server:
+        base = prometheus.start(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: stream_fm\n    static_configs:\n"
+            f"      - targets: ['127.0.0.1:{server.port}']\n"
+        )
+        deadline = time.monotonic() + 60
+        result: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            try:
+                result = _query(base, "stream_fm_predictions_total")
+            except (urllib.error.URLError, ConnectionError):
+                result = []  # Prometheus not listening yet
+            if result:
+                break
+            time.sleep(0.25)
+        assert result, "Prometheus never scraped the endpoint:\n" + prometheus.log_tail()
+        assert result[0]["metric"]["job"] == "stream_fm"
+        assert float(result[0]["value"][1]) == 42
+        assert float(_query(base, "up{job='stream_fm'}")[0]["value"][1]) == 1
+        (lag,) = _query(base, "stream_fm_consumer_lag")
+        assert lag["metric"]["partition"] == "0" and float(lag["value"][1]) == 99
+        # The names that trip naive declarations, as Prometheus stores them.
+        assert float(_query(base, "stream_fm_logloss_sum_total")[0]["value"][1]) == 3.5
+        (p99,) = _query(base, "histogram_quantile(0.99, stream_fm_batch_seconds_bucket)")
+        assert 0.01 < float(p99["value"][1]) <= 0.025
+
+
+# --- deploy/ -------------------------------------------------------------------------------
+
+
+def _referenced_metrics(text: str) -> set[str]:
+    return set(re.findall(r"\bstream_fm_[a-z0-9_]*[a-z0-9]", text))
+
+
+def test_dashboard_and_alerts_name_only_metrics_that_exist(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    _observe_everything(metrics)
+    exposed = _sample_names(registry)
+    dashboard_text = (DEPLOY / "grafana" / "stream_fm_dashboard.json").read_text()
+    dashboard = json.loads(dashboard_text)
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert len(exprs) >= 15
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+    referenced = _referenced_metrics("\n".join(exprs))
+    referenced |= _referenced_metrics((DEPLOY / "alerts.yml").read_text())
+    # Every DESIGN metric is on the dashboard, and nothing there is misspelt.
+    for name in DESIGN_COUNTERS + DESIGN_GAUGES:
+        assert name in referenced, name
+    for name in DESIGN_HISTOGRAMS:
+        assert f"{name}_bucket" in referenced, name
+    assert referenced <= exposed, referenced - exposed
+
+
+def test_promtool_accepts_config_and_rules() -> None:
+    promtool = _require_binary("promtool")
+    for args in (
+        ["check", "config", str(DEPLOY / "prometheus.yml")],
+        ["check", "rules", str(DEPLOY / "alerts.yml")],
+    ):
+        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    promtool = _require_binary("promtool")
+    dashboard = json.loads((DEPLOY / "grafana" / "stream_fm_dashboard.json").read_text())
+    grafana_vars = {"$job": "stream_fm", "$instance": ".*", "$__rate_interval": "1m"}
+    rules = []
+    for i, panel in enumerate(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, value in grafana_vars.items():
+                expr = expr.replace(var, value)
+            assert "$" not in expr, (panel["title"], expr)
+            rules.append({"record": f"dashboard:panel{i}:{target['refId']}", "expr": expr})
+    rules_file = tmp_path / "dashboard_rules.yml"
+    # JSON is YAML: promtool parses every query as it would a recording rule.
+    rules_file.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = subprocess.run(
+        [promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+ALERT_TESTS = """\
+rule_files: [{rules}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'up{{job="stream_fm", instance="w1"}}'
+        values: '1 1 0x10'
+      - series: 'stream_fm_checkpoint_age_seconds{{job="stream_fm", instance="w1"}}'
+        values: '0+60x20'
+      - series: 'stream_fm_normalized_entropy{{job="stream_fm", instance="w1"}}'
+        values: '1.2x40'
+      - series: 'stream_fm_consumer_lag{{job="stream_fm", instance="w1", topic="t", partition="0"}}'
+        values: '0+5000x40'
+      - series: 'stream_fm_events_total{{job="stream_fm", instance="w1", type="impression"}}'
+        values: '0+600x40'
+      - series: 'stream_fm_invalid_events_total{{job="stream_fm", instance="w1", reason="not_json"}}'
+        values: '0x10 0+300x30'
+    alert_rule_test:
+      - eval_time: 1m
+        alertname: StreamFMWorkerDown
+        exp_alerts: []
+      - eval_time: 8m
+        alertname: StreamFMWorkerDown
+        exp_alerts:
+          - exp_labels: {{severity: critical, job: stream_fm, instance: w1}}
+      - eval_time: 9m
+        alertname: StreamFMCheckpointStale
+        exp_alerts: []
+      - eval_time: 14m
+        alertname: StreamFMCheckpointStale
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: stream_fm, instance: w1}}
+      - eval_time: 20m
+        alertname: StreamFMNormalizedEntropyHigh
+        exp_alerts: []
+      - eval_time: 35m
+        alertname: StreamFMNormalizedEntropyHigh
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: stream_fm, instance: w1}}
+      - eval_time: 35m
+        alertname: StreamFMConsumerLagGrowing
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: stream_fm, instance: w1, topic: t, partition: "0"}}
+      - eval_time: 5m
+        alertname: StreamFMInvalidEventRateHigh
+        exp_alerts: []
+      - eval_time: 30m
+        alertname: StreamFMInvalidEventRateHigh
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: stream_fm, instance: w1}}
+"""
+
+
+def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
+    promtool = _require_binary("promtool")
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(ALERT_TESTS.format(rules=json.dumps(str(DEPLOY / "alerts.yml"))))
+    done = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
