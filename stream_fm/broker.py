@@ -691,8 +691,9 @@ class KafkaBroker:
             cluster = admin.describe_cluster()
         finally:
             admin.close()
-        # A fenced (not yet registered) broker is left out of the metadata's broker list.
-        return bool(cluster.get("brokers"))
+        # Until the controller unfences it, the broker is absent (or flagged) in the metadata.
+        brokers = cluster.get("brokers") or []
+        return any(not b.get("is_fenced", False) for b in brokers)
 
     def _start_error(self, reason: str) -> BrokerStartError:
         tail = self.log_tail(40)

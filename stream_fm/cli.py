@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--impressions-per-s", type=float, default=100.0, help="event-time rate")
     simulate.add_argument("--attribution-window-s", type=float, default=3600.0)
     simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--click-delay-median-s", type=float, default=30.0)
     simulate.add_argument("--summary", type=Path, help="write the ground-truth summary (JSON) here")
+    kafka = simulate.add_argument_group("to Kafka instead of a file")
+    kafka.add_argument("--bootstrap-servers", help="produce to this Kafka cluster")
+    kafka.add_argument("--topic", default="ad-events", help="topic for impressions (and clicks)")
+    kafka.add_argument("--clicks-topic", help="a separate topic for clicks (same partition count)")
+    kafka.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
+    kafka.add_argument("--duration-s", type=float, help="produce for this long at --rate (sets --impressions)")
+
+    demo = commands.add_parser("demo", help="Kafka + simulator + worker on this machine, progress printed")
+    demo.add_argument("--rate", type=float, default=5000.0, help="simulated events per second")
+    demo.add_argument("--duration-s", type=float, help="stop after this long (default: until Ctrl-C)")
+    demo.add_argument("--metrics-port", type=int, default=9464, help="the worker's /metrics port (0 = free port)")
+    demo.add_argument("--partitions", type=int, default=2)
 
     bench = commands.add_parser("bench", help="fast engine vs river vs Vowpal Wabbit, side by side")
     bench.add_argument("--streams", default="simulated,ipinyou,talkingdata", help="comma-separated: simulated, ipinyou, talkingdata")
@@ -73,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--river-events", type=int, default=20_000, help="prefix all engines run for the river comparison")
     bench.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     bench.add_argument("--json", type=Path, help="write all figures as JSON here")
-    bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--sim-seed", type=int, default=7, help="seed of the simulated stream")
     _add_setting_flags(bench)
     return parser
 
@@ -82,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        handler = {"run": _run, "replay": _replay, "simulate": _simulate, "bench": _bench}[args.command]
+        handler = {"run": _run, "replay": _replay, "simulate": _simulate, "bench": _bench, "demo": _demo}[args.command]
         return handler(args)
     except StreamFMError as error:
         print(f"stream-fm: {error}", file=sys.stderr)
@@ -139,14 +152,16 @@ def _report_dict(report: Any) -> dict[str, Any]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import gzip
-
-    import orjson
-
     from stream_fm.simulate import SimulationParams, Simulator
 
+    n_impressions = args.impressions
+    if args.duration_s is not None:
+        if args.rate <= 0:
+            raise StreamFMError("--duration-s needs --rate")
+        n_impressions = max(1, round(args.rate * args.duration_s / (1 + args.base_ctr)))
     params = SimulationParams(
-        n_impressions=args.impressions,
+        n_impressions=n_impressions,
+        click_delay_median_s=args.click_delay_median_s,
         n_fields=args.fields,
         max_cardinality=args.max_cardinality,
         k=args.k,
@@ -156,22 +171,78 @@ def _simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     traffic = Simulator(params).generate()
-    if args.out is None:
-        raise StreamFMError("simulate needs --out PATH (or --bootstrap-servers with the Kafka worker)")
-    opener = gzip.open if args.out.suffix == ".gz" else open
-    with opener(args.out, "wb") as sink:
-        for event in traffic.events():
-            sink.write(orjson.dumps(event) + b"\n")
     stats = traffic.stats.as_dict()
+    if args.bootstrap_servers:
+        sent = _simulate_to_kafka(traffic.events(), args)
+        target = f"{sent:,} events to Kafka topic {args.topic}" + (f" and {args.clicks_topic}" if args.clicks_topic else "")
+    elif args.out is not None:
+        target = _simulate_to_file(traffic.events(), args.out)
+    else:
+        raise StreamFMError("simulate needs --out PATH or --bootstrap-servers")
     if args.summary:
         args.summary.write_text(json.dumps(stats, indent=2))
     print(
-        f"wrote {stats['impressions']:,} impressions and {stats['clicks']:,} clicks to {args.out}; "
-        f"{stats['positives']:,} clicks inside the {params.attribution_window_s:g}s window, "
+        f"wrote {target}: {stats['impressions']:,} impressions, {stats['clicks']:,} clicks, "
+        f"{stats['positives']:,} of them inside the {params.attribution_window_s:g}s window and "
         f"{stats['clicks_beyond_window']:,} beyond it; Bayes-optimal log loss {stats['bayes_logloss']:.5f}, "
-        f"NE {stats['bayes_normalized_entropy']:.4f}"
+        f"NE {stats['bayes_normalized_entropy']:.4f}",
+        flush=True,
     )
     return 0
+
+
+def _simulate_to_file(events: Iterator[dict[str, Any]], out: Path) -> str:
+    import gzip
+
+    import orjson
+
+    opener = gzip.open if out.suffix == ".gz" else open
+    with opener(out, "wb") as sink:
+        for event in events:
+            sink.write(orjson.dumps(event) + b"\n")
+    return str(out)
+
+
+def _simulate_to_kafka(events: Iterator[dict[str, Any]], args: argparse.Namespace) -> int:
+    """Produce in event-time order at ``--rate`` events/s; SIGTERM stops after a flush."""
+    import signal
+    import time
+
+    import orjson
+
+    from stream_fm.kafka_io import EventProducer
+
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    producer = EventProducer(args.bootstrap_servers)
+    started = time.monotonic()
+    sent = 0
+    try:
+        for event in events:
+            if stopping:
+                break
+            topic = args.clicks_topic if (args.clicks_topic and event["type"] == "click") else args.topic
+            producer.send(topic, event["id"].encode(), orjson.dumps(event))
+            sent += 1
+            if args.rate > 0 and sent % 256 == 0:
+                ahead_s = sent / args.rate - (time.monotonic() - started)
+                if ahead_s > 0:
+                    time.sleep(ahead_s)
+    finally:
+        producer.flush()
+        producer.close()
+    return sent
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from stream_fm.demo import main_demo
+
+    return main_demo(args.rate, args.duration_s, args.metrics_port, args.partitions)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -193,7 +264,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"engine only (compiled kernel, 20 fields, k={settings.model.k}, score+learn): {throughput:,.0f} examples/s")
     for stream in streams:
         if stream == "simulated":
-            batches, bayes_ll, bayes_ne = bench.simulated_stream(args.events, args.seed, settings.attribution_window_s, hasher)
+            batches, bayes_ll, bayes_ne = bench.simulated_stream(args.events, args.sim_seed, settings.attribution_window_s, hasher)
             outcome = bench.compare("simulated", batches, settings, hasher, args.river_events, say, (bayes_ll, bayes_ne))
         elif stream == "ipinyou":
             folder = args.data_dir / "ipinyou_deepctr"

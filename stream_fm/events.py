@@ -6,8 +6,8 @@ the dead-letter header and the ``stream_fm_invalid_events_total{reason}`` label.
 >>> decoder = EventDecoder(FeatureHasher(bits=16))
 >>> event = decoder.decode(b'{"type": "impression", "id": "imp-1", "ts": 1732406400123,'
 ...                        b' "features": {"site_id": "a1b2", "bid": 0.42}}')
->>> event.id, event.ts_ms, len(event.indices)
-('imp-1', 1732406400123, 2)
+>>> event.id, event.ts_ms, event.keys
+('imp-1', 1732406400123, ['site_id=a1b2', 'bid'])
 >>> decoder.decode(b'{"type": "click", "id": "imp-1", "ts": 1732406412000}')
 Click(id='imp-1', ts_ms=1732406412000)
 >>> try:
@@ -66,11 +66,11 @@ class Click:
 
 @dataclass(frozen=True, slots=True)
 class Impression:
-    """An impression to score; ``indices``/``values`` are its hashed features."""
+    """An impression to score; ``keys``/``values`` are its features, hashed per batch."""
 
     id: str
     ts_ms: int
-    indices: list[int]
+    keys: list[str]
     values: list[float]
 
 
@@ -81,7 +81,7 @@ class Labeled:
     id: str
     ts_ms: int
     label: int
-    indices: list[int]
+    keys: list[str]
     values: list[float]
 
 
@@ -109,18 +109,18 @@ class EventDecoder:
             raise InvalidEvent("not_object", f"top-level JSON {type(obj).__name__}")
         kind = obj.get("type")
         if kind == "impression":
-            indices: list[int] = []
+            keys: list[str] = []
             values: list[float] = []
-            self.hasher.add_features(_features(obj), indices, values)
-            return Impression(_id(obj), _ts(obj), indices, values)
+            self.hasher.add_features(_features(obj), keys, values)
+            return Impression(_id(obj), _ts(obj), keys, values)
         if kind == "click":
             return Click(_id(obj), _ts(obj))
         if kind == "labeled":
-            indices = []
+            keys = []
             values = []
             label = _label(obj)
-            self.hasher.add_features(_features(obj), indices, values)
-            return Labeled(_id(obj), _ts(obj), label, indices, values)
+            self.hasher.add_features(_features(obj), keys, values)
+            return Labeled(_id(obj), _ts(obj), label, keys, values)
         if kind is None:
             raise InvalidEvent("missing_type")
         raise InvalidEvent("unknown_type", repr(kind)[:64])

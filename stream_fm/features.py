@@ -11,11 +11,11 @@ Hashing is MurmurHash3 (32-bit) with a configurable seed, never Python's salted 
 so a model trained in one process serves in another.
 
 >>> hasher = FeatureHasher(bits=18, seed=1)
->>> idx, val = [], []
->>> hasher.add_features({"site": "a1", "hour": 13, "tags": ["x", "y"], "gone": None}, idx, val)
->>> len(idx), val
-(4, [1.0, 2.6390573296152584, 1.0, 1.0])
->>> idx[0] == hasher.bucket("site=a1")
+>>> keys, values = [], []
+>>> hasher.add_features({"site": "a1", "hour": 13, "tags": ["x", "y"], "gone": None}, keys, values)
+>>> keys, values
+(['site=a1', 'hour', 'tags=x', 'tags=y'], [1.0, 2.6390573296152584, 1.0, 1.0])
+>>> int(hasher.buckets(keys)[0]) == hasher.bucket("site=a1")
 True
 """
 
@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from itertools import repeat
 from typing import Any, Final
 
 import mmh3
 import numpy as np
+import numpy.typing as npt
+from numba import njit
 
 from stream_fm.errors import ConfigError, InvalidEvent
 from stream_fm.model.base import SparseExample
 
 NUMERIC_TRANSFORMS: Final = ("signed_log1p", "identity", "log_bucket")
 
-# A cache entry per distinct "field=value"; bounded so a stream of unique values
-# (ids leaking into features) cannot grow memory without limit.
-_CACHE_LIMIT: Final = 1 << 20
 
 
 def _signed_log1p(value: float) -> float:
@@ -47,13 +47,14 @@ def _identity(value: float) -> float:
 
 
 class FeatureHasher:
-    """Turns a feature mapping into bucket indices and values, appended to flat lists.
+    """Turns feature mappings into hash keys and values, then keys into buckets in bulk.
 
-    Appending to caller-owned lists lets a whole batch be hashed into one CSR buffer with no
-    per-example array allocation.
+    ``add_features`` appends ``"field=value"`` keys to a caller-owned list; ``buckets`` hashes
+    a whole batch of keys in one compiled call. Keeping the per-feature Python work to a
+    C-level ``map`` is what lets the pipeline decode well over 100k events/s.
     """
 
-    __slots__ = ("_cache", "_mask", "_transform", "bits", "max_features", "numeric_transform", "seed")
+    __slots__ = ("_mask", "_transform", "bits", "max_features", "numeric_transform", "seed")
 
     def __init__(
         self,
@@ -71,12 +72,13 @@ class FeatureHasher:
             )
         if max_features < 1:
             raise ConfigError("max_features", f"must be at least 1, got {max_features}")
+        if not 0 <= seed < 2**32:
+            raise ConfigError("hash_seed", f"must be between 0 and 2^32-1, got {seed}")
         self.bits = bits
         self.seed = seed
         self.numeric_transform = numeric_transform
         self.max_features = max_features
         self._mask = (1 << bits) - 1
-        self._cache: dict[str, int] = {}
         self._transform: Callable[[float], float] | None = {
             "signed_log1p": _signed_log1p,
             "identity": _identity,
@@ -88,46 +90,66 @@ class FeatureHasher:
         return 1 << self.bits
 
     def bucket(self, key: str) -> int:
-        """The bucket of one hashed key such as ``"site_id=a1b2"``."""
-        found = self._cache.get(key)
-        if found is None:
-            found = mmh3.hash(key, self.seed, signed=False) & self._mask
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = found
-        return found
+        """The bucket of one key such as ``"site_id=a1b2"``."""
+        return int(mmh3.hash(key, self.seed, signed=False)) & self._mask
+
+    def buckets(self, keys: list[str]) -> npt.NDArray[np.int32]:
+        """Buckets of many keys at once (MurmurHash3 x86_32, identical to ``bucket``)."""
+        out = np.empty(len(keys), dtype=np.uint32)
+        if not keys:
+            return out.astype(np.int32)
+        blob = np.frombuffer("\x00".join(keys).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        if _hash_segments(blob, self.seed, out) != len(keys):
+            # A key with a NUL character in it: hash one by one.
+            out = np.array([mmh3.hash(k.encode("utf-8", "surrogatepass"), self.seed, signed=False) for k in keys], dtype=np.uint32)
+        return (out & np.uint32(self._mask)).astype(np.int32)
 
     def add_features(
-        self, features: Mapping[str, Any], indices: list[int], values: list[float]
+        self, features: Mapping[str, Any], keys: list[str], values: list[float]
     ) -> None:
-        """Append the hashed features to ``indices``/``values``; raise InvalidEvent if bad.
+        """Append the features' hash keys and x values; raise InvalidEvent if one is bad.
 
-        On error nothing is guaranteed about what was appended: callers truncate back.
+        On error what was appended is unspecified: callers drop the lists.
         """
-        if len(features) > self.max_features:
-            raise InvalidEvent("too_many_features", f"{len(features)} > {self.max_features}")
-        bucket = self.bucket
-        append_index = indices.append
+        n = len(features)
+        if n > self.max_features:
+            raise InvalidEvent("too_many_features", f"{n} > {self.max_features}")
+        before = len(keys)
+        try:
+            # All-string features, the common case, never leave C: "field=value" for each.
+            keys += map(_join, features.items())
+        except TypeError:
+            del keys[before:]
+            self._add_mixed(features, keys, values)
+            return
+        if "" in features:
+            raise InvalidEvent("bad_feature_name", "empty feature name")
+        values += repeat(1.0, n)
+
+    def _add_mixed(self, features: Mapping[str, Any], keys: list[str], values: list[float]) -> None:
+        append_key = keys.append
         append_value = values.append
         transform = self._transform
         for name, value in features.items():
+            if not name:
+                raise InvalidEvent("bad_feature_name", "empty feature name")
             kind = type(value)
             if kind is str:
-                append_index(bucket(name + "=" + value))
+                append_key(name + "=" + value)
                 append_value(1.0)
             elif kind is int or kind is float:
                 if kind is float and not math.isfinite(value):
                     raise InvalidEvent("non_finite_number", f"feature {name!r}")
                 if transform is None:
-                    append_index(bucket(name + "=" + _log_bucket(value)))
+                    append_key(name + "=" + _log_bucket(value))
                     append_value(1.0)
                 else:
-                    append_index(bucket(name))
+                    append_key(name)
                     append_value(transform(value))
             elif value is None:
                 continue
             elif kind is bool:
-                append_index(bucket(name + ("=true" if value else "=false")))
+                append_key(name + ("=true" if value else "=false"))
                 append_value(1.0)
             elif kind is list:
                 for item in value:
@@ -135,28 +157,22 @@ class FeatureHasher:
                         raise InvalidEvent(
                             "bad_feature_list", f"feature {name!r} has a non-string list item"
                         )
-                    append_index(bucket(name + "=" + item))
+                    append_key(name + "=" + item)
                     append_value(1.0)
             elif kind is dict:
                 raise InvalidEvent("nested_feature", f"feature {name!r} is an object")
             else:
                 raise InvalidEvent("bad_feature_value", f"feature {name!r} has type {kind.__name__}")
-            if not name:
-                raise InvalidEvent("bad_feature_name", "empty feature name")
 
     def hash_one(self, features: Mapping[str, Any]) -> SparseExample:
         """Hash one feature mapping into a ``SparseExample``."""
-        indices: list[int] = []
+        keys: list[str] = []
         values: list[float] = []
-        self.add_features(features, indices, values)
-        return SparseExample(np.array(indices, dtype=np.int32), np.array(values, dtype=np.float64))
+        self.add_features(features, keys, values)
+        return SparseExample(self.buckets(keys), np.array(values, dtype=np.float64))
 
-    def hash_pairs(self, pairs: list[tuple[str, float]]) -> SparseExample:
-        """Hash pre-named ``(key, x)`` pairs, as libsvm rows give them."""
-        return SparseExample(
-            np.array([self.bucket(key) for key, _ in pairs], dtype=np.int32),
-            np.array([x for _, x in pairs], dtype=np.float64),
-        )
+
+_join = "=".join
 
 
 def _log_bucket(value: float) -> str:
@@ -165,3 +181,58 @@ def _log_bucket(value: float) -> str:
         return str(int(value))
     magnitude = int(math.log(abs(value)) ** 2)
     return f"b{magnitude}" if value > 0 else f"n{magnitude}"
+
+
+# MurmurHash3 x86_32 (Appleby, public domain), the same function mmh3 computes.
+@njit(cache=True, nogil=True)
+def _rotl(x: Any, r: int) -> Any:
+    return ((x << np.uint32(r)) | (x >> np.uint32(32 - r))) & np.uint32(0xFFFFFFFF)
+
+@njit(cache=True, nogil=True)
+def _hash_segments(blob: Any, seed: int, out: Any) -> int:
+    """MurmurHash3 x86_32 of each NUL-separated segment of blob; returns segment count."""
+    c1 = np.uint32(0xCC9E2D51); c2 = np.uint32(0x1B873593)
+    n = blob.shape[0]
+    count = 0
+    start = 0
+    i = 0
+    while i <= n:
+        if i == n or blob[i] == 0:
+            if count >= out.shape[0]:
+                return count + 1
+            length = i - start
+            h = np.uint32(seed)
+            nblocks = length // 4
+            for b in range(nblocks):
+                p = start + 4 * b
+                k = np.uint32(blob[p]) | (np.uint32(blob[p + 1]) << np.uint32(8)) | (np.uint32(blob[p + 2]) << np.uint32(16)) | (np.uint32(blob[p + 3]) << np.uint32(24))
+                k = (k * c1) & np.uint32(0xFFFFFFFF)
+                k = _rotl(k, 15)
+                k = (k * c2) & np.uint32(0xFFFFFFFF)
+                h ^= k
+                h = _rotl(h, 13)
+                h = (h * np.uint32(5) + np.uint32(0xE6546B64)) & np.uint32(0xFFFFFFFF)
+            tail = start + 4 * nblocks
+            rem = length & 3
+            k = np.uint32(0)
+            if rem >= 3:
+                k ^= np.uint32(blob[tail + 2]) << np.uint32(16)
+            if rem >= 2:
+                k ^= np.uint32(blob[tail + 1]) << np.uint32(8)
+            if rem >= 1:
+                k ^= np.uint32(blob[tail])
+                k = (k * c1) & np.uint32(0xFFFFFFFF)
+                k = _rotl(k, 15)
+                k = (k * c2) & np.uint32(0xFFFFFFFF)
+                h ^= k
+            h ^= np.uint32(length)
+            h ^= h >> np.uint32(16)
+            h = (h * np.uint32(0x85EBCA6B)) & np.uint32(0xFFFFFFFF)
+            h ^= h >> np.uint32(13)
+            h = (h * np.uint32(0xC2B2AE35)) & np.uint32(0xFFFFFFFF)
+            h ^= h >> np.uint32(16)
+            out[count] = h
+            count += 1
+            start = i + 1
+        i += 1
+    return count

@@ -45,7 +45,9 @@ import heapq
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Final, Literal
+from itertools import pairwise
+from operator import attrgetter
+from typing import Final, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -72,7 +74,7 @@ CAUSE_WINDOW_CLOSED: Final = "window_closed"
 CAUSE_EVICTED: Final = "evicted"
 CAUSE_FLUSHED: Final = "flushed"
 
-#: Watermark before any event was seen (fits int64, so it survives a checkpoint as an array too).
+#: Watermark before any event was seen; fits int64.
 NO_WATERMARK: Final = -(2**63)
 
 _STATE_FORMAT: Final = "stream_fm.join/1"
@@ -91,9 +93,12 @@ class PendingImpression:
     model_version: int
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A labeled example ready to learn: 1 positive, 0 negative."""
+class Outcome(NamedTuple):
+    """A labeled example ready to learn: ``label`` 1 positive, 0 negative.
+
+    A NamedTuple rather than a frozen dataclass: equally immutable, and built with
+    ``tuple.__new__`` it costs a third as much, once per impression on the hot path.
+    """
 
     impression: PendingImpression
     label: int
@@ -106,12 +111,13 @@ class Outcome:
         return self.label_ts_ms - self.impression.ts_ms
 
 
+_new_outcome = tuple.__new__
+
+
 @dataclass(slots=True)
 class JoinCounters:
-    """What the joiner has seen, by reason. Live object: read it, do not write it."""
+    """What the joiner did, by reason. A live object: read it, do not write it."""
 
-    impressions: int = 0
-    clicks: int = 0
     positives: int = 0
     negatives_window: int = 0
     evicted: int = 0
@@ -122,22 +128,27 @@ class JoinCounters:
     duplicate_clicks: int = 0
 
 
-# Heap entries: (ts_ms, arrival sequence, impression). The sequence is unique, so tuples never
-# compare impressions, and (ts, seq) is a total order: pop order does not depend on heap layout.
-_HeapEntry = tuple[int, int, PendingImpression]
+# Queue entries: (ts_ms, arrival sequence, impression). The sequence is unique, so entries never
+# compare impressions, and (ts, seq) is a total order: which queue holds an entry does not
+# change the order in which entries leave.
+_Entry = tuple[int, int, PendingImpression]
+_get_ts = attrgetter("ts_ms")
+_get_p_served = attrgetter("p_served")
+_get_model_version = attrgetter("model_version")
 
 
 class AttributionJoiner:
     """Joins clicks to impressions of one partition; see the module docstring for semantics."""
 
     __slots__ = (
-        "_closed",
         "_closed_order",
         "_cutoff",
-        "_heap",
+        "_ids",
+        "_in_order",
         "_max_closed_ids",
         "_max_pending",
-        "_pending",
+        "_out_of_order",
+        "_pending_count",
         "_seq",
         "_stale",
         "_watermark",
@@ -159,16 +170,21 @@ class AttributionJoiner:
         self._watermark: int = NO_WATERMARK
         # Impressions with ts below the cutoff are expired; cached so the hot path only compares.
         self._cutoff: int = NO_WATERMARK - window_ms
-        # Insertion order of this dict is arrival order; nothing is ever re-inserted, so
-        # ``state`` can rebuild the (ts, arrival) order from it.
-        self._pending: dict[str, PendingImpression] = {}
-        self._heap: list[_HeapEntry] = []
-        self._seq = 0
-        # Heap entries of impressions that were clicked; skipped when popped, compacted if many.
-        self._stale = 0
-        # id -> True if it was learned positive; _closed_order is the FIFO that bounds it.
-        self._closed: dict[str, bool] = {}
+        # Every known id: pending ones map to their impression, closed ones to True if they were
+        # learned positive. One table instead of two halves the (cache-missing) lookups per
+        # event. Pending entries keep their arrival order (a closed id's value is overwritten in
+        # place; nothing is re-inserted), which ``state`` needs to break ts ties after a restore.
+        self._ids: dict[str, PendingImpression | bool] = {}
+        self._pending_count = 0
+        # Closed ids, oldest first; bounds how many ``_ids`` remembers.
         self._closed_order: deque[str] = deque()
+        # Event time mostly increases, so most impressions go to a FIFO (O(1) in and out); the
+        # rest go to a heap. The oldest pending entry is the smaller of the two heads.
+        self._in_order: deque[_Entry] = deque()
+        self._out_of_order: list[_Entry] = []
+        self._seq = 0
+        # Entries of clicked impressions stay in the queues and are skipped when they surface.
+        self._stale = 0
         self.counters = JoinCounters()
         #: Whether the latest ``add_impression`` buffered its impression (False: a duplicate).
         self.last_impression_accepted = False
@@ -192,160 +208,217 @@ class AttributionJoiner:
 
     @property
     def pending_count(self) -> int:
-        return len(self._pending)
+        return self._pending_count
 
     def get_pending(self, impression_id: str) -> PendingImpression | None:
         """The pending impression with this id, if any."""
-        return self._pending.get(impression_id)
+        value = self._ids.get(impression_id)
+        return value if isinstance(value, PendingImpression) else None
 
     def add_impression(self, imp: PendingImpression) -> Sequence[Outcome]:
-        """Buffer ``imp``; return outcomes that became due (never ``imp``'s own)."""
+        """Buffer ``imp``; return the outcomes that became due (never ``imp``'s own).
+
+        A duplicate id (pending or remembered as closed) is counted and ignored;
+        ``last_impression_accepted`` tells the caller which case happened.
+        """
         ts = imp.ts_ms
         if ts > self._watermark:
             self._watermark = ts
-            self._cutoff = ts - self._window_ms
-        heap = self._heap
-        due: Sequence[Outcome] = (
-            self._close_expired() if heap and heap[0][0] < self._cutoff else _NOTHING
-        )
-        counters = self.counters
-        counters.impressions += 1
+            self._cutoff = cutoff = ts - self._window_ms
+        else:
+            cutoff = self._cutoff
+        in_order = self._in_order
+        out_of_order = self._out_of_order
+        due: Sequence[Outcome] = _NOTHING
+        if (in_order and in_order[0][0] < cutoff) or (out_of_order and out_of_order[0][0] < cutoff):
+            due = self._close_expired()
         impression_id = imp.id
-        pending = self._pending
-        if impression_id in pending or impression_id in self._closed:
-            counters.duplicate_impressions += 1
+        ids = self._ids
+        if impression_id in ids:
+            self.counters.duplicate_impressions += 1
             self.last_impression_accepted = False
             return due
-        if len(pending) >= self._max_pending:
+        if self._pending_count >= self._max_pending:
             # Evict before inserting, so the new impression is never its own eviction.
             due = self._evict_oldest(due)
-        pending[impression_id] = imp
-        self._seq += 1
-        heapq.heappush(heap, (ts, self._seq, imp))
+        ids[impression_id] = imp
+        self._pending_count += 1
+        self._seq = seq = self._seq + 1
+        if not in_order or ts >= in_order[-1][0]:
+            in_order.append((ts, seq, imp))
+        else:
+            heapq.heappush(out_of_order, (ts, seq, imp))
         self.last_impression_accepted = True
         return due
 
     def add_click(self, impression_id: str, ts_ms: int) -> Sequence[Outcome]:
-        """Attribute a click: windows closed by its ``ts`` first, then the positive if any."""
+        """Attribute a click: windows closed by its ``ts`` first, then its positive if any."""
         if ts_ms > self._watermark:
             self._watermark = ts_ms
-            self._cutoff = ts_ms - self._window_ms
-        heap = self._heap
-        due: Sequence[Outcome] = (
-            self._close_expired() if heap and heap[0][0] < self._cutoff else _NOTHING
-        )
-        counters = self.counters
-        counters.clicks += 1
+            self._cutoff = cutoff = ts_ms - self._window_ms
+        else:
+            cutoff = self._cutoff
+        in_order = self._in_order
+        out_of_order = self._out_of_order
+        due: Sequence[Outcome] = _NOTHING
+        if (in_order and in_order[0][0] < cutoff) or (out_of_order and out_of_order[0][0] < cutoff):
+            due = self._close_expired()
         # Still pending after the advance implies ts_ms <= imp.ts + window: no window check here.
-        imp = self._pending.pop(impression_id, None)
-        if imp is None:
-            closed_positive = self._closed.get(impression_id)
-            if closed_positive is None:
+        imp = self._ids.get(impression_id)
+        if not isinstance(imp, PendingImpression):
+            counters = self.counters
+            if imp is None:
                 counters.orphan_clicks += 1
-            elif closed_positive:
+            elif imp:
                 counters.duplicate_clicks += 1
             else:
                 counters.late_clicks += 1
             return due
-        self._stale += 1
-        counters.positives += 1
+        self.counters.positives += 1
+        self._pending_count -= 1
         self._remember_closed(impression_id, True)
+        self._stale += 1
+        if self._stale > self._pending_count + 1024:
+            self._drop_stale_entries()
         label_ts = ts_ms if ts_ms > imp.ts_ms else imp.ts_ms
-        positive = Outcome(imp, 1, label_ts, CAUSE_CLICK)
-        if self._stale > len(self._pending) + 1024:
-            self._compact_heap()
-        if due:
-            assert isinstance(due, list)
-            due.append(positive)
-            return due
-        return [positive]
+        positive = _new_outcome(Outcome, (imp, 1, label_ts, CAUSE_CLICK))
+        if not due:
+            return (positive,)
+        outcomes = due if isinstance(due, list) else list(due)
+        outcomes.append(positive)
+        return outcomes
 
     def advance_watermark(self, ts_ms: int) -> Sequence[Outcome]:
-        """Move event time forward (e.g. on idle partitions); return windows it closed."""
+        """Move event time forward (e.g. for an idle partition); return the windows it closed."""
         if ts_ms > self._watermark:
             self._watermark = ts_ms
             self._cutoff = ts_ms - self._window_ms
-        heap = self._heap
-        if heap and heap[0][0] < self._cutoff:
+        cutoff = self._cutoff
+        in_order = self._in_order
+        out_of_order = self._out_of_order
+        if (in_order and in_order[0][0] < cutoff) or (out_of_order and out_of_order[0][0] < cutoff):
             return self._close_expired()
         return _NOTHING
 
     def flush(self) -> list[Outcome]:
         """Learn everything still pending as negative (end of a replay), oldest first."""
         out: list[Outcome] = []
-        heap = self._heap
-        pending = self._pending
+        ids = self._ids
         watermark = self._watermark
-        while heap:
-            imp = heapq.heappop(heap)[2]
-            if pending.get(imp.id) is not imp:
+        while True:
+            entry = self._pop_oldest()
+            if entry is None:
+                break
+            imp = entry[2]
+            if ids.get(imp.id) is not imp:
                 continue
-            del pending[imp.id]
             self._remember_closed(imp.id, False)
-            out.append(Outcome(imp, 0, watermark, CAUSE_FLUSHED))
+            out.append(_new_outcome(Outcome, (imp, 0, watermark, CAUSE_FLUSHED)))
+        self._pending_count = 0
         self._stale = 0
         self.counters.flushed += len(out)
         return out
 
+    def _pop_oldest(self) -> _Entry | None:
+        in_order = self._in_order
+        out_of_order = self._out_of_order
+        if out_of_order and (not in_order or out_of_order[0] < in_order[0]):
+            return heapq.heappop(out_of_order)
+        if in_order:
+            return in_order.popleft()
+        return None
+
     def _close_expired(self) -> list[Outcome]:
         out: list[Outcome] = []
-        heap = self._heap
-        pending = self._pending
+        in_order = self._in_order
+        out_of_order = self._out_of_order
+        ids = self._ids
         cutoff = self._cutoff
         watermark = self._watermark
-        while heap and heap[0][0] < cutoff:
-            imp = heapq.heappop(heap)[2]
-            if pending.get(imp.id) is not imp:
+        closed_order = self._closed_order
+        max_closed = self._max_closed_ids
+        while True:
+            if out_of_order and (not in_order or out_of_order[0] < in_order[0]):
+                if out_of_order[0][0] >= cutoff:
+                    break
+                imp = heapq.heappop(out_of_order)[2]
+            elif in_order and in_order[0][0] < cutoff:
+                imp = in_order.popleft()[2]
+            else:
+                break
+            impression_id = imp.id
+            if ids.get(impression_id) is not imp:
                 self._stale -= 1
                 continue
-            del pending[imp.id]
-            self._remember_closed(imp.id, False)
-            out.append(Outcome(imp, 0, watermark, CAUSE_WINDOW_CLOSED))
+            # Inlined _remember_closed: this loop runs once per impression.
+            ids[impression_id] = False
+            closed_order.append(impression_id)
+            if len(closed_order) > max_closed:
+                del ids[closed_order.popleft()]
+            out.append(_new_outcome(Outcome, (imp, 0, watermark, CAUSE_WINDOW_CLOSED)))
+        self._pending_count -= len(out)
         self.counters.negatives_window += len(out)
         return out
 
     def _evict_oldest(self, due: Sequence[Outcome]) -> list[Outcome]:
+        # Once the buffer is full this runs for every impression, hence the inlining.
         out = due if isinstance(due, list) else list(due)
-        heap = self._heap
-        pending = self._pending
-        while len(pending) >= self._max_pending:
-            imp = heapq.heappop(heap)[2]
-            if pending.get(imp.id) is not imp:
+        in_order = self._in_order
+        out_of_order = self._out_of_order
+        ids = self._ids
+        closed_order = self._closed_order
+        max_closed = self._max_closed_ids
+        watermark = self._watermark
+        evicted = 0
+        while self._pending_count - evicted >= self._max_pending:
+            if out_of_order and (not in_order or out_of_order[0] < in_order[0]):
+                imp = heapq.heappop(out_of_order)[2]
+            else:
+                imp = in_order.popleft()[2]  # never empty: every pending id has an entry
+            impression_id = imp.id
+            if ids.get(impression_id) is not imp:
                 self._stale -= 1
                 continue
-            del pending[imp.id]
-            self._remember_closed(imp.id, False)
-            out.append(Outcome(imp, 0, self._watermark, CAUSE_EVICTED))
-            self.counters.evicted += 1
+            ids[impression_id] = False
+            closed_order.append(impression_id)
+            if len(closed_order) > max_closed:
+                del ids[closed_order.popleft()]
+            out.append(_new_outcome(Outcome, (imp, 0, watermark, CAUSE_EVICTED)))
+            evicted += 1
+        self._pending_count -= evicted
+        self.counters.evicted += evicted
         return out
 
     def _remember_closed(self, impression_id: str, positive: bool) -> None:
-        # Ids are unique in the FIFO: an id in _closed is refused as a duplicate impression.
-        self._closed[impression_id] = positive
+        # Ids are unique in the FIFO: a known id is refused as a duplicate impression.
+        self._ids[impression_id] = positive
         order = self._closed_order
         order.append(impression_id)
         if len(order) > self._max_closed_ids:
-            del self._closed[order.popleft()]
+            del self._ids[order.popleft()]
 
-    def _compact_heap(self) -> None:
-        # Bounds memory when clicks are frequent; O(n) but amortised over >= n clicks.
-        pending = self._pending
-        self._heap = [e for e in self._heap if pending.get(e[2].id) is e[2]]
-        heapq.heapify(self._heap)
+    def _drop_stale_entries(self) -> None:
+        # Bounds memory when most impressions are clicked; O(n), amortised over >= n clicks.
+        ids = self._ids
+        self._in_order = deque(e for e in self._in_order if ids.get(e[2].id) is e[2])
+        self._out_of_order = [e for e in self._out_of_order if ids.get(e[2].id) is e[2]]
+        heapq.heapify(self._out_of_order)
         self._stale = 0
 
     def state(self) -> dict[str, StateValue]:
         """Everything needed to resume exactly: arrays and plain values only."""
-        pending = list(self._pending.values())  # arrival order
+        ids = self._ids
+        pending = [v for v in ids.values() if isinstance(v, PendingImpression)]  # arrival order
+        n = len(pending)
         pending_blob, pending_offsets = _encode_ids([imp.id for imp in pending])
         closed_ids = list(self._closed_order)
         closed_blob, closed_offsets = _encode_ids(closed_ids)
-        lengths = np.fromiter((len(imp.example.indices) for imp in pending), np.int64, len(pending))
-        indptr = np.zeros(len(pending) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
+        examples = [imp.example for imp in pending]
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter((len(x.indices) for x in examples), np.int64, n), out=indptr[1:])
         if pending:
-            indices = np.concatenate([imp.example.indices for imp in pending]).astype(np.int32)
-            values = np.concatenate([imp.example.values for imp in pending]).astype(np.float64)
+            indices = np.concatenate([x.indices for x in examples]).astype(np.int32, copy=False)
+            values = np.concatenate([x.values for x in examples]).astype(np.float64, copy=False)
         else:
             indices = np.zeros(0, dtype=np.int32)
             values = np.zeros(0, dtype=np.float64)
@@ -357,17 +430,17 @@ class AttributionJoiner:
             "watermark_ms": self._watermark,
             "pending_id_blob": pending_blob,
             "pending_id_offsets": pending_offsets,
-            "pending_ts_ms": np.array([imp.ts_ms for imp in pending], dtype=np.int64),
-            "pending_p_served": np.array([imp.p_served for imp in pending], dtype=np.float64),
-            "pending_model_version": np.array(
-                [imp.model_version for imp in pending], dtype=np.int64
-            ),
+            "pending_ts_ms": np.fromiter(map(_get_ts, pending), np.int64, n),
+            "pending_p_served": np.fromiter(map(_get_p_served, pending), np.float64, n),
+            "pending_model_version": np.fromiter(map(_get_model_version, pending), np.int64, n),
             "pending_indptr": indptr,
             "pending_indices": indices,
             "pending_values": values,
             "closed_id_blob": closed_blob,
             "closed_id_offsets": closed_offsets,
-            "closed_positive": np.array([self._closed[i] for i in closed_ids], dtype=np.bool_),
+            "closed_positive": np.fromiter(
+                map(ids.__getitem__, closed_ids), np.bool_, len(closed_ids)
+            ),
         }
         for name, value in asdict(self.counters).items():
             state[f"count_{name}"] = int(value)
@@ -375,51 +448,58 @@ class AttributionJoiner:
 
     @classmethod
     def from_state(cls, state: Mapping[str, object]) -> AttributionJoiner:
-        """Rebuild a joiner from ``state()``; future outputs equal an uninterrupted run's."""
+        """Rebuild a joiner from ``state()``; its future outputs equal an uninterrupted run's.
+
+        Raises ``CheckpointCorrupt`` if ``state`` is malformed.
+        """
         if state.get("format") != _STATE_FORMAT:
             raise CheckpointCorrupt(f"joiner state: unknown format {state.get('format')!r}")
-        joiner = cls(
-            _get_int(state, "window_ms"),
-            _get_int(state, "max_pending"),
-            _get_int(state, "max_closed_ids"),
-        )
+        try:
+            joiner = cls(
+                _get_int(state, "window_ms"),
+                _get_int(state, "max_pending"),
+                _get_int(state, "max_closed_ids"),
+            )
+        except ValueError as error:
+            raise CheckpointCorrupt(f"joiner state: {error}") from error
         watermark = _get_int(state, "watermark_ms")
         joiner._watermark = watermark
         joiner._cutoff = watermark - joiner._window_ms
 
-        ids = _decode_ids(state, "pending_id_blob", "pending_id_offsets")
-        n = len(ids)
-        ts = _get_array(state, "pending_ts_ms", n).tolist()
-        p_served = _get_array(state, "pending_p_served", n).tolist()
-        versions = _get_array(state, "pending_model_version", n).tolist()
-        indptr_array = _get_array(state, "pending_indptr", n + 1)
+        pending_ids = _decode_ids(state, "pending_id_blob", "pending_id_offsets")
+        n = len(pending_ids)
+        ts = _get_array(state, "pending_ts_ms", n, "iu").tolist()
+        p_served = _get_array(state, "pending_p_served", n, "f").tolist()
+        versions = _get_array(state, "pending_model_version", n, "iu").tolist()
+        indptr_array = _get_array(state, "pending_indptr", n + 1, "iu")
+        if indptr_array[0] != 0 or np.any(np.diff(indptr_array) < 0):
+            raise CheckpointCorrupt("joiner state: pending_indptr is not monotone from 0")
         nnz = int(indptr_array[-1])
         indptr = indptr_array.tolist()
-        if indptr[0] != 0 or any(a > b for a, b in zip(indptr, indptr[1:])):
-            raise CheckpointCorrupt("joiner state: pending_indptr is not monotone from 0")
-        indices = _get_array(state, "pending_indices", nnz).astype(np.int32, copy=False)
-        values = _get_array(state, "pending_values", nnz).astype(np.float64, copy=False)
-        heap = joiner._heap
-        pending = joiner._pending
-        for i, impression_id in enumerate(ids):
-            example = SparseExample(
-                indices[indptr[i] : indptr[i + 1]], values[indptr[i] : indptr[i + 1]]
-            )
+        indices = _get_array(state, "pending_indices", nnz, "iu").astype(np.int32, copy=False)
+        values = _get_array(state, "pending_values", nnz, "f").astype(np.float64, copy=False)
+        known = joiner._ids
+        entries: list[_Entry] = []
+        for i, impression_id in enumerate(pending_ids):
+            start, end = indptr[i], indptr[i + 1]
+            example = SparseExample(indices[start:end], values[start:end])
             imp = PendingImpression(impression_id, ts[i], example, p_served[i], versions[i])
-            pending[impression_id] = imp
-            # Renumbered arrivals keep their relative order, which is all the heap compares.
-            heap.append((imp.ts_ms, i + 1, imp))
-        if len(pending) != n:
+            known[impression_id] = imp
+            # Renumbered arrivals keep their relative order, which is all the queues compare.
+            entries.append((imp.ts_ms, i + 1, imp))
+        if len(known) != n:
             raise CheckpointCorrupt("joiner state: duplicate pending ids")
-        heapq.heapify(heap)
+        entries.sort()
+        joiner._in_order.extend(entries)
         joiner._seq = n
+        joiner._pending_count = n
 
         closed_ids = _decode_ids(state, "closed_id_blob", "closed_id_offsets")
-        positive = _get_array(state, "closed_positive", len(closed_ids)).tolist()
-        joiner._closed = {i: bool(p) for i, p in zip(closed_ids, positive)}
+        positive = _get_array(state, "closed_positive", len(closed_ids), "b").tolist()
+        known.update(zip(closed_ids, positive, strict=True))
         joiner._closed_order = deque(closed_ids)
-        if len(joiner._closed) != len(closed_ids):
-            raise CheckpointCorrupt("joiner state: duplicate closed ids")
+        if len(known) != n + len(closed_ids):
+            raise CheckpointCorrupt("joiner state: an id is closed twice, or pending and closed")
 
         for f in fields(JoinCounters):
             setattr(joiner.counters, f.name, _get_int(state, f"count_{f.name}"))
@@ -427,21 +507,37 @@ class AttributionJoiner:
 
 
 def _encode_ids(ids: list[str]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
-    encoded = [i.encode("utf-8") for i in ids]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    joined = "".join(ids)
+    if joined.isascii():  # the common case: one encode, character lengths are byte lengths
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        blob = joined.encode("ascii")
+    else:
+        encoded = [i.encode("utf-8") for i in ids]
+        lengths = np.fromiter(map(len, encoded), np.int64, len(ids))
+        blob = b"".join(encoded)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.frombuffer(blob, dtype=np.uint8).copy(), offsets
 
 
 def _decode_ids(state: Mapping[str, object], blob_key: str, offsets_key: str) -> list[str]:
-    offsets_array = _get_array(state, offsets_key)
-    blob = _get_array(state, blob_key).astype(np.uint8, copy=False).tobytes()
+    offsets_array = _get_array(state, offsets_key, None, "iu")
+    blob = _get_array(state, blob_key, None, "u").astype(np.uint8, copy=False).tobytes()
     offsets = offsets_array.tolist()
-    if not offsets or offsets[0] != 0 or offsets[-1] != len(blob):
+    if (
+        not offsets
+        or offsets[0] != 0
+        or offsets[-1] != len(blob)
+        or np.any(np.diff(offsets_array) < 0)
+    ):
         raise CheckpointCorrupt(f"joiner state: {offsets_key} does not span {blob_key}")
+    pairs = pairwise(offsets)
+    if blob.isascii():
+        text = blob.decode("ascii")
+        return [text[a:b] for a, b in pairs]
     try:
-        return [blob[a:b].decode("utf-8") for a, b in zip(offsets, offsets[1:])]
-    except (UnicodeDecodeError, TypeError) as error:
+        return [blob[a:b].decode("utf-8") for a, b in pairs]
+    except UnicodeDecodeError as error:
         raise CheckpointCorrupt(f"joiner state: bad ids in {blob_key}: {error}") from error
 
 
@@ -455,11 +551,11 @@ def _get_int(state: Mapping[str, object], key: str) -> int:
 
 
 def _get_array(
-    state: Mapping[str, object], key: str, length: int | None = None
+    state: Mapping[str, object], key: str, length: int | None, kinds: str
 ) -> npt.NDArray[np.generic]:
     value = state.get(key)
-    if not isinstance(value, np.ndarray) or value.ndim != 1:
-        raise CheckpointCorrupt(f"joiner state: {key} must be a 1-d array")
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind not in kinds:
+        raise CheckpointCorrupt(f"joiner state: {key} must be a 1-d array of kind {kinds!r}")
     if length is not None and len(value) != length:
         raise CheckpointCorrupt(f"joiner state: {key} has {len(value)} entries, expected {length}")
     return value

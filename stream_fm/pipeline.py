@@ -85,10 +85,11 @@ class BatchResult:
 class _BatchBuilder:
     """Collects rows (CSR) and operations for one ``run_batch`` call."""
 
-    __slots__ = ("flat_indices", "flat_values", "indptr", "kind", "label", "old_pieces", "row")
+    __slots__ = ("flat_keys", "flat_values", "hasher", "indptr", "kind", "label", "old_pieces", "row")
 
-    def __init__(self) -> None:
-        self.flat_indices: list[int] = []
+    def __init__(self, hasher: FeatureHasher) -> None:
+        self.hasher = hasher
+        self.flat_keys: list[str] = []
         self.flat_values: list[float] = []
         self.indptr: list[int] = [0]
         self.kind: list[int] = []
@@ -97,15 +98,15 @@ class _BatchBuilder:
         # Examples of impressions from earlier batches, appended after the new rows.
         self.old_pieces: list[SparseExample] = []
 
-    def new_row(self, indices: list[int], values: list[float]) -> int:
-        self.flat_indices += indices
+    def new_row(self, keys: list[str], values: list[float]) -> int:
+        self.flat_keys += keys
         self.flat_values += values
-        self.indptr.append(len(self.flat_indices))
+        self.indptr.append(len(self.flat_keys))
         return len(self.indptr) - 2
 
     def build(self) -> tuple[OpBatch, int]:
         n_new = len(self.indptr) - 1
-        indices = np.array(self.flat_indices, dtype=np.int32)
+        indices = self.hasher.buckets(self.flat_keys)
         values = np.array(self.flat_values, dtype=np.float64)
         indptr = np.array(self.indptr, dtype=np.int64)
         if self.old_pieces:
@@ -194,7 +195,7 @@ class Pipeline:
         ``closing`` outcomes are learned after the events (``flush`` uses it).
         """
         result = BatchResult(invalid=invalid or [])
-        builder = _BatchBuilder()
+        builder = _BatchBuilder(self.decoder.hasher)
         # Per op: the pending impression whose p it serves/learns (None for labeled rows).
         op_pending: list[PendingImpression | None] = []
         op_position: list[int] = []
@@ -228,10 +229,10 @@ class Pipeline:
                 add_learns(outcomes)
                 if joiner.counters.duplicate_impressions != duplicates_before:
                     continue
-                start = len(builder.flat_indices)
-                row = builder.new_row(event.indices, event.values)
+                start = len(builder.flat_keys)
+                row = builder.new_row(event.keys, event.values)
                 row_of[id(pending)] = row
-                new_pending_rows.append((pending, start, len(builder.flat_indices)))
+                new_pending_rows.append((pending, start, len(builder.flat_keys)))
                 builder.kind.append(OP_SCORE)
                 builder.row.append(row)
                 builder.label.append(0)
@@ -242,7 +243,7 @@ class Pipeline:
                 add_learns(self.joiner(partition).add_click(event.id, event.ts_ms))
             elif type(event) is Labeled:
                 counts["labeled"] += 1
-                row = builder.new_row(event.indices, event.values)
+                row = builder.new_row(event.keys, event.values)
                 builder.kind += (OP_SCORE, OP_LEARN)
                 builder.row += (row, row)
                 builder.label += (0, event.label)

@@ -79,20 +79,19 @@ def read_jsonl(path: Path, decoder: EventDecoder, size: int = BATCH_EVENTS) -> I
 
 def read_libsvm(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
     """Rows ``label idx:val ...``; libffm's ``field:idx:val`` keeps the field in the key."""
-    bucket = hasher.bucket
     with open_text(path) as stream:
         for number, line in enumerate(stream):
             parts = line.split()
             if not parts:
                 continue
             label = 1 if float(parts[0]) > 0 else 0
-            indices: list[int] = []
+            keys: list[str] = []
             values: list[float] = []
             for item in parts[1:]:
                 key, _, value = item.rpartition(":")
-                indices.append(bucket(key))
+                keys.append(key)
                 values.append(float(value))
-            yield Labeled(f"row-{number}", number, label, indices, values)
+            yield Labeled(f"row-{number}", number, label, keys, values)
 
 
 def read_criteo(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
@@ -121,10 +120,10 @@ def read_avazu(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
 
 
 def _labeled(hasher: FeatureHasher, ident: str, ts_ms: int, label: int, features: dict[str, Any]) -> Labeled:
-    indices: list[int] = []
+    keys: list[str] = []
     values: list[float] = []
-    hasher.add_features(features, indices, values)
-    return Labeled(ident, ts_ms, label, indices, values)
+    hasher.add_features(features, keys, values)
+    return Labeled(ident, ts_ms, label, keys, values)
 
 
 def _talkingdata_ts(text: str) -> int:
@@ -150,10 +149,10 @@ def read_talkingdata(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
             features = {name: row[name] for name in ("ip", "app", "device", "os", "channel")}
             features["hour"] = row["click_time"][11:13]
             features["app_channel"] = row["app"] + "_" + row["channel"]
-            indices: list[int] = []
+            keys: list[str] = []
             values: list[float] = []
-            hasher.add_features(features, indices, values)
-            yield Impression(ident, ts, indices, values)
+            hasher.add_features(features, keys, values)
+            yield Impression(ident, ts, keys, values)
             if row.get("attributed_time"):
                 heapq.heappush(clicks, (_talkingdata_ts(row["attributed_time"]), number, ident))
     while clicks:

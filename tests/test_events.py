@@ -78,16 +78,9 @@ def test_impression_features_of_every_kind(decoder: EventDecoder) -> None:
     )
     assert isinstance(event, Impression)
     assert (event.id, event.ts_ms) == ("imp-1", 1732406400123)
+    assert event.keys == ["site=a1", "hour", "bid", "mobile=true", "tags=x", "tags=y"]
     hasher = decoder.hasher
-    expected = [
-        hasher.bucket("site=a1"),
-        hasher.bucket("hour"),
-        hasher.bucket("bid"),
-        hasher.bucket("mobile=true"),
-        hasher.bucket("tags=x"),
-        hasher.bucket("tags=y"),
-    ]
-    assert event.indices == expected
+    assert hasher.buckets(event.keys).tolist() == [hasher.bucket(k) for k in event.keys]
     assert event.values[0] == 1.0 and event.values[3:] == [1.0, 1.0, 1.0]
     assert event.values[1] == pytest.approx(2.6390573296)  # log1p(13)
 
@@ -96,12 +89,30 @@ def test_click_and_labeled(decoder: EventDecoder) -> None:
     assert decoder.decode(b'{"type":"click","id":"imp-1","ts":5}') == Click("imp-1", 5)
     labeled = decoder.decode(b'{"type":"labeled","id":"ex-9","ts":5,"label":true,"features":{"a":"b"}}')
     assert isinstance(labeled, Labeled) and labeled.label == 1
-    assert labeled.indices == [decoder.hasher.bucket("a=b")]
+    assert labeled.keys == ["a=b"]
 
 
 def test_extra_fields_are_ignored(decoder: EventDecoder) -> None:
     event = decoder.decode(b'{"type":"click","id":"a","ts":5,"campaign":"c9"}')
     assert event == Click("a", 5)
+
+
+def test_bulk_hashing_equals_one_by_one() -> None:
+    hasher = FeatureHasher(bits=24, seed=99)
+    keys = ["", "a", "ab", "abc", "abcd", "abcde", "ñandú=€", "site_id=a1b2", "nul\x00inside", "x" * 300]
+    assert hasher.buckets(keys).tolist() == [hasher.bucket(k) for k in keys]
+    assert hasher.buckets([]).tolist() == []
+
+
+def test_all_string_fast_path_and_mixed_path_agree() -> None:
+    hasher = FeatureHasher(bits=16)
+    fast_keys: list[str] = []
+    fast_values: list[float] = []
+    hasher.add_features({"a": "1", "b": "2"}, fast_keys, fast_values)
+    mixed_keys: list[str] = []
+    mixed_values: list[float] = []
+    hasher.add_features({"a": "1", "b": "2", "c": None}, mixed_keys, mixed_values)
+    assert (fast_keys, fast_values) == (mixed_keys, mixed_values) == (["a=1", "b=2"], [1.0, 1.0])
 
 
 def test_hash_is_stable_across_processes() -> None:

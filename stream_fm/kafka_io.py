@@ -1,0 +1,258 @@
+"""The only module that talks to Kafka: kafka-python wrapped, its errors turned into ours.
+
+The consumer hands out raw bytes (no deserializer, so a bad record can never raise inside
+``poll`` or stall its partition) and never auto-commits: offsets are committed only after
+the checkpoint that covers them is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kafka_errors
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata
+
+from stream_fm.config import Settings
+from stream_fm.errors import BrokerError, ProduceError
+
+log = logging.getLogger("stream_fm.kafka")
+
+Partition = tuple[str, int]
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+
+def security_config(settings: Settings) -> dict[str, Any]:
+    """kafka-python security settings, passed through as given."""
+    config: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.sasl_mechanism:
+        config["sasl_mechanism"] = settings.sasl_mechanism
+        config["sasl_plain_username"] = settings.sasl_username or None
+        config["sasl_plain_password"] = settings.sasl_password or None
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if getattr(settings, name):
+            config[name] = getattr(settings, name)
+    return config
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(
+        self,
+        on_assigned: Callable[[list[Partition]], None],
+        on_revoked: Callable[[list[Partition]], None],
+    ) -> None:
+        self._on_assigned = on_assigned
+        self._on_revoked = on_revoked
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._on_revoked(sorted((tp.topic, tp.partition) for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._on_assigned(sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class KafkaIO:
+    """A consumer of the input topics and a producer of the output topics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        common = {"bootstrap_servers": settings.bootstrap_servers.split(","), "client_id": settings.client_id}
+        common |= security_config(settings)
+        try:
+            self._consumer = KafkaConsumer(
+                group_id=settings.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=settings.max_poll_records,
+                # Kafka's own default (5 min) outlives a broker restart; keep the group alive.
+                max_poll_interval_ms=300_000,
+                fetch_max_bytes=52_428_800,
+                **common,
+            )
+            self._producer = KafkaProducer(
+                acks="all",
+                linger_ms=5,
+                batch_size=262_144,
+                retries=2**31 - 1,
+                max_block_ms=round(settings.produce_timeout_s * 1000),
+                delivery_timeout_ms=max(30_000, round(settings.produce_timeout_s * 1000)),
+                request_timeout_ms=min(30_000, round(settings.produce_timeout_s * 1000)),
+                **common,
+            )
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot connect to Kafka at {settings.bootstrap_servers}: {error}") from error
+        self._pending: list[Any] = []
+
+    # consumer
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        on_assigned: Callable[[list[Partition]], None],
+        on_revoked: Callable[[list[Partition]], None],
+    ) -> None:
+        self._consumer.subscribe(topics=list(topics), listener=_Listener(on_assigned, on_revoked))
+
+    def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
+        """Records of all assigned partitions, each partition's in offset order."""
+        try:
+            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"poll failed: {error}") from error
+        out: list[Record] = []
+        for records in batches.values():
+            for r in records:
+                out.append(Record(r.topic, r.partition, r.offset, r.key, r.value or b"", r.timestamp))
+        return out
+
+    def seek(self, partition: Partition, offset: int) -> None:
+        self._consumer.seek(TopicPartition(*partition), offset)
+
+    def committed(self, partition: Partition) -> int | None:
+        try:
+            offset = self._consumer.committed(TopicPartition(*partition))
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot read committed offsets: {error}") from error
+        return None if offset is None else int(offset)
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        """Commit next-offsets to the group (for lag monitoring; the checkpoint is the truth)."""
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(
+                {TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+            )
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"offset commit failed: {error}") from error
+
+    def assignment(self) -> list[Partition]:
+        return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    def lag(self) -> dict[Partition, int]:
+        """High watermark minus position, from fetch metadata (no extra round trip)."""
+        out: dict[Partition, int] = {}
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = self._consumer.position(tp, timeout_ms=100)
+            except kafka_errors.KafkaError:
+                continue
+            if position is not None:
+                out[(tp.topic, tp.partition)] = max(0, int(high) - int(position))
+        return out
+
+    def connected(self) -> bool:
+        try:
+            return bool(self._consumer.bootstrap_connected()) or bool(self._producer.bootstrap_connected())
+        except Exception:
+            return False
+
+    def partitions_for(self, topic: str) -> set[int]:
+        return set(self._consumer.partitions_for_topic(topic) or ())
+
+    # producer
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None) -> None:
+        """Queue a record; ``flush`` waits for its acknowledgement."""
+        try:
+            self._pending.append(self._producer.send(topic, key=key, value=value, headers=headers))
+        except kafka_errors.KafkaError as error:
+            raise ProduceError(f"cannot publish to {topic}: {error}") from error
+
+    def flush(self) -> int:
+        """Wait for every queued record to be acknowledged; raise ProduceError if any failed."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return 0
+        deadline = time.monotonic() + self.settings.produce_timeout_s
+        try:
+            self._producer.flush(timeout=self.settings.produce_timeout_s)
+        except kafka_errors.KafkaError as error:
+            raise ProduceError(f"flush failed: {error}") from error
+        for future in pending:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                future.get(timeout=remaining)
+            except kafka_errors.KafkaError as error:
+                raise ProduceError(f"record not acknowledged: {error!r}") from error
+        return len(pending)
+
+    def close(self) -> None:
+        # Closing is best effort on the way out: report, never raise.
+        try:
+            self._producer.close(timeout=5)
+        except Exception as error:
+            log.warning("closing the Kafka producer failed: %s", error)
+        try:
+            self._consumer.close()
+        except Exception as error:
+            log.warning("closing the Kafka consumer failed: %s", error)
+
+
+def create_topics(settings: Settings, topics: Mapping[str, int]) -> None:
+    """Create topics with the given partition counts if missing (demo and tests)."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers.split(","),
+        client_id=f"{settings.client_id}-admin",
+        **security_config(settings),
+    )
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(name, partitions, 1) for name, partitions in topics.items() if name not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except kafka_errors.TopicAlreadyExistsError:
+                pass
+    except kafka_errors.KafkaError as error:
+        raise BrokerError(f"cannot create topics {sorted(topics)}: {error}") from error
+    finally:
+        admin.close()
+
+
+class EventProducer:
+    """A plain producer for the simulator: events keyed by impression id."""
+
+    def __init__(self, bootstrap_servers: str, **security: Any) -> None:
+        try:
+            self._producer = KafkaProducer(
+                bootstrap_servers=bootstrap_servers.split(","),
+                linger_ms=5,
+                batch_size=262_144,
+                acks="all",
+                **security,
+            )
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot connect to Kafka at {bootstrap_servers}: {error}") from error
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        try:
+            self._producer.send(topic, key=key, value=value)
+        except kafka_errors.KafkaError as error:
+            raise ProduceError(f"cannot publish to {topic}: {error}") from error
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except kafka_errors.KafkaError as error:
+            raise ProduceError(f"flush failed: {error}") from error
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)

@@ -1,0 +1,385 @@
+"""The worker loop: poll -> decode -> join -> score -> publish -> learn -> observe -> checkpoint.
+
+State and offsets move together: a checkpoint holds the model, each partition's pending
+impressions, the progressive-validation accumulator and the input offsets they reflect.
+Predictions are acknowledged before any offset past them is checkpointed; a produce failure
+rolls the worker back to its last checkpoint, so nothing is learned twice or lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import orjson
+from prometheus_client import CollectorRegistry
+
+from stream_fm.checkpoint import CheckpointStore
+from stream_fm.config import Settings, describe
+from stream_fm.errors import BrokerError, MissingCheckpoint, ProduceError, StreamFMError
+from stream_fm.evaluate import ProgressiveValidation
+from stream_fm.events import EventDecoder
+from stream_fm.features import FeatureHasher
+from stream_fm.join import AttributionJoiner
+from stream_fm.kafka_io import KafkaIO, Partition, Record
+from stream_fm.metrics import MetricsServer, WorkerMetrics
+from stream_fm.model import FastFM
+from stream_fm.pipeline import BatchResult, Pipeline
+
+log = logging.getLogger("stream_fm.worker")
+
+CHECKPOINT_FORMAT = 1
+LAG_REFRESH_S = 5.0
+ROLLBACK_BACKOFF_S = 1.0
+
+
+def _partition_key(partition: Partition) -> str:
+    return f"{partition[0]}:{partition[1]}"
+
+
+class Worker:
+    """One consumer-group member. ``run()`` blocks until SIGTERM/SIGINT or ``stop()``."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = WorkerMetrics(self.registry)
+        hasher = FeatureHasher(settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features)
+        self.engine = FastFM(settings.model)
+        self.pipeline = Pipeline(
+            self.engine,
+            EventDecoder(hasher, settings.max_event_bytes),
+            settings.attribution_window_ms,
+            settings.max_pending_impressions,
+            auc_window=settings.auc_window,
+        )
+        self.store = CheckpointStore(Path(settings.checkpoint_dir), keep=settings.checkpoint_keep)
+        self.offsets: dict[Partition, int] = {}  # next offset to process, per input partition
+        self.io: KafkaIO | None = None
+        self.server: MetricsServer | None = None
+        self._stopping = threading.Event()
+        self._fatal: BaseException | None = None
+        self._checkpoint: dict[str, Any] | None = None  # last durable state, for assignment/rollback
+        self._restored = False
+        self._dirty = False
+        self._events_since_checkpoint = 0
+        self._last_checkpoint_s = time.monotonic()
+        self._last_loop_s = time.monotonic()
+        self._last_lag_s = 0.0
+        self._started_s = time.monotonic()
+        self.totals: Counter[str] = Counter()
+
+    # lifecycle
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, checkpoint, commit and return."""
+        self._stopping.set()
+
+    def run(self) -> int:
+        settings = self.settings
+        log.info("starting with %s", describe(settings))
+        self.server = MetricsServer(
+            self.registry,
+            settings.metrics_host,
+            settings.metrics_port,
+            health_check=self.health,
+            ready_check=self.ready,
+        ).start()
+        log.info("metrics, /healthz and /readyz on %s", self.server.url)
+        try:
+            self.io = KafkaIO(settings)
+            self._restore_or_refuse()
+            self.io.subscribe(settings.input_topics, self._on_assigned, self._on_revoked)
+            while not self._stopping.is_set():
+                self.step()
+            self._checkpoint_and_commit(reason="shutdown")
+        finally:
+            if self.io is not None:
+                self.io.close()
+            self.server.stop()
+        log.info(self.summary())
+        print(self.summary(), flush=True)
+        return 0
+
+    def step(self) -> None:
+        """One poll and, if records came, one batch. Safe to call repeatedly."""
+        assert self.io is not None
+        if self._fatal is not None:
+            raise self._fatal
+        try:
+            records = self.io.poll(self.settings.poll_timeout_ms, self.settings.max_poll_records)
+        except BrokerError as error:
+            log.warning("%s; retrying", error)
+            time.sleep(ROLLBACK_BACKOFF_S)
+            records = []
+        if self._fatal is not None:
+            raise self._fatal
+        if records:
+            try:
+                self._process(records)
+            except ProduceError as error:
+                log.error("%s: rolling back to the last checkpoint", error)
+                self.totals["rollbacks"] += 1
+                self._rollback()
+                time.sleep(ROLLBACK_BACKOFF_S)
+        now = time.monotonic()
+        self._last_loop_s = now
+        due = now - self._last_checkpoint_s >= self.settings.checkpoint_interval_s
+        if self._dirty and (due or self._events_since_checkpoint >= self.settings.checkpoint_every_events):
+            self._checkpoint_and_commit(reason="periodic")
+        if now - self._last_lag_s >= LAG_REFRESH_S:
+            self._last_lag_s = now
+            for (topic, partition), lag in self.io.lag().items():
+                self.metrics.set_lag(topic, partition, lag)
+
+    # the batch
+    def _process(self, records: Sequence[Record]) -> None:
+        assert self.io is not None
+        started = time.perf_counter()
+        settings = self.settings
+        result = self.pipeline.process([(r.partition, r.value) for r in records])
+        send = self.io.send
+        for prediction in result.predictions:
+            value = {"id": prediction.id, "p_click": prediction.p_click, "ts": prediction.ts_ms, "model_version": prediction.model_version}
+            send(settings.predictions_topic, prediction.id.encode(), orjson.dumps(value))
+        for rejected in result.invalid:
+            record = records[rejected.position]
+            headers = [
+                ("reason", rejected.reason.encode()),
+                ("detail", rejected.detail.encode()[:512]),
+                ("source_topic", record.topic.encode()),
+                ("source_partition", str(record.partition).encode()),
+                ("source_offset", str(record.offset).encode()),
+            ]
+            send(settings.dead_letter_topic, record.key, record.value, headers)
+        if settings.labels_topic:
+            for learned in result.learned:
+                value = {
+                    "id": learned.id,
+                    "label": learned.label,
+                    "p_served": learned.p_served,
+                    "impression_ts": learned.impression_ts_ms,
+                    "label_ts": learned.label_ts_ms,
+                    "cause": learned.cause,
+                }
+                send(settings.labels_topic, learned.id.encode(), orjson.dumps(value))
+        self.io.flush()
+        # Acknowledged: only now may these offsets reach a checkpoint.
+        for record in records:
+            self.offsets[(record.topic, record.partition)] = record.offset + 1
+        self._dirty = True
+        self._events_since_checkpoint += len(records)
+        self._observe(result, records, time.perf_counter() - started)
+
+    def _observe(self, result: BatchResult, records: Sequence[Record], seconds: float) -> None:
+        join_before = dict(self.totals)
+        join_now = self.pipeline.join_counters()
+        now_ms = time.time() * 1000
+        served_after_ms = np.array([now_ms - records[p.position].timestamp_ms for p in result.predictions])
+        invalid = Counter(r.reason for r in result.invalid)
+        self.metrics.observe_batch(
+            events_by_type=result.events_by_type,
+            invalid_by_reason=invalid,
+            duplicates_by_kind={
+                "impression": join_now.get("duplicate_impressions", 0) - join_before.get("duplicate_impressions", 0),
+                "click": join_now.get("duplicate_clicks", 0) - join_before.get("duplicate_clicks", 0),
+            },
+            predictions=len(result.predictions),
+            learned_pos=result.learned_positives,
+            learned_neg=result.learned_negatives,
+            logloss_sum=result.logloss_sum,
+            prediction_sum=result.prediction_sum,
+            late=join_now.get("late_clicks", 0) - join_before.get("late_clicks", 0),
+            orphan=join_now.get("orphan_clicks", 0) - join_before.get("orphan_clicks", 0),
+            evicted=join_now.get("evicted", 0) - join_before.get("evicted", 0),
+            batch_seconds=seconds,
+            impression_to_prediction_s=np.maximum(served_after_ms, 0.0) / 1000,
+            click_delays_s=np.asarray(result.click_delays_ms, dtype=np.float64) / 1000,
+        )
+        for key in ("duplicate_impressions", "duplicate_clicks", "late_clicks", "orphan_clicks", "evicted"):
+            self.totals[key] = join_now.get(key, 0)
+        self.totals["events"] += len(records)
+        self.totals["invalid"] += len(result.invalid)
+        self.totals["predictions"] += len(result.predictions)
+        self.totals["learned"] += result.learned_positives + result.learned_negatives
+        self._publish_gauges()
+
+    def _publish_gauges(self) -> None:
+        evaluator = self.pipeline.evaluator
+        auc = evaluator.auc_window
+        self.metrics.set_quality(evaluator.logloss, evaluator.normalized_entropy, evaluator.calibration, None if math.isnan(auc) else auc)
+        self.metrics.set_pending(self.pipeline.pending_count)
+        self.metrics.set_model_version(self.engine.n_learned)
+
+    # checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "group_id": self.settings.group_id,
+            "saved_at_s": time.time(),
+            "engine": self.engine.state(),
+            "evaluator": self.pipeline.evaluator.state(),
+            "partitions": {str(p): joiner.state() for p, joiner in self.pipeline.joiners.items()},
+            "offsets": {_partition_key(tp): offset for tp, offset in self.offsets.items()},
+        }
+
+    def _checkpoint_and_commit(self, reason: str) -> None:
+        if self.io is None or not self._restored:
+            return
+        self.io.flush()
+        state = self._state()
+        path = self.store.save(state)
+        self._checkpoint = state
+        self._dirty = False
+        self._events_since_checkpoint = 0
+        self._last_checkpoint_s = time.monotonic()
+        self.metrics.mark_checkpoint()
+        self.totals["checkpoints"] += 1
+        log.debug("checkpoint %s (%s)", path.name, reason)
+        try:
+            self.io.commit(self.offsets)
+        except BrokerError as error:
+            # The checkpoint is the source of truth; a failed commit only delays lag reporting.
+            log.warning("%s; offsets stay in the checkpoint", error)
+
+    def _restore_or_refuse(self) -> None:
+        """Load the newest valid checkpoint, or refuse to start cold over committed offsets."""
+        assert self.io is not None
+        loaded = self.store.load_latest()
+        if loaded is not None:
+            state, path = loaded
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise StreamFMError(f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+            self.engine.load_state(state["engine"])
+            self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
+            self._checkpoint = state
+            log.info("restored %s: model_version=%d, %d examples evaluated", path.name, self.engine.n_learned, self.pipeline.evaluator.examples)
+            self._publish_gauges()
+            return
+        committed = {
+            (topic, partition): self.io.committed((topic, partition))
+            for topic in self.settings.input_topics
+            for partition in sorted(self.io.partitions_for(topic))
+        }
+        found = {tp: offset for tp, offset in committed.items() if offset is not None}
+        if found and not self.settings.cold_start:
+            raise MissingCheckpoint(
+                f"group {self.settings.group_id!r} has committed offsets ({len(found)} partitions) but no "
+                f"checkpoint was found in {self.settings.checkpoint_dir!r}: starting would silently lose the "
+                "learned model. Point checkpoint_dir at the checkpoints, or pass --cold-start to start a new model."
+            )
+        if found:
+            log.warning("--cold-start: a new model over the group's committed offsets")
+
+    def _on_assigned(self, partitions: list[Partition]) -> None:
+        try:
+            self._assign(partitions)
+        except BaseException as error:  # kafka-python swallows listener errors: hand it to the loop
+            self._fatal = error
+
+    def _assign(self, partitions: list[Partition]) -> None:
+        assert self.io is not None
+        saved = self._checkpoint or {}
+        saved_offsets: dict[str, int] = saved.get("offsets", {})
+        saved_partitions: dict[str, Any] = saved.get("partitions", {})
+        for tp in partitions:
+            offset = saved_offsets.get(_partition_key(tp))
+            if offset is not None:
+                self.io.seek(tp, int(offset))
+                self.offsets[tp] = int(offset)
+            partition = tp[1]
+            if partition not in self.pipeline.joiners and str(partition) in saved_partitions:
+                self.pipeline.joiners[partition] = AttributionJoiner.from_state(saved_partitions[str(partition)])
+        self._restored = True
+        self._publish_gauges()
+        log.info("assigned %s", ", ".join(_partition_key(tp) for tp in partitions) or "nothing")
+        if self._checkpoint is None:
+            # A first generation at once, so a produce failure always has a state to roll back to.
+            self._dirty = True
+            self._checkpoint_and_commit(reason="first assignment")
+
+    def _on_revoked(self, partitions: list[Partition]) -> None:
+        try:
+            if partitions and self._dirty:
+                self._checkpoint_and_commit(reason="revocation")
+            for tp in partitions:
+                self.offsets.pop(tp, None)
+                self.metrics.forget_partition(*tp)
+            still_owned = {p for _, p in self.offsets}
+            for partition in list(self.pipeline.joiners):
+                if partition not in still_owned:
+                    del self.pipeline.joiners[partition]
+        except BaseException as error:
+            self._fatal = error
+
+    def _rollback(self) -> None:
+        """Back to the last durable checkpoint: model, accumulators, joiners and positions."""
+        assert self.io is not None
+        state = self._checkpoint
+        if state is None:
+            raise StreamFMError("produce failed before any checkpoint existed")
+        self.engine.load_state(state["engine"])
+        self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
+        self.pipeline.joiners = {
+            int(p): AttributionJoiner.from_state(joiner) for p, joiner in state["partitions"].items()
+        }
+        self.offsets = {}
+        for key, offset in state["offsets"].items():
+            topic, _, partition = key.rpartition(":")
+            tp = (topic, int(partition))
+            if tp in self.io.assignment():
+                self.io.seek(tp, int(offset))
+                self.offsets[tp] = int(offset)
+        self._dirty = False
+        self._publish_gauges()
+
+    # operations
+    def health(self) -> tuple[bool, str]:
+        limit_s = self.settings.poll_timeout_ms / 1000 + self.settings.produce_timeout_s + 5
+        idle_s = time.monotonic() - self._last_loop_s
+        if idle_s > limit_s:
+            return False, f"the loop made no progress for {idle_s:.0f}s"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.io is None or not self._restored:
+            return False, "state not restored yet"
+        if not self.offsets and not self.io.assignment():
+            return False, "no partitions assigned"
+        if not self.io.connected():
+            return False, "broker unreachable"
+        return True, "ok"
+
+    def summary(self) -> str:
+        evaluator = self.pipeline.evaluator
+        t = self.totals
+        return (
+            f"stream-fm worker stopped after {time.monotonic() - self._started_s:.1f}s: "
+            f"events={t['events']} invalid={t['invalid']} predictions={t['predictions']} learned={t['learned']} "
+            f"model_version={self.engine.n_learned} logloss={evaluator.logloss:.5f} "
+            f"ne={evaluator.normalized_entropy:.4f} pending={self.pipeline.pending_count} "
+            f"late={t['late_clicks']} orphan={t['orphan_clicks']} evicted={t['evicted']} "
+            f"checkpoints={t['checkpoints']} rollbacks={t['rollbacks']}"
+        )
+
+
+def run_worker(settings: Settings) -> int:
+    """The ``stream-fm run`` entry point: signals drain the loop, then exit 0."""
+    logging.getLogger().setLevel(settings.log_level)
+    worker = Worker(settings)
+
+    def drain(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: finishing the batch, then checkpoint and exit", signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    return worker.run()
