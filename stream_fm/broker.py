@@ -40,6 +40,7 @@ __all__ = [
     "default_cache_root",
     "find_java",
     "kafka_classpath",
+    "kafka_version",
 ]
 
 #: Newest 4.x release on Maven Central when this was written (checked with the maven-metadata).
@@ -124,11 +125,24 @@ def _kafka_home_classpath(home: str) -> str:
     return str(libs / "*")
 
 
-def kafka_classpath(cache_dir: Path | None = None, version: str = KAFKA_VERSION) -> str:
+def kafka_version() -> str:
+    """The Kafka release to fetch: ``$STREAM_FM_KAFKA_VERSION`` (a 4.x), else ``KAFKA_VERSION``."""
+    version = os.environ.get("STREAM_FM_KAFKA_VERSION", "").strip() or KAFKA_VERSION
+    # server.properties and the log4j2 binding below are written for the 4.x line.
+    if not re.fullmatch(r"4\.\d+\.\d+", version):
+        raise BrokerStartError(
+            f"STREAM_FM_KAFKA_VERSION={version}: expected an Apache Kafka 4.x release like "
+            f"{KAFKA_VERSION}"
+        )
+    return version
+
+
+def kafka_classpath(cache_dir: Path | None = None, version: str | None = None) -> str:
     """Return a Java classpath (``dir/*``) holding a complete Apache Kafka broker.
 
-    ``$KAFKA_HOME/libs`` when ``KAFKA_HOME`` is set; otherwise the jars of ``version`` fetched
-    from Maven Central into ``<cache_dir or default_cache_root()>/kafka-<version>/libs``. The
+    ``$KAFKA_HOME/libs`` when ``KAFKA_HOME`` is set; otherwise the jars of ``version`` (default
+    ``kafka_version()``) fetched from Maven Central with Maven into
+    ``<cache_dir or default_cache_root()>/kafka-<version>/libs``. The
     fetch happens once: it goes to a temporary directory that is renamed into place after a
     marker file is written, under a file lock, so a crashed or concurrent earlier run never
     leaves a half-filled cache behind.
@@ -137,6 +151,7 @@ def kafka_classpath(cache_dir: Path | None = None, version: str = KAFKA_VERSION)
     if home:
         return _kafka_home_classpath(home)
 
+    version = version or kafka_version()
     root = (cache_dir or default_cache_root()) / f"kafka-{version}"
     libs = root / "libs"
     if (libs / _MARKER).is_file():
@@ -154,6 +169,9 @@ def kafka_classpath(cache_dir: Path | None = None, version: str = KAFKA_VERSION)
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (libs / _MARKER).is_file():
             return str(libs / "*")
+        # Leftovers of a fetch that was killed; nobody else can be fetching while we hold the lock.
+        for stale in root.glob("fetch-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=root))
         try:
             pom = tmp / "pom.xml"
@@ -429,7 +447,11 @@ class KafkaBroker:
     # -- lifecycle --------------------------------------------------------------------------
 
     def __enter__(self) -> KafkaBroker:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # __exit__ will not run: remove the temporary data dir here
+            raise
         return self
 
     def __exit__(
@@ -645,7 +667,7 @@ class KafkaBroker:
         assert self.data_dir is not None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the JVM
-        heap = os.environ.get("STREAM_FM_KAFKA_HEAP", self.heap)
+        heap = self.heap
         cmd = self._jvm("kafka.Kafka", heap, str(self.data_dir / "server.properties"))
         cmd[1:1] = [f"-Xms{min(64, _mib(heap))}m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
         try:
@@ -740,19 +762,45 @@ def _mib(heap: str) -> int:
     return {"k": n // 1024, "m": n, "g": n * 1024, "": n // (1024 * 1024)}[unit]
 
 
-def _main() -> int:
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m stream_fm.broker",
+        description="Run a local Apache Kafka broker (KRaft) until Ctrl-C.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
+    parser.add_argument("--data-dir", type=Path, help="keep the data here (default: temporary)")
+    parser.add_argument(
+        "--fetch-only", action="store_true", help="only fetch the jars into the cache and exit"
+    )
+    args = parser.parse_args(argv)
     # SIGTERM (e.g. from a supervisor) takes the same orderly path as Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with KafkaBroker(data_dir=None) as broker:
-        print(broker.bootstrap_servers, flush=True)
-        print(f"Apache Kafka {broker.kafka_version}; log: {broker.log_path}", file=sys.stderr)
-        with contextlib.suppress(KeyboardInterrupt):
+    try:
+        if args.fetch_only:
+            started = time.monotonic()
+            classpath = kafka_classpath()
+            print(
+                f"Apache Kafka {_classpath_version(classpath)}: {classpath} "
+                f"({time.monotonic() - started:.1f}s)"
+            )
+            return 0
+        with KafkaBroker(data_dir=args.data_dir, port=args.port) as broker:
+            print(broker.bootstrap_servers, flush=True)
+            print(
+                f"Apache Kafka {broker.kafka_version}; log: {broker.log_path}; Ctrl-C stops it",
+                file=sys.stderr,
+            )
             while broker.is_running():
-                time.sleep(1)
-        if not broker.is_running():
-            print(broker.log_tail(20), file=sys.stderr)
+                time.sleep(0.5)
+            print(f"the broker exited:\n{broker.log_tail(20)}", file=sys.stderr)
             return 1
-    return 0
+    except KeyboardInterrupt:
+        return 0
+    except BrokerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--max-cardinality", type=int, default=100_000)
     simulate.add_argument("--k", type=int, default=4, help="latent dimension of the ground truth")
     simulate.add_argument("--base-ctr", type=float, default=0.03)
-    simulate.add_argument("--impressions-per-s", type=float, default=100.0, help="event-time rate")
+    simulate.add_argument("--impressions-per-s", type=float, default=10.0, help="event-time rate")
     simulate.add_argument("--attribution-window-s", type=float, default=3600.0)
     simulate.add_argument("--seed", type=int, default=7)
     simulate.add_argument("--click-delay-median-s", type=float, default=30.0)

@@ -41,6 +41,7 @@ then the click's positive. Identical input gives identical output, also across
 
 from __future__ import annotations
 
+import gc
 import heapq
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -127,10 +128,16 @@ class JoinCounters:
     duplicate_impressions: int = 0
     duplicate_clicks: int = 0
 
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
-# Queue entries: (ts_ms, arrival sequence, impression). The sequence is unique, so entries never
-# compare impressions, and (ts, seq) is a total order: which queue holds an entry does not
-# change the order in which entries leave.
+
+# Impressions leave the buffer in (ts, arrival) order. Most arrive in ts order and wait in a FIFO
+# of bare impressions; the others wait in a heap of (ts, arrival sequence, impression) entries
+# (the sequence is unique, so impressions are never compared). The FIFO head goes first when its
+# ts equals the heap head's: a heap entry was pushed because its ts was below the FIFO's tail, so
+# every FIFO impression with the same ts arrived before it. Compaction and restore merge both
+# into the FIFO, which keeps that argument true.
 _Entry = tuple[int, int, PendingImpression]
 _get_ts = attrgetter("ts_ms")
 _get_p_served = attrgetter("p_served")
@@ -139,6 +146,9 @@ _get_model_version = attrgetter("model_version")
 
 class AttributionJoiner:
     """Joins clicks to impressions of one partition; see the module docstring for semantics."""
+
+    # Stale queue entries tolerated beyond the pending count before the queues are compacted.
+    _COMPACTION_SLACK = 1024
 
     __slots__ = (
         "_closed_order",
@@ -178,9 +188,9 @@ class AttributionJoiner:
         self._pending_count = 0
         # Closed ids, oldest first; bounds how many ``_ids`` remembers.
         self._closed_order: deque[str] = deque()
-        # Event time mostly increases, so most impressions go to a FIFO (O(1) in and out); the
-        # rest go to a heap. The oldest pending entry is the smaller of the two heads.
-        self._in_order: deque[_Entry] = deque()
+        # Event time mostly increases, so most impressions go to a FIFO (O(1) in and out, no
+        # per-impression tuple); the rest go to a heap. See the comment on _Entry.
+        self._in_order: deque[PendingImpression] = deque()
         self._out_of_order: list[_Entry] = []
         self._seq = 0
         # Entries of clicked impressions stay in the queues and are skipped when they surface.
@@ -230,7 +240,9 @@ class AttributionJoiner:
         in_order = self._in_order
         out_of_order = self._out_of_order
         due: Sequence[Outcome] = _NOTHING
-        if (in_order and in_order[0][0] < cutoff) or (out_of_order and out_of_order[0][0] < cutoff):
+        if (in_order and in_order[0].ts_ms < cutoff) or (
+            out_of_order and out_of_order[0][0] < cutoff
+        ):
             due = self._close_expired()
         impression_id = imp.id
         ids = self._ids
@@ -243,11 +255,11 @@ class AttributionJoiner:
             due = self._evict_oldest(due)
         ids[impression_id] = imp
         self._pending_count += 1
-        self._seq = seq = self._seq + 1
-        if not in_order or ts >= in_order[-1][0]:
-            in_order.append((ts, seq, imp))
+        if not in_order or ts >= in_order[-1].ts_ms:
+            in_order.append(imp)
         else:
-            heapq.heappush(out_of_order, (ts, seq, imp))
+            self._seq += 1
+            heapq.heappush(out_of_order, (ts, self._seq, imp))
         self.last_impression_accepted = True
         return due
 
@@ -261,7 +273,9 @@ class AttributionJoiner:
         in_order = self._in_order
         out_of_order = self._out_of_order
         due: Sequence[Outcome] = _NOTHING
-        if (in_order and in_order[0][0] < cutoff) or (out_of_order and out_of_order[0][0] < cutoff):
+        if (in_order and in_order[0].ts_ms < cutoff) or (
+            out_of_order and out_of_order[0][0] < cutoff
+        ):
             due = self._close_expired()
         # Still pending after the advance implies ts_ms <= imp.ts + window: no window check here.
         imp = self._ids.get(impression_id)
@@ -278,7 +292,7 @@ class AttributionJoiner:
         self._pending_count -= 1
         self._remember_closed(impression_id, True)
         self._stale += 1
-        if self._stale > self._pending_count + 1024:
+        if self._stale > self._pending_count + self._COMPACTION_SLACK:
             self._drop_stale_entries()
         label_ts = ts_ms if ts_ms > imp.ts_ms else imp.ts_ms
         positive = _new_outcome(Outcome, (imp, 1, label_ts, CAUSE_CLICK))
@@ -296,7 +310,9 @@ class AttributionJoiner:
         cutoff = self._cutoff
         in_order = self._in_order
         out_of_order = self._out_of_order
-        if (in_order and in_order[0][0] < cutoff) or (out_of_order and out_of_order[0][0] < cutoff):
+        if (in_order and in_order[0].ts_ms < cutoff) or (
+            out_of_order and out_of_order[0][0] < cutoff
+        ):
             return self._close_expired()
         return _NOTHING
 
@@ -306,10 +322,9 @@ class AttributionJoiner:
         ids = self._ids
         watermark = self._watermark
         while True:
-            entry = self._pop_oldest()
-            if entry is None:
+            imp = self._pop_oldest()
+            if imp is None:
                 break
-            imp = entry[2]
             if ids.get(imp.id) is not imp:
                 continue
             self._remember_closed(imp.id, False)
@@ -319,11 +334,11 @@ class AttributionJoiner:
         self.counters.flushed += len(out)
         return out
 
-    def _pop_oldest(self) -> _Entry | None:
+    def _pop_oldest(self) -> PendingImpression | None:
         in_order = self._in_order
         out_of_order = self._out_of_order
-        if out_of_order and (not in_order or out_of_order[0] < in_order[0]):
-            return heapq.heappop(out_of_order)
+        if out_of_order and (not in_order or out_of_order[0][0] < in_order[0].ts_ms):
+            return heapq.heappop(out_of_order)[2]
         if in_order:
             return in_order.popleft()
         return None
@@ -338,12 +353,12 @@ class AttributionJoiner:
         closed_order = self._closed_order
         max_closed = self._max_closed_ids
         while True:
-            if out_of_order and (not in_order or out_of_order[0] < in_order[0]):
+            if out_of_order and (not in_order or out_of_order[0][0] < in_order[0].ts_ms):
                 if out_of_order[0][0] >= cutoff:
                     break
                 imp = heapq.heappop(out_of_order)[2]
-            elif in_order and in_order[0][0] < cutoff:
-                imp = in_order.popleft()[2]
+            elif in_order and in_order[0].ts_ms < cutoff:
+                imp = in_order.popleft()
             else:
                 break
             impression_id = imp.id
@@ -371,10 +386,10 @@ class AttributionJoiner:
         watermark = self._watermark
         evicted = 0
         while self._pending_count - evicted >= self._max_pending:
-            if out_of_order and (not in_order or out_of_order[0] < in_order[0]):
+            if out_of_order and (not in_order or out_of_order[0][0] < in_order[0].ts_ms):
                 imp = heapq.heappop(out_of_order)[2]
             else:
-                imp = in_order.popleft()[2]  # never empty: every pending id has an entry
+                imp = in_order.popleft()  # never empty: every pending id has an entry
             impression_id = imp.id
             if ids.get(impression_id) is not imp:
                 self._stale -= 1
@@ -400,9 +415,12 @@ class AttributionJoiner:
     def _drop_stale_entries(self) -> None:
         # Bounds memory when most impressions are clicked; O(n), amortised over >= n clicks.
         ids = self._ids
-        self._in_order = deque(e for e in self._in_order if ids.get(e[2].id) is e[2])
-        self._out_of_order = [e for e in self._out_of_order if ids.get(e[2].id) is e[2]]
-        heapq.heapify(self._out_of_order)
+        live_in_order = (imp for imp in self._in_order if ids.get(imp.id) is imp)
+        out_of_order = sorted(e for e in self._out_of_order if ids.get(e[2].id) is e[2])
+        # A stable merge by ts with the FIFO first is exactly (ts, arrival) order.
+        merged = heapq.merge(live_in_order, (e[2] for e in out_of_order), key=_get_ts)
+        self._in_order = deque(merged)
+        self._out_of_order = []
         self._stale = 0
 
     def state(self) -> dict[str, StateValue]:
@@ -442,7 +460,7 @@ class AttributionJoiner:
                 map(ids.__getitem__, closed_ids), np.bool_, len(closed_ids)
             ),
         }
-        for name, value in asdict(self.counters).items():
+        for name, value in self.counters.as_dict().items():
             state[f"count_{name}"] = int(value)
         return state
 
@@ -452,6 +470,18 @@ class AttributionJoiner:
 
         Raises ``CheckpointCorrupt`` if ``state`` is malformed.
         """
+        # Millions of new objects would trigger full collections again and again; none of
+        # them can form a reference cycle, so collecting here finds nothing anyway.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return cls._restore(state)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    @classmethod
+    def _restore(cls, state: Mapping[str, object]) -> AttributionJoiner:
         if state.get("format") != _STATE_FORMAT:
             raise CheckpointCorrupt(f"joiner state: unknown format {state.get('format')!r}")
         try:
@@ -479,19 +509,17 @@ class AttributionJoiner:
         indices = _get_array(state, "pending_indices", nnz, "iu").astype(np.int32, copy=False)
         values = _get_array(state, "pending_values", nnz, "f").astype(np.float64, copy=False)
         known = joiner._ids
-        entries: list[_Entry] = []
+        restored: list[tuple[int, int, PendingImpression]] = []
         for i, impression_id in enumerate(pending_ids):
             start, end = indptr[i], indptr[i + 1]
             example = SparseExample(indices[start:end], values[start:end])
             imp = PendingImpression(impression_id, ts[i], example, p_served[i], versions[i])
             known[impression_id] = imp
-            # Renumbered arrivals keep their relative order, which is all the queues compare.
-            entries.append((imp.ts_ms, i + 1, imp))
+            restored.append((imp.ts_ms, i, imp))
         if len(known) != n:
             raise CheckpointCorrupt("joiner state: duplicate pending ids")
-        entries.sort()
-        joiner._in_order.extend(entries)
-        joiner._seq = n
+        restored.sort()  # (ts, arrival); the index is unique, so impressions are never compared
+        joiner._in_order.extend(e[2] for e in restored)
         joiner._pending_count = n
 
         closed_ids = _decode_ids(state, "closed_id_blob", "closed_id_offsets")

@@ -8,6 +8,7 @@ the checkpoint that covers them is durable.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from stream_fm.errors import BrokerError, ProduceError
 log = logging.getLogger("stream_fm.kafka")
 
 Partition = tuple[str, int]
+LINGER_MS = 5
 Headers = list[tuple[str, bytes]]
 
 
@@ -85,14 +87,17 @@ class KafkaIO:
                 fetch_max_bytes=52_428_800,
                 **common,
             )
+            produce_timeout_ms = round(settings.produce_timeout_s * 1000)
+            request_timeout_ms = min(30_000, produce_timeout_ms)
             self._producer = KafkaProducer(
                 acks="all",
-                linger_ms=5,
+                linger_ms=LINGER_MS,
                 batch_size=262_144,
                 retries=2**31 - 1,
-                max_block_ms=round(settings.produce_timeout_s * 1000),
-                delivery_timeout_ms=max(30_000, round(settings.produce_timeout_s * 1000)),
-                request_timeout_ms=min(30_000, round(settings.produce_timeout_s * 1000)),
+                max_block_ms=produce_timeout_ms,
+                request_timeout_ms=request_timeout_ms,
+                # kafka-python requires delivery > linger + request timeout.
+                delivery_timeout_ms=max(produce_timeout_ms, request_timeout_ms + LINGER_MS + 1000),
                 **common,
             )
         except kafka_errors.KafkaError as error:
@@ -130,14 +135,20 @@ class KafkaIO:
             raise BrokerError(f"cannot read committed offsets: {error}") from error
         return None if offset is None else int(offset)
 
-    def commit(self, offsets: Mapping[Partition, int]) -> None:
-        """Commit next-offsets to the group (for lag monitoring; the checkpoint is the truth)."""
+    def commit(self, offsets: Mapping[Partition, int], wait: bool = True) -> None:
+        """Commit next-offsets to the group (for lag monitoring; the checkpoint is the truth).
+
+        ``wait=False`` from a rebalance callback: kafka-python runs those on its IO thread,
+        where a blocking commit would deadlock.
+        """
         if not offsets:
             return
+        request = {TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
         try:
-            self._consumer.commit(
-                {TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
-            )
+            if wait:
+                self._consumer.commit(request)
+            else:
+                self._consumer.commit_async(request)
         except kafka_errors.KafkaError as error:
             raise BrokerError(f"offset commit failed: {error}") from error
 
@@ -159,14 +170,39 @@ class KafkaIO:
                 out[(tp.topic, tp.partition)] = max(0, int(high) - int(position))
         return out
 
-    def connected(self) -> bool:
-        try:
-            return bool(self._consumer.bootstrap_connected()) or bool(self._producer.bootstrap_connected())
-        except Exception:
-            return False
+    def reachable(self, timeout_s: float = 0.5) -> bool:
+        """Whether a bootstrap broker accepts a TCP connection now (for /readyz).
+
+        A plain connect, not client internals: it answers from the HTTP thread without
+        touching the consumer, which is not thread-safe.
+        """
+        for server in self.settings.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+                    return True
+            except (OSError, ValueError):
+                continue
+        return False
 
     def partitions_for(self, topic: str) -> set[int]:
-        return set(self._consumer.partitions_for_topic(topic) or ())
+        try:
+            return set(self._consumer.partitions_for_topic(topic) or ())
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot read the partitions of {topic}: {error}") from error
+
+    def wait_for_topics(self, topics: Sequence[str], timeout_s: float) -> list[str]:
+        """Wait until the cluster metadata lists ``topics``; return those still missing.
+
+        Subscribing before the metadata arrived gets an empty first assignment.
+        """
+        deadline = time.monotonic() + timeout_s
+        missing = list(topics)
+        while missing and time.monotonic() < deadline:
+            missing = [t for t in missing if not self.partitions_for(t)]
+            if missing:
+                time.sleep(0.2)
+        return missing
 
     # producer
     def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None) -> None:

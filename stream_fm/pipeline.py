@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -168,7 +168,7 @@ class Pipeline:
         """Joiner counters summed over partitions."""
         total: Counter[str] = Counter()
         for joiner in self.joiners.values():
-            total.update(joiner.counters.as_dict())
+            total.update(asdict(joiner.counters))
         return dict(total)
 
     def process(self, records: Sequence[tuple[Hashable, bytes]]) -> BatchResult:

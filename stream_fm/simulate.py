@@ -41,7 +41,7 @@ class SimulationParams:
     weight_std: float = 0.25
     latent_std: float = 0.2
     base_ctr: float = 0.03
-    impressions_per_s: float = 100.0  # event-time rate
+    impressions_per_s: float = 10.0  # event-time rate: a stream spans many attribution windows
     start_ts_ms: int = 1_732_406_400_000
     click_delay_median_s: float = 30.0
     click_delay_sigma: float = 1.5

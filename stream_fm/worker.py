@@ -27,7 +27,8 @@ from stream_fm.checkpoint import CheckpointStore
 from stream_fm.config import Settings, describe
 from stream_fm.errors import BrokerError, MissingCheckpoint, ProduceError, StreamFMError
 from stream_fm.evaluate import ProgressiveValidation
-from stream_fm.events import EventDecoder
+from stream_fm import __version__
+from stream_fm.events import REASONS, EventDecoder
 from stream_fm.features import FeatureHasher
 from stream_fm.join import AttributionJoiner
 from stream_fm.kafka_io import KafkaIO, Partition, Record
@@ -52,7 +53,7 @@ class Worker:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
-        self.metrics = WorkerMetrics(self.registry)
+        self.metrics = WorkerMetrics(self.registry, invalid_reasons=REASONS, version=__version__)
         hasher = FeatureHasher(settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features)
         self.engine = FastFM(settings.model)
         self.pipeline = Pipeline(
@@ -96,6 +97,9 @@ class Worker:
         log.info("metrics, /healthz and /readyz on %s", self.server.url)
         try:
             self.io = KafkaIO(settings)
+            missing = self.io.wait_for_topics(settings.input_topics, timeout_s=30)
+            if missing:
+                log.warning("input topic(s) %s not found yet; waiting for them to appear", ", ".join(missing))
             self._restore_or_refuse()
             self.io.subscribe(settings.input_topics, self._on_assigned, self._on_revoked)
             while not self._stopping.is_set():
@@ -127,6 +131,7 @@ class Worker:
                 self._process(records)
             except ProduceError as error:
                 log.error("%s: rolling back to the last checkpoint", error)
+                self.metrics.produce_errors.inc()
                 self.totals["rollbacks"] += 1
                 self._rollback()
                 time.sleep(ROLLBACK_BACKOFF_S)
@@ -231,7 +236,7 @@ class Worker:
             "offsets": {_partition_key(tp): offset for tp, offset in self.offsets.items()},
         }
 
-    def _checkpoint_and_commit(self, reason: str) -> None:
+    def _checkpoint_and_commit(self, reason: str, in_callback: bool = False) -> None:
         if self.io is None or not self._restored:
             return
         self.io.flush()
@@ -242,10 +247,11 @@ class Worker:
         self._events_since_checkpoint = 0
         self._last_checkpoint_s = time.monotonic()
         self.metrics.mark_checkpoint()
+        self.metrics.checkpoints.inc()
         self.totals["checkpoints"] += 1
         log.debug("checkpoint %s (%s)", path.name, reason)
         try:
-            self.io.commit(self.offsets)
+            self.io.commit(self.offsets, wait=not in_callback)
         except BrokerError as error:
             # The checkpoint is the source of truth; a failed commit only delays lag reporting.
             log.warning("%s; offsets stay in the checkpoint", error)
@@ -261,6 +267,7 @@ class Worker:
             self.engine.load_state(state["engine"])
             self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
             self._checkpoint = state
+            self.metrics.mark_checkpoint(float(state["saved_at_s"]))
             log.info("restored %s: model_version=%d, %d examples evaluated", path.name, self.engine.n_learned, self.pipeline.evaluator.examples)
             self._publish_gauges()
             return
@@ -304,12 +311,12 @@ class Worker:
         if self._checkpoint is None:
             # A first generation at once, so a produce failure always has a state to roll back to.
             self._dirty = True
-            self._checkpoint_and_commit(reason="first assignment")
+            self._checkpoint_and_commit(reason="first assignment", in_callback=True)
 
     def _on_revoked(self, partitions: list[Partition]) -> None:
         try:
             if partitions and self._dirty:
-                self._checkpoint_and_commit(reason="revocation")
+                self._checkpoint_and_commit(reason="revocation", in_callback=True)
             for tp in partitions:
                 self.offsets.pop(tp, None)
                 self.metrics.forget_partition(*tp)
@@ -354,7 +361,7 @@ class Worker:
             return False, "state not restored yet"
         if not self.offsets and not self.io.assignment():
             return False, "no partitions assigned"
-        if not self.io.connected():
+        if not self.io.reachable():
             return False, "broker unreachable"
         return True, "ok"
 
@@ -374,6 +381,8 @@ class Worker:
 def run_worker(settings: Settings) -> int:
     """The ``stream-fm run`` entry point: signals drain the loop, then exit 0."""
     logging.getLogger().setLevel(settings.log_level)
+    # kafka-python logs every connection at INFO; keep its warnings, drop the chatter.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     worker = Worker(settings)
 
     def drain(signum: int, _frame: FrameType | None) -> None:

@@ -35,18 +35,26 @@ def _hyper(params: FMParams) -> F64:
 
 
 def _array_shapes(params: FMParams) -> dict[str, tuple[tuple[int, ...], type[np.generic]]]:
-    """Shape and dtype of every state array for these params."""
+    """Shape and dtype of every state array for these params (layout: see ``kernel``)."""
     b, k, opt = params.n_buckets, params.k, params.optimizer
-    adaptive = b if opt != "sgd" else 0
     return {
-        "bias": ((3,), np.float64),
-        "w": ((b,), np.float64),
+        "bias": ((kernel.N_BIAS,), np.float64),
+        "lin": ((b, kernel.LIN_WIDTH[opt]), np.float64),
         "v": ((b, k), np.float64),
-        "w_z": ((b if opt == "ftrl" else 0,), np.float64),
-        "w_n": ((adaptive,), np.float64),
-        "v_acc": ((adaptive, k), np.float64),
+        "v_acc": ((b if opt != "sgd" else 0, k), np.float64),
         "counters": ((kernel.N_COUNTERS,), np.int64),
     }
+
+
+def _aligned_zeros(shape: tuple[int, ...]) -> F64:
+    """Zeros whose data start on a 64-byte boundary, so a row of 8 doubles is one cache line.
+
+    (numpy's large allocations start 16 bytes past a page boundary.)
+    """
+    size = int(np.prod(shape))
+    buf = np.zeros(size + 8)
+    start = (-buf.ctypes.data % 64) // 8
+    return buf[start : start + size].reshape(shape)
 
 
 class FastFM:
@@ -72,14 +80,13 @@ class FastFM:
         self._opt = kernel.OPTIMIZER_CODES[p.optimizer]
         self._hp = _hyper(p)
         shapes = _array_shapes(p)
-        self._bias = np.zeros(3)
-        self._w = np.zeros(p.n_buckets)
-        rng = np.random.default_rng(p.seed)
-        self._v = np.ascontiguousarray(rng.normal(0.0, p.init_std, size=(p.n_buckets, p.k)))
-        # np.zeros maps zero pages lazily, so accumulators of unseen buckets cost no memory.
-        self._w_z = np.zeros(shapes["w_z"][0])
-        self._w_n = np.zeros(shapes["w_n"][0])
-        self._v_acc = np.zeros(shapes["v_acc"][0])
+        self._bias = np.zeros(kernel.N_BIAS)
+        # np.zeros maps zero pages lazily: state of unseen buckets costs no memory until used.
+        self._lin = _aligned_zeros(shapes["lin"][0])
+        self._v = _aligned_zeros(shapes["v"][0])
+        np.random.default_rng(p.seed).standard_normal(out=self._v)
+        self._v *= p.init_std
+        self._v_acc = _aligned_zeros(shapes["v_acc"][0])
         self._counters = np.zeros(kernel.N_COUNTERS, dtype=np.int64)
         # Reused one-op batch for the one-example methods.
         self._indptr1 = np.zeros(2, dtype=np.int64)
@@ -169,14 +176,13 @@ class FastFM:
                     f"model state array {name!r} is {value.dtype}{list(value.shape)}, "
                     f"expected {np.dtype(dtype)}{list(shape)}"
                 )
-            loaded[name] = np.array(value, dtype=dtype, order="C", copy=True)
-        self._bias = loaded["bias"].astype(np.float64, copy=False)
-        self._w = loaded["w"].astype(np.float64, copy=False)
-        self._v = loaded["v"].astype(np.float64, copy=False)
-        self._w_z = loaded["w_z"].astype(np.float64, copy=False)
-        self._w_n = loaded["w_n"].astype(np.float64, copy=False)
-        self._v_acc = loaded["v_acc"].astype(np.float64, copy=False)
-        self._counters = loaded["counters"].astype(np.int64, copy=False)
+            loaded[name] = value
+        self._bias = np.array(loaded["bias"], dtype=np.float64)
+        for name in ("lin", "v", "v_acc"):
+            target = _aligned_zeros(loaded[name].shape)
+            target[...] = loaded[name]
+            setattr(self, f"_{name}", target)
+        self._counters = np.array(loaded["counters"], dtype=np.int64)
 
     @classmethod
     def from_state(cls, state: dict[str, StateValue]) -> FastFM:
@@ -189,29 +195,31 @@ class FastFM:
 
     @property
     def intercept(self) -> float:
-        return float(self._bias[0])
+        return float(self._bias[kernel.B_W0])
 
     def set_intercept(self, value: float) -> None:
-        if self._params.optimizer == "ftrl":
-            lr_0 = self._params.intercept_learning_rate
-            n0 = float(self._bias[2])
-            self._bias[1] = kernel.ftrl_z_for_weight(value, n0, lr_0, self._params.ftrl_beta, 0, 0)
-        self._bias[0] = value
+        """Set w0 (for FTRL, ``z0`` is set so the closed form gives it back)."""
+        p = self._params
+        if p.optimizer == "ftrl" and p.intercept_learning_rate > 0:
+            n0 = float(self._bias[kernel.B_N0])
+            lr_0 = p.intercept_learning_rate
+            self._bias[kernel.B_Z0] = kernel.ftrl_z_for_weight(value, n0, lr_0, p.ftrl_beta, 0, 0)
+        self._bias[kernel.B_W0] = value
 
     def get_weights(self, buckets: IndexLike) -> F64:
         """Linear weights of ``buckets`` (a copy)."""
-        return self._w[self._buckets(buckets)].copy()
+        return self._lin[self._buckets(buckets), kernel.LIN_W].copy()
 
     def set_weights(self, buckets: IndexLike, values: npt.ArrayLike) -> None:
         """Set linear weights (for FTRL, ``z`` is set so the closed form gives them back)."""
         idx = self._buckets(buckets)
         vals = np.broadcast_to(np.asarray(values, dtype=np.float64), idx.shape)
-        self._w[idx] = vals
+        self._lin[idx, kernel.LIN_W] = vals
         if self._params.optimizer == "ftrl":
             p = self._params
             for j, wj in zip(idx.tolist(), vals.tolist(), strict=True):
-                self._w_z[j] = kernel.ftrl_z_for_weight(
-                    wj, float(self._w_n[j]), p.ftrl_alpha, p.ftrl_beta, p.l1_w, p.l2_w
+                self._lin[j, kernel.LIN_Z] = kernel.ftrl_z_for_weight(
+                    wj, float(self._lin[j, kernel.LIN_N]), p.ftrl_alpha, p.ftrl_beta, p.l1_w, p.l2_w
                 )
 
     def get_latents(self, buckets: IndexLike) -> F64:
@@ -237,10 +245,8 @@ class FastFM:
     def _arrays(self) -> dict[str, npt.NDArray[np.generic]]:
         return {
             "bias": self._bias,
-            "w": self._w,
+            "lin": self._lin,
             "v": self._v,
-            "w_z": self._w_z,
-            "w_n": self._w_n,
             "v_acc": self._v_acc,
             "counters": self._counters,
         }
@@ -269,7 +275,7 @@ class FastFM:
         out = np.empty(op_kind.shape[0])
         kernel.run_ops(
             indptr, indices, values, op_kind, op_row, op_label, self._opt, self._hp,
-            self._bias, self._w, self._v, self._w_z, self._w_n, self._v_acc, self._counters, out,
+            self._bias, self._lin, self._v, self._v_acc, self._counters, out,
         )  # fmt: skip
         return out
 

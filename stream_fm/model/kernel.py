@@ -8,20 +8,20 @@ Model (Rendle 2010) in O(n k)::
 
 State lives in float64 arrays owned by the caller (``FastFM``):
 
-* ``bias``   ``[w0, z0, n0]``: intercept and its optimizer state (AdaGrad sum in ``n0``).
-* ``w``      ``(B,)`` linear weights (for FTRL: materialised from ``z`` and ``n``).
-* ``v``      ``(B, k)`` C-order latent vectors, one cache-friendly row per bucket.
-* ``w_z``    ``(B,)`` FTRL ``z`` (empty otherwise).
-* ``w_n``    ``(B,)`` AdaGrad squared-gradient sum / FTRL ``n`` (empty for SGD).
-* ``v_acc``  ``(B, k)`` AdaGrad sums of the latents (``(0, k)`` for SGD).
+* ``bias``  ``[w0, n0, z0]``: intercept and its optimizer state (AdaGrad sum / FTRL n, z).
+* ``lin``   ``(B, m)`` per-bucket linear state, one row per bucket so one cache miss brings
+  all of it: column ``LIN_W`` the weight, ``LIN_N`` the AdaGrad sum or FTRL ``n``, ``LIN_Z``
+  the FTRL ``z`` (m = 1 for SGD, 2 for AdaGrad, 4 for FTRL: padded to 32 bytes).
+* ``v``     ``(B, k)`` C-order latent vectors, one row per bucket.
+* ``v_acc`` ``(B, k)`` AdaGrad sums of the latents (``(0, k)`` for SGD).
 * ``counters`` int64 ``[learn ops, refused updates, non-finite outputs]``.
 
 Numeric guard: a learn step updates in place while keeping a backup of every value it touches;
 if any new value (weight or optimizer state) is NaN or infinite, the backup is restored in
-reverse order (so repeated buckets come back right too) and the step is counted as refused.
+reverse order (so a repeated bucket comes back right too) and the step is counted as refused.
 
-Repeated buckets within one example (the hasher merges them, so this is only a safety net)
-act as occurrences of one shared parameter: they are updated one after the other.
+A bucket repeated within one example (the hasher merges them, so this is only a safety net)
+acts as occurrences of one shared parameter: the occurrences are updated one after the other.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from typing import Any, Final, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,7 +43,6 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 I8 = npt.NDArray[np.int8]
-
 
 # fastmath stays off: determinism (bitwise replay) and the NaN/inf guard need IEEE rules.
 # error_model="numpy": x/0 gives inf (caught by the guard) instead of a per-division branch
@@ -58,10 +60,35 @@ def jit_inline(fn: F) -> F:
     return cast(F, njit(cache=True, fastmath=False, inline="always", **_OPTIONS)(fn))
 
 
+def _prefetch_typer(typingctx: Any, arr: Any, offset: Any) -> Any:
+    """``prefetch(arr, offset)``: hint the CPU to fetch ``arr.flat[offset]`` for writing."""
+    if not isinstance(arr, types.Array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), i8p)
+        # rw=1 (we will write the line), locality=3 (keep in all levels), data cache.
+        builder.call(fn, [ptr, i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, offset), codegen
+
+
+prefetch = cast(Callable[[npt.NDArray[Any], int], None], intrinsic(_prefetch_typer))
+
 OPT_SGD: Final = 0
 OPT_ADAGRAD: Final = 1
 OPT_FTRL: Final = 2
 OPTIMIZER_CODES: Final = {"sgd": OPT_SGD, "adagrad": OPT_ADAGRAD, "ftrl": OPT_FTRL}
+LIN_WIDTH: Final = {"sgd": 1, "adagrad": 2, "ftrl": 4}
+LIN_W: Final = 0
+LIN_N: Final = 1
+LIN_Z: Final = 2
 
 # Layout of the ``hp`` hyperparameter array.
 HP_LR_W: Final = 0
@@ -76,7 +103,11 @@ HP_EPS: Final = 8
 HP_CLIP: Final = 9
 N_HP: Final = 10
 
-# Layout of ``counters``.
+# Layout of ``bias`` and ``counters``.
+B_W0: Final = 0
+B_N0: Final = 1
+B_Z0: Final = 2
+N_BIAS: Final = 3
 C_LEARNED: Final = 0
 C_REFUSED: Final = 1
 C_NONFINITE: Final = 2
@@ -133,112 +164,112 @@ def check_batch(
 
 
 @jit_inline
+def prefetch_feature(j: int, lin: F64, v: F64, v_acc: F64) -> None:
+    """Ask for every cache line a step on bucket ``j`` will touch.
+
+    ``FastFM`` aligns the arrays to 64 bytes, so a ``lin`` row (<= 32 bytes) is one line and
+    a latent row of k = 8 is exactly one line.
+    """
+    m = lin.shape[1]
+    k = v.shape[1]
+    has_acc = v_acc.shape[0] > 0
+    prefetch(lin, j * m)
+    for off in range(j * k, j * k + k, 8):
+        prefetch(v, off)
+        if has_acc:
+            prefetch(v_acc, off)
+    if k % 8 != 0:
+        # A row that is not a whole number of lines may straddle one more line.
+        prefetch(v, j * k + k - 1)
+        if has_acc:
+            prefetch(v_acc, j * k + k - 1)
+
+
+@jit_inline
 def forward(
-    a: int, b: int, indices: I32, values: F64, w0: float, w: F64, v: F64, s: F64, q: F64
-) -> float:
-    """Raw score y of features ``a:b``; leaves the per-factor sums ``s_f`` in ``s``."""
+    a: int, b: int, indices: I32, values: F64, w0: float, lin: F64, v: F64, v_acc: F64, s: F64,
+    q: F64, pa: int, pb: int,
+) -> float:  # fmt: skip
+    """Raw score y of features ``a:b``; leaves the per-factor sums ``s_f`` in ``s``.
+
+    Meanwhile prefetches the lines of features ``pa:pb`` (the next example), one feature per
+    feature computed: spread out, the prefetches overlap with the arithmetic instead of
+    queueing up in one burst.
+    """
     k = v.shape[1]
     for f in range(k):
         s[f] = 0.0
         q[f] = 0.0
-    lin = 0.0
+    dot = 0.0
     for p in range(a, b):
+        if pa < pb:
+            prefetch_feature(indices[pa], lin, v, v_acc)
+            pa += 1
         j = indices[p]
         x = values[p]
-        lin += w[j] * x
+        dot += lin[j, LIN_W] * x
         for f in range(k):
             t = v[j, f] * x
             s[f] += t
             q[f] += t * t
+    for p in range(pa, pb):
+        prefetch_feature(indices[p], lin, v, v_acc)
     inter = 0.0
     for f in range(k):
         inter += s[f] * s[f] - q[f]
-    return w0 + lin + 0.5 * inter
+    return w0 + dot + 0.5 * inter
 
 
 @jit_inline
-def sigmoid(y: float) -> float:
-    """Numerically stable logistic function, kept strictly inside (0, 1)."""
-    y = min(max(y, -LOGIT_CLAMP), LOGIT_CLAMP)
-    if y >= 0.0:
-        return 1.0 / (1.0 + math.exp(-y))
-    e = math.exp(y)
-    return e / (1.0 + e)
+def exp_neg_abs(y: float) -> float:
+    """exp(-|y|) of the clamped logit: p and dloss/dy both follow from it without overflow."""
+    return math.exp(-abs(min(max(y, -LOGIT_CLAMP), LOGIT_CLAMP)))
 
 
 @jit_inline
-def loss_gradient(y: float, label: int, clip: float) -> float:
-    """d logloss / dy = p - label, in the overflow-free form river uses; clipped."""
-    g = -1.0 / (math.exp(y) + 1.0) if label == 1 else 1.0 / (math.exp(-y) + 1.0)
+def proba(y: float, e: float) -> float:
+    """sigmoid(y) from ``e = exp_neg_abs(y)``; strictly inside (0, 1)."""
+    return 1.0 / (1.0 + e) if y >= 0.0 else e / (1.0 + e)
+
+
+@jit_inline
+def loss_gradient(y: float, e: float, label: int, clip: float) -> float:
+    """d logloss / dy = p - label from ``e = exp_neg_abs(y)`` (no cancellation); clipped."""
+    if label == 1:
+        g = -e / (1.0 + e) if y >= 0.0 else -1.0 / (1.0 + e)
+    else:
+        g = 1.0 / (1.0 + e) if y >= 0.0 else e / (1.0 + e)
     return max(min(g, clip), -clip)
 
 
 @jit_inline
-def _restore(
-    a: int,
-    n: int,
-    indices: I32,
-    bias: F64,
-    w: F64,
-    v: F64,
-    w_z: F64,
-    w_n: F64,
-    v_acc: F64,
-    bk_bias: F64,
-    bk_w: F64,
-    bk_z: F64,
-    bk_n: F64,
-    bk_v: F64,
+def restore(
+    a: int, n: int, indices: I32, lin: F64, v: F64, v_acc: F64, bk_lin: F64, bk_v: F64,
     bk_va: F64,
-) -> None:
+) -> None:  # fmt: skip
     """Undo a refused step; reverse order so a repeated bucket ends at its first backup."""
+    m = lin.shape[1]
     k = v.shape[1]
-    has_z = w_z.shape[0] > 0
-    has_n = w_n.shape[0] > 0
-    has_va = v_acc.shape[0] > 0
+    has_acc = v_acc.shape[0] > 0
     for i in range(n - 1, -1, -1):
         j = indices[a + i]
-        w[j] = bk_w[i]
-        if has_z:
-            w_z[j] = bk_z[i]
-        if has_n:
-            w_n[j] = bk_n[i]
+        for c in range(m):
+            lin[j, c] = bk_lin[i, c]
         for f in range(k):
             v[j, f] = bk_v[i, f]
-            if has_va:
+        if has_acc:
+            for f in range(k):
                 v_acc[j, f] = bk_va[i, f]
-    for t in range(3):
-        bias[t] = bk_bias[t]
 
 
 @jit_inline
-def learn_sgd(
-    a: int, b: int, indices: I32, values: F64, g: float, hp: F64, bias: F64, w: F64, v: F64,
-    s: F64, bk_w: F64, bk_v: F64,
+def latents_sgd(
+    a: int, n: int, indices: I32, values: F64, g: float, lr: float, l2: float, v: F64, s: F64,
+    bk_v: F64,
 ) -> bool:  # fmt: skip
-    """Plain SGD in river's exact order: intercept, then weights, then latents (from ``s``).
-
-    Returns False (state untouched) if any new value would be NaN or infinite.
-    """
+    """river's latent step: v_jf -= lr * (g (x s_f - v_jf x^2) + l2 v_jf); False if non-finite."""
     k = v.shape[1]
-    lr_w = hp[HP_LR_W]
-    lr_v = hp[HP_LR_V]
-    l2_w = hp[HP_L2_W]
-    l2_v = hp[HP_L2_V]
-    old_w0 = bias[0]
-    # river: intercept -= intercept_lr * g (no L2 on the intercept).
-    new_w0 = old_w0 - hp[HP_LR_0] * g
-    ok = new_w0 - new_w0 == 0.0
-    bias[0] = new_w0
-    n = b - a
-    for i in range(n):
-        j = indices[a + i]
-        x = values[a + i]
-        wj = w[j]
-        bk_w[i] = wj
-        nw = wj - lr_w * (g * x + l2_w * wj)
-        ok &= nw - nw == 0.0
-        w[j] = nw
+    ok = True
     for i in range(n):
         j = indices[a + i]
         x = values[a + i]
@@ -246,95 +277,21 @@ def learn_sgd(
         for f in range(k):
             vf = v[j, f]
             bk_v[i, f] = vf
-            nv = vf - lr_v * (g * (x * s[f] - vf * xx) + l2_v * vf)
+            vf -= lr * (g * (x * s[f] - vf * xx) + l2 * vf)
+            v[j, f] = vf
             # x - x is 0 for finite x and NaN otherwise: a branch-free, vectorisable check.
-            ok &= nv - nv == 0.0
-            v[j, f] = nv
-    if not ok:
-        bias[0] = old_w0
-        for i in range(n - 1, -1, -1):
-            j = indices[a + i]
-            w[j] = bk_w[i]
-            for f in range(k):
-                v[j, f] = bk_v[i, f]
+            ok &= vf - vf == 0.0
     return ok
 
 
 @jit_inline
-def learn_adaptive(
-    a: int, b: int, indices: I32, values: F64, g: float, opt: int, hp: F64, bias: F64, w: F64,
-    v: F64, w_z: F64, w_n: F64, v_acc: F64, s: F64, bk_bias: F64, bk_w: F64, bk_z: F64,
-    bk_n: F64, bk_v: F64, bk_va: F64,
+def latents_adagrad(
+    a: int, n: int, indices: I32, values: F64, g: float, lr: float, l2: float, eps: float,
+    v: F64, v_acc: F64, s: F64, bk_v: F64, bk_va: F64,
 ) -> bool:  # fmt: skip
-    """AdaGrad (every coordinate) or FTRL-Proximal (intercept + weights) with AdaGrad latents.
-
-    Returns False (state untouched) if any new value would be NaN or infinite.
-    """
+    """AdaGrad step of every latent coordinate; gradients use the pre-step sums ``s``."""
     k = v.shape[1]
-    lr_w = hp[HP_LR_W]
-    lr_v = hp[HP_LR_V]
-    lr_0 = hp[HP_LR_0]
-    l1_w = hp[HP_L1_W]
-    l2_w = hp[HP_L2_W]
-    l2_v = hp[HP_L2_V]
-    alpha = hp[HP_ALPHA]
-    beta = hp[HP_BETA]
-    eps = hp[HP_EPS]
-    n = b - a
-    for t in range(3):
-        bk_bias[t] = bias[t]
-    # x - x is 0 for finite x and NaN otherwise: a branch-free, vectorisable check.
     ok = True
-    if opt == OPT_FTRL:
-        if lr_0 > 0.0:
-            # Intercept: FTRL with alpha = intercept_learning_rate and no L1/L2.
-            n0 = bias[2]
-            n0_new = n0 + g * g
-            sigma = (math.sqrt(n0_new) - math.sqrt(n0)) / lr_0
-            z0 = bias[1] + g - sigma * bias[0]
-            bias[1] = z0
-            bias[2] = n0_new
-            bias[0] = -z0 / ((beta + math.sqrt(n0_new)) / lr_0)
-        for i in range(n):
-            j = indices[a + i]
-            gi = g * values[a + i]
-            wj = w[j]
-            zj = w_z[j]
-            nj = w_n[j]
-            bk_w[i] = wj
-            bk_z[i] = zj
-            bk_n[i] = nj
-            nj_new = nj + gi * gi
-            sigma = (math.sqrt(nj_new) - math.sqrt(nj)) / alpha
-            zj = zj + gi - sigma * wj
-            if abs(zj) <= l1_w:
-                wj = 0.0
-            else:
-                sign = 1.0 if zj > 0.0 else -1.0
-                wj = -(zj - sign * l1_w) / ((beta + math.sqrt(nj_new)) / alpha + l2_w)
-            w_z[j] = zj
-            w_n[j] = nj_new
-            w[j] = wj
-            ok &= (zj - zj) + (nj_new - nj_new) + (wj - wj) == 0.0
-    else:
-        g0 = bias[2] + g * g
-        bias[2] = g0
-        bias[0] -= lr_0 / math.sqrt(g0 + eps) * g
-        for i in range(n):
-            j = indices[a + i]
-            wj = w[j]
-            nj = w_n[j]
-            bk_w[i] = wj
-            bk_n[i] = nj
-            gw = g * values[a + i] + l2_w * wj
-            nj += gw * gw
-            wj -= lr_w / math.sqrt(nj + eps) * gw
-            w_n[j] = nj
-            w[j] = wj
-            ok &= (nj - nj) + (wj - wj) == 0.0
-    for t in range(3):
-        ok &= bias[t] - bias[t] == 0.0
-    # Latents: AdaGrad for both adaptive optimizers; gradients use the pre-step sums ``s``.
     for i in range(n):
         j = indices[a + i]
         x = values[a + i]
@@ -344,29 +301,118 @@ def learn_adaptive(
             af = v_acc[j, f]
             bk_v[i, f] = vf
             bk_va[i, f] = af
-            gv = g * (x * s[f] - vf * xx) + l2_v * vf
+            gv = g * (x * s[f] - vf * xx) + l2 * vf
             af += gv * gv
-            vf -= lr_v / math.sqrt(af + eps) * gv
+            vf -= lr / math.sqrt(af + eps) * gv
             v_acc[j, f] = af
             v[j, f] = vf
             ok &= (vf - vf) + (af - af) == 0.0
-    if ok:
-        return True
-    _restore(a, n, indices, bias, w, v, w_z, w_n, v_acc, bk_bias, bk_w, bk_z, bk_n, bk_v, bk_va)
-    return False
+    return ok
+
+
+@jit_inline
+def learn(
+    a: int, b: int, indices: I32, values: F64, g: float, opt: int, hp: F64, bias: F64, lin: F64,
+    v: F64, v_acc: F64, s: F64, bk_bias: F64, bk_lin: F64, bk_v: F64, bk_va: F64,
+) -> bool:  # fmt: skip
+    """One optimizer step on features ``a:b`` with loss gradient ``g``.
+
+    Order follows river (intercept, linear weights, latents); latent gradients use the sums
+    ``s`` from the forward pass. Returns False, with the state untouched, if any new value
+    would be NaN or infinite.
+    """
+    m = lin.shape[1]
+    lr_w = hp[HP_LR_W]
+    lr_0 = hp[HP_LR_0]
+    l2_w = hp[HP_L2_W]
+    eps = hp[HP_EPS]
+    n = b - a
+    for t in range(N_BIAS):
+        bk_bias[t] = bias[t]
+    for i in range(n):
+        j = indices[a + i]
+        for c in range(m):
+            bk_lin[i, c] = lin[j, c]
+    ok = True
+    if opt == OPT_SGD:
+        # river: intercept -= intercept_lr * g, no L2 on the intercept.
+        bias[B_W0] -= lr_0 * g
+        for i in range(n):
+            j = indices[a + i]
+            wj = lin[j, LIN_W]
+            wj -= lr_w * (g * values[a + i] + l2_w * wj)
+            lin[j, LIN_W] = wj
+            ok &= wj - wj == 0.0
+    elif opt == OPT_ADAGRAD:
+        n0 = bias[B_N0] + g * g
+        bias[B_N0] = n0
+        bias[B_W0] -= lr_0 / math.sqrt(n0 + eps) * g
+        for i in range(n):
+            j = indices[a + i]
+            wj = lin[j, LIN_W]
+            nj = lin[j, LIN_N]
+            gw = g * values[a + i] + l2_w * wj
+            nj += gw * gw
+            wj -= lr_w / math.sqrt(nj + eps) * gw
+            lin[j, LIN_N] = nj
+            lin[j, LIN_W] = wj
+            ok &= (nj - nj) + (wj - wj) == 0.0
+    else:
+        alpha = hp[HP_ALPHA]
+        beta = hp[HP_BETA]
+        l1_w = hp[HP_L1_W]
+        if lr_0 > 0.0:
+            # Intercept: FTRL-Proximal with alpha = intercept_learning_rate and no L1/L2.
+            n0 = bias[B_N0]
+            n0_new = n0 + g * g
+            z0 = bias[B_Z0] + g - (math.sqrt(n0_new) - math.sqrt(n0)) / lr_0 * bias[B_W0]
+            bias[B_N0] = n0_new
+            bias[B_Z0] = z0
+            bias[B_W0] = -z0 / ((beta + math.sqrt(n0_new)) / lr_0)
+        for i in range(n):
+            j = indices[a + i]
+            gi = g * values[a + i]
+            nj = lin[j, LIN_N]
+            nj_new = nj + gi * gi
+            zj = lin[j, LIN_Z] + gi - (math.sqrt(nj_new) - math.sqrt(nj)) / alpha * lin[j, LIN_W]
+            if abs(zj) <= l1_w:
+                wj = 0.0
+            else:
+                sign = 1.0 if zj > 0.0 else -1.0
+                wj = -(zj - sign * l1_w) / ((beta + math.sqrt(nj_new)) / alpha + l2_w)
+            lin[j, LIN_N] = nj_new
+            lin[j, LIN_Z] = zj
+            lin[j, LIN_W] = wj
+            ok &= (nj_new - nj_new) + (zj - zj) + (wj - wj) == 0.0
+    for t in range(N_BIAS):
+        ok &= bias[t] - bias[t] == 0.0
+    lr_v = hp[HP_LR_V]
+    l2_v = hp[HP_L2_V]
+    if opt == OPT_SGD:
+        ok &= latents_sgd(a, n, indices, values, g, lr_v, l2_v, v, s, bk_v)
+    else:
+        ok &= latents_adagrad(a, n, indices, values, g, lr_v, l2_v, eps, v, v_acc, s, bk_v, bk_va)
+    if not ok:
+        for t in range(N_BIAS):
+            bias[t] = bk_bias[t]
+        restore(a, n, indices, lin, v, v_acc, bk_lin, bk_v, bk_va)
+    return ok
 
 
 @jit
 def run_ops(
     indptr: I64, indices: I32, values: F64, op_kind: I8, op_row: I64, op_label: I8, opt: int,
-    hp: F64, bias: F64, w: F64, v: F64, w_z: F64, w_n: F64, v_acc: F64, counters: I64, out: F64,
+    hp: F64, bias: F64, lin: F64, v: F64, v_acc: F64, counters: I64, out: F64,
 ) -> None:  # fmt: skip
     """Run every op in order; ``out[j]`` = p before op ``j`` ran. Call ``check_batch`` first.
 
     A learn right after a score of the same row reuses that score's forward pass: nothing
     changed the model in between, so the result is bitwise the same and half the work.
+    Each forward pass prefetches the cache lines of the next op's example.
     """
     k = v.shape[1]
+    m = lin.shape[1]
+    n_ops = op_kind.shape[0]
     n_rows = indptr.shape[0] - 1
     max_nnz = 0
     for r in range(n_rows):
@@ -374,29 +420,38 @@ def run_ops(
     # Scratch, allocated once per batch rather than per op.
     s = np.empty(k)
     q = np.empty(k)
-    bk_bias = np.empty(3)
-    bk_w = np.empty(max_nnz)
-    bk_z = np.empty(max_nnz)
-    bk_n = np.empty(max_nnz)
+    bk_bias = np.empty(N_BIAS)
+    bk_lin = np.empty((max_nnz, m))
     bk_v = np.empty((max_nnz, k))
     bk_va = np.empty((max_nnz, k))
     clip = hp[HP_CLIP]
     cached_row = -1
     cached_y = 0.0
-    for j in range(op_kind.shape[0]):
+    for j in range(n_ops):
         r = op_row[j]
         a = indptr[r]
         b = indptr[r + 1]
         if op_kind[j] == 1 and r == cached_row:
             y = cached_y
         else:
-            y = forward(a, b, indices, values, bias[0], w, v, s, q)
-        if math.isnan(y):
+            # Prefetch the next op's example, skipping the usual learn of this same row.
+            nxt = j + 1
+            while nxt < n_ops and nxt < j + 4 and op_row[nxt] == r:
+                nxt += 1
+            pa = 0
+            pb = 0
+            if nxt < n_ops:
+                pa = indptr[op_row[nxt]]
+                pb = indptr[op_row[nxt] + 1]
+            y = forward(a, b, indices, values, bias[B_W0], lin, v, v_acc, s, q, pa, pb)
+        nan = math.isnan(y)
+        e = exp_neg_abs(y)
+        if nan:
             # Only reachable with absurd inputs (e.g. x = 1e300); serve an uninformative p.
             out[j] = 0.5
             counters[C_NONFINITE] += 1
         else:
-            out[j] = sigmoid(y)
+            out[j] = proba(y, e)
         if op_kind[j] == 0:
             cached_row = r
             cached_y = y
@@ -406,15 +461,9 @@ def run_ops(
         if not math.isfinite(y):
             counters[C_REFUSED] += 1
             continue
-        g = loss_gradient(y, op_label[j], clip)
-        if opt == OPT_SGD:
-            ok = learn_sgd(a, b, indices, values, g, hp, bias, w, v, s, bk_w, bk_v)
-        else:
-            ok = learn_adaptive(
-                a, b, indices, values, g, opt, hp, bias, w, v, w_z, w_n, v_acc, s,
-                bk_bias, bk_w, bk_z, bk_n, bk_v, bk_va,
-            )  # fmt: skip
-        if not ok:
+        g = loss_gradient(y, e, op_label[j], clip)
+        if not learn(a, b, indices, values, g, opt, hp, bias, lin, v, v_acc, s, bk_bias,
+                     bk_lin, bk_v, bk_va):  # fmt: skip
             counters[C_REFUSED] += 1
 
 

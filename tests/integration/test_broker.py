@@ -6,15 +6,16 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from stream_fm.broker import DOCKER_ALTERNATIVE, KafkaBroker, find_java
+from stream_fm.broker import DOCKER_ALTERNATIVE, KafkaBroker, find_java, kafka_classpath
 from stream_fm.errors import BrokerStartError
 
-from .conftest import UniqueTopic
+UniqueTopic = Callable[..., str]  # the `unique_topic` fixture of conftest.py
 
 pytestmark = pytest.mark.integration
 
@@ -180,3 +181,27 @@ def test_missing_java_names_the_docker_alternative(monkeypatch: pytest.MonkeyPat
     message = str(err.value)
     assert "\n" not in message
     assert "Java 17+" in message and DOCKER_ALTERNATIVE in message
+
+
+def test_missing_maven_names_the_docker_alternative(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("KAFKA_HOME", raising=False)
+    with pytest.raises(BrokerStartError) as err:
+        kafka_classpath(cache_dir=tmp_path)  # empty cache: Maven would be needed
+    message = str(err.value)
+    assert "\n" not in message
+    assert "Maven (mvn) not found" in message and DOCKER_ALTERNATIVE in message
+
+
+def test_kafka_home_installation_is_used(
+    monkeypatch: pytest.MonkeyPatch, kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    # The session broker's jars are laid out like an installation's libs/ directory.
+    libs = Path(kafka_classpath().rstrip("*"))
+    monkeypatch.setenv("KAFKA_HOME", str(libs.parent))
+    assert kafka_classpath(cache_dir=tmp_path) == str(libs / "*")
+    monkeypatch.setenv("KAFKA_HOME", str(tmp_path))
+    with pytest.raises(BrokerStartError, match="not an Apache Kafka installation"):
+        kafka_classpath()
