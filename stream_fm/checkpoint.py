@@ -298,6 +298,10 @@ class CheckpointStore:
     def load(self, path: Path | str) -> dict[str, Any]:
         """Read and verify one checkpoint file.
 
+        Arrays are writable, aligned views into one buffer holding the file: no second copy of
+        a large model, but keeping any one array keeps the whole buffer alive, so copy small
+        arrays that outlive the rest.
+
         Raises ``CheckpointCorrupt`` if its content is not valid, ``CheckpointError`` if it
         cannot be read.
         """
@@ -318,7 +322,6 @@ class CheckpointStore:
             raise CheckpointError(f"cannot read {path}: {error}") from error
         if read != size:
             raise CheckpointCorrupt(f"{path}: short read ({read} of {size} bytes)")
-        # Arrays are writable views of this one buffer: no second copy of a large model.
         return read_checkpoint(data, str(path))
 
     def load_latest(self) -> tuple[dict[str, Any], Path] | None:

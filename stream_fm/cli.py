@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python logs every connection at INFO; keep its warnings only.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         handler = {"run": _run, "replay": _replay, "simulate": _simulate, "bench": _bench, "demo": _demo}[args.command]
         return handler(args)

@@ -12,7 +12,13 @@ One ``AttributionJoiner`` per input partition. Its watermark is the largest ``ts
 * Late click (impression already learned as negative, including a click past the window),
   orphan click (id never seen, or forgotten), duplicate click (impression already positive),
   duplicate impression (id pending or recently closed): counted in ``counters``, never learned.
-  Closed ids are remembered in a bounded FIFO of ``max_closed_ids`` entries to tell these apart.
+  Closed ids are remembered in a bounded FIFO of ``max_closed_ids`` entries to tell these apart
+  (about 100 bytes each); a click on an id closed longer ago than that counts as orphan.
+
+An impression whose window had already closed when it arrived (its ``ts`` more than
+``window_ms`` behind the watermark) is still buffered, and learned as negative by the next call.
+So when impressions and clicks come from two topics, feed them in roughly event-time order: a
+click read long before its impression is an orphan.
 
 An impression is never returned by the call that adds it, so the caller can score it after
 ``add_impression`` returns and before any outcome for it exists. Outcomes of one call come in a
@@ -167,7 +173,7 @@ class AttributionJoiner:
         "last_impression_accepted",
     )
 
-    def __init__(self, window_ms: int, max_pending: int, max_closed_ids: int = 1_000_000) -> None:
+    def __init__(self, window_ms: int, max_pending: int, max_closed_ids: int = 100_000) -> None:
         if window_ms < 0:
             raise ValueError(f"window_ms must be >= 0, got {window_ms}")
         if max_pending < 1:
@@ -506,8 +512,10 @@ class AttributionJoiner:
             raise CheckpointCorrupt("joiner state: pending_indptr is not monotone from 0")
         nnz = int(indptr_array[-1])
         indptr = indptr_array.tolist()
-        indices = _get_array(state, "pending_indices", nnz, "iu").astype(np.int32, copy=False)
-        values = _get_array(state, "pending_values", nnz, "f").astype(np.float64, copy=False)
+        # Copies: views would pin the whole checkpoint buffer (model included) in memory for as
+        # long as any restored impression waits.
+        indices = np.array(_get_array(state, "pending_indices", nnz, "iu"), dtype=np.int32)
+        values = np.array(_get_array(state, "pending_values", nnz, "f"), dtype=np.float64)
         known = joiner._ids
         restored: list[tuple[int, int, PendingImpression]] = []
         for i, impression_id in enumerate(pending_ids):

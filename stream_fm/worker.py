@@ -381,8 +381,8 @@ class Worker:
 def run_worker(settings: Settings) -> int:
     """The ``stream-fm run`` entry point: signals drain the loop, then exit 0."""
     logging.getLogger().setLevel(settings.log_level)
-    # kafka-python logs every connection at INFO; keep its warnings, drop the chatter.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if settings.log_level == "DEBUG":
+        logging.getLogger("kafka").setLevel(logging.DEBUG)
     worker = Worker(settings)
 
     def drain(signum: int, _frame: FrameType | None) -> None:

@@ -157,6 +157,15 @@ def test_flush_learns_everything_pending_oldest_first() -> None:
     assert j.counters.late_clicks == 1
 
 
+def test_impression_arriving_after_its_window_closed_goes_out_with_the_next_call() -> None:
+    j = AttributionJoiner(WINDOW, 10)
+    j.add_impression(imp("fresh", 5_000))
+    assert j.add_impression(imp("stale", 100)) == ()  # never returned by its own call
+    assert j.last_impression_accepted
+    assert summary(j.add_click("stale", 150)) == [("stale", 0, 5_000, "window_closed")]
+    assert j.counters.late_clicks == 1
+
+
 def test_nothing_due_allocates_nothing() -> None:
     j = AttributionJoiner(WINDOW, 10)
     first = j.add_impression(imp("a", 0))
