@@ -131,11 +131,11 @@ class ProgressiveValidation:
 
     def update(self, p: float, y: int) -> float:
         """Add one served probability and its label; return the example's log loss."""
+        if y != 0 and y != 1:
+            raise ValueError(f"label must be 0 or 1, got {y!r}")
         p, y = float(p), int(y)  # numpy scalars would leak into sums and checkpoints
         if not 0.0 <= p <= 1.0:  # also catches NaN
             raise ValueError(f"p must be a probability, got {p!r}")
-        if y != 0 and y != 1:
-            raise ValueError(f"label must be 0 or 1, got {y!r}")
         loss = log_loss(p, y)
         self._examples += 1
         self._positives += y

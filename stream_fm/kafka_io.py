@@ -115,10 +115,17 @@ class KafkaIO:
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
         """Records of all assigned partitions, each partition's in offset order."""
+        started = time.monotonic()
         try:
             batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except kafka_errors.KafkaError as error:
             raise BrokerError(f"poll failed: {error}") from error
+        if not batches:
+            # With the broker down kafka-python returns at once; don't spin a core meanwhile.
+            idle_s = timeout_ms / 1000 - (time.monotonic() - started)
+            if idle_s > 0:
+                time.sleep(idle_s)
+            return []
         out: list[Record] = []
         for records in batches.values():
             for r in records:

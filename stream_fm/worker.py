@@ -40,6 +40,7 @@ log = logging.getLogger("stream_fm.worker")
 
 CHECKPOINT_FORMAT = 1
 LAG_REFRESH_S = 5.0
+AUC_REFRESH_S = 1.0
 ROLLBACK_BACKOFF_S = 1.0
 
 
@@ -76,6 +77,8 @@ class Worker:
         self._last_checkpoint_s = time.monotonic()
         self._last_loop_s = time.monotonic()
         self._last_lag_s = 0.0
+        self._last_auc_s = -AUC_REFRESH_S
+        self._auc: float | None = None
         self._started_s = time.monotonic()
         self.totals: Counter[str] = Counter()
 
@@ -219,8 +222,13 @@ class Worker:
 
     def _publish_gauges(self) -> None:
         evaluator = self.pipeline.evaluator
-        auc = evaluator.auc_window
-        self.metrics.set_quality(evaluator.logloss, evaluator.normalized_entropy, evaluator.calibration, None if math.isnan(auc) else auc)
+        now = time.monotonic()
+        if now - self._last_auc_s >= AUC_REFRESH_S:
+            # Exact AUC sorts the whole window (~15 ms at 100k): once a second is enough.
+            self._last_auc_s = now
+            auc = evaluator.auc_window
+            self._auc = None if math.isnan(auc) else auc
+        self.metrics.set_quality(evaluator.logloss, evaluator.normalized_entropy, evaluator.calibration, self._auc)
         self.metrics.set_pending(self.pipeline.pending_count)
         self.metrics.set_model_version(self.engine.n_learned)
 

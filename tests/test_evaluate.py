@@ -119,7 +119,9 @@ def test_clipping_keeps_certain_mistakes_finite() -> None:
     assert math.isfinite(pv.logloss)
 
 
-@pytest.mark.parametrize(("p", "y"), [(math.nan, 1), (-0.1, 0), (1.5, 1), (0.5, 2), (0.5, -1)])
+@pytest.mark.parametrize(
+    ("p", "y"), [(math.nan, 1), (-0.1, 0), (1.5, 1), (0.5, 2), (0.5, -1), (0.5, 0.5)]
+)
 def test_bad_input_is_refused(p: float, y: int) -> None:
     pv = ProgressiveValidation()
     with pytest.raises(ValueError):

@@ -165,24 +165,21 @@ def check_batch(
 
 @jit_inline
 def prefetch_feature(j: int, lin: F64, v: F64, v_acc: F64) -> None:
-    """Ask for every cache line a step on bucket ``j`` will touch.
+    """Ask for the cache lines a step on bucket ``j`` will touch.
 
-    ``FastFM`` aligns the arrays to 64 bytes, so a ``lin`` row (<= 32 bytes) is one line and
-    a latent row of k = 8 is exactly one line.
+    ``FastFM`` aligns the arrays to 64 bytes: a ``lin`` row (<= 32 bytes) is one line, a
+    latent row of k <= 8 at most two (first and last element), k = 8 exactly one. Larger rows
+    get their first and last lines only; a loop here would slow the forward pass it sits in.
+    (A prefetch never faults, so the empty ``v_acc`` of SGD is harmless.)
     """
-    m = lin.shape[1]
     k = v.shape[1]
-    has_acc = v_acc.shape[0] > 0
-    prefetch(lin, j * m)
-    for off in range(j * k, j * k + k, 8):
-        prefetch(v, off)
-        if has_acc:
-            prefetch(v_acc, off)
-    if k % 8 != 0:
-        # A row that is not a whole number of lines may straddle one more line.
-        prefetch(v, j * k + k - 1)
-        if has_acc:
-            prefetch(v_acc, j * k + k - 1)
+    first = j * k
+    last = first + k - 1
+    prefetch(lin, j * lin.shape[1])
+    prefetch(v, first)
+    prefetch(v_acc, first)
+    prefetch(v, last)
+    prefetch(v_acc, last)
 
 
 @jit_inline
@@ -248,12 +245,12 @@ def restore(
     bk_va: F64,
 ) -> None:  # fmt: skip
     """Undo a refused step; reverse order so a repeated bucket ends at its first backup."""
-    m = lin.shape[1]
+    cols = min(lin.shape[1], LIN_Z + 1)  # FTRL's padding column is never written
     k = v.shape[1]
     has_acc = v_acc.shape[0] > 0
     for i in range(n - 1, -1, -1):
         j = indices[a + i]
-        for c in range(m):
+        for c in range(cols):
             lin[j, c] = bk_lin[i, c]
         for f in range(k):
             v[j, f] = bk_v[i, f]
@@ -321,7 +318,6 @@ def learn(
     ``s`` from the forward pass. Returns False, with the state untouched, if any new value
     would be NaN or infinite.
     """
-    m = lin.shape[1]
     lr_w = hp[HP_LR_W]
     lr_0 = hp[HP_LR_0]
     l2_w = hp[HP_L2_W]
@@ -329,10 +325,6 @@ def learn(
     n = b - a
     for t in range(N_BIAS):
         bk_bias[t] = bias[t]
-    for i in range(n):
-        j = indices[a + i]
-        for c in range(m):
-            bk_lin[i, c] = lin[j, c]
     ok = True
     if opt == OPT_SGD:
         # river: intercept -= intercept_lr * g, no L2 on the intercept.
@@ -340,6 +332,7 @@ def learn(
         for i in range(n):
             j = indices[a + i]
             wj = lin[j, LIN_W]
+            bk_lin[i, LIN_W] = wj
             wj -= lr_w * (g * values[a + i] + l2_w * wj)
             lin[j, LIN_W] = wj
             ok &= wj - wj == 0.0
@@ -351,6 +344,8 @@ def learn(
             j = indices[a + i]
             wj = lin[j, LIN_W]
             nj = lin[j, LIN_N]
+            bk_lin[i, LIN_W] = wj
+            bk_lin[i, LIN_N] = nj
             gw = g * values[a + i] + l2_w * wj
             nj += gw * gw
             wj -= lr_w / math.sqrt(nj + eps) * gw
@@ -372,9 +367,14 @@ def learn(
         for i in range(n):
             j = indices[a + i]
             gi = g * values[a + i]
+            wj = lin[j, LIN_W]
             nj = lin[j, LIN_N]
+            zj = lin[j, LIN_Z]
+            bk_lin[i, LIN_W] = wj
+            bk_lin[i, LIN_N] = nj
+            bk_lin[i, LIN_Z] = zj
             nj_new = nj + gi * gi
-            zj = lin[j, LIN_Z] + gi - (math.sqrt(nj_new) - math.sqrt(nj)) / alpha * lin[j, LIN_W]
+            zj += gi - (math.sqrt(nj_new) - math.sqrt(nj)) / alpha * wj
             if abs(zj) <= l1_w:
                 wj = 0.0
             else:

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,14 +174,30 @@ def test_malformed_records_go_to_the_dead_letter_topic_once_each(
     assert sorted(r.key.decode() for r in predictions) == sorted(f"good-{i}" for i in range(len(MALFORMED)))
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_workers() -> Iterator[None]:
+    """A failing test must not leave a worker process behind."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def _start_worker_process(settings_env: dict[str, str], log_path: Path, *flags: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ) | settings_env
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "stream_fm", "run", *flags],
         env=env,
         stdout=log_path.open("ab"),
         stderr=subprocess.STDOUT,
     )
+    _STARTED.append(process)
+    return process
 
 
 def _env(broker: KafkaBroker, topics: dict[str, Any], checkpoint_dir: Path, group: str, metrics_port: int) -> dict[str, str]:
@@ -320,3 +337,32 @@ def test_committed_offsets_without_checkpoint_are_refused_unless_cold_start(
     finally:
         cold.send_signal(signal.SIGTERM)
         assert cold.wait(timeout=30) == 0
+
+
+def _impressions(prefix: str, n: int, ts0: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (f"{prefix}-{i}".encode(), orjson.dumps({"type": "impression", "id": f"{prefix}-{i}", "ts": ts0 + i, "features": {"s": str(i % 7)}}))
+        for i in range(n)
+    ]
+
+
+def test_broker_restart_the_worker_waits_and_reconnects(
+    kafka_broker: KafkaBroker, unique_topic: UniqueTopic, tmp_path: Path
+) -> None:
+    # Last in this file: it takes the shared broker down for a few seconds.
+    topics = _topics(unique_topic, partitions=1)
+    produce(kafka_broker, topics["input"][0], _impressions("before", 200, 1_700_000_000_000))
+    settings = worker_settings(kafka_broker, tmp_path / "ckpt", topics, produce_timeout_s=5.0)
+    with WorkerThread(settings) as running:
+        running.wait_for(lambda w: w.totals["events"] >= 200)
+        kafka_broker.stop()
+        running.wait_for(lambda w: not w.ready()[0], timeout_s=20)
+        time.sleep(3.0)
+        assert running.error is None, "the worker must wait for the broker, not fail"
+        kafka_broker.start()
+        produce(kafka_broker, topics["input"][0], _impressions("after", 200, 1_700_000_001_000))
+        running.wait_for(lambda w: w.totals["events"] >= 400, timeout_s=120)
+        running.wait_for(lambda w: w.ready()[0], timeout_s=30)
+    predictions = consume_all(kafka_broker, topics["predictions"], at_least=400)
+    ids = {r.key.decode() for r in predictions}
+    assert ids == {f"before-{i}" for i in range(200)} | {f"after-{i}" for i in range(200)}
