@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -69,60 +69,64 @@ class Learned:
     cause: str
 
 
-@dataclass(slots=True)
+
 class BatchResult:
-    predictions: list[Prediction] = field(default_factory=list)
-    learned: list[Learned] = field(default_factory=list)
-    invalid: list[Rejected] = field(default_factory=list)
-    events_by_type: Counter[str] = field(default_factory=Counter)
-    learned_positives: int = 0
-    learned_negatives: int = 0
-    logloss_sum: float = 0.0
-    prediction_sum: float = 0.0
-    click_delays_ms: list[int] = field(default_factory=list)
+    """What one batch produced. ``predictions`` and ``learned`` are built on first access:
+    the replay never needs the per-example objects, the worker does."""
 
+    __slots__ = (
+        "_learned",
+        "_learned_items",
+        "_learned_p",
+        "_predictions",
+        "_scored",
+        "_scored_positions",
+        "click_delays_ms",
+        "events_by_type",
+        "invalid",
+        "learned_negatives",
+        "learned_positives",
+        "logloss_sum",
+        "prediction_sum",
+    )
 
-class _BatchBuilder:
-    """Collects rows (CSR) and operations for one ``run_batch`` call."""
+    def __init__(self, invalid: list[Rejected] | None = None) -> None:
+        self.invalid: list[Rejected] = invalid if invalid is not None else []
+        self.events_by_type: dict[str, int] = {}
+        self.learned_positives = 0
+        self.learned_negatives = 0
+        self.logloss_sum = 0.0
+        self.prediction_sum = 0.0
+        self.click_delays_ms: list[int] = []
+        self._scored: list[PendingImpression] = []
+        self._scored_positions: list[int] = []
+        self._learned_items: list[Outcome | Labeled] = []
+        self._learned_p: list[float] = []
+        self._predictions: list[Prediction] | None = None
+        self._learned: list[Learned] | None = None
 
-    __slots__ = ("flat_keys", "flat_values", "hasher", "indptr", "kind", "label", "old_pieces", "row")
+    @property
+    def predictions(self) -> list[Prediction]:
+        if self._predictions is None:
+            self._predictions = [
+                Prediction(imp.id, imp.p_served, imp.ts_ms, imp.model_version, position)
+                for imp, position in zip(self._scored, self._scored_positions, strict=True)
+            ]
+        return self._predictions
 
-    def __init__(self, hasher: FeatureHasher) -> None:
-        self.hasher = hasher
-        self.flat_keys: list[str] = []
-        self.flat_values: list[float] = []
-        self.indptr: list[int] = [0]
-        self.kind: list[int] = []
-        self.row: list[int] = []
-        self.label: list[int] = []
-        # Examples of impressions from earlier batches, appended after the new rows.
-        self.old_pieces: list[SparseExample] = []
-
-    def new_row(self, keys: list[str], values: list[float]) -> int:
-        self.flat_keys += keys
-        self.flat_values += values
-        self.indptr.append(len(self.flat_keys))
-        return len(self.indptr) - 2
-
-    def build(self) -> tuple[OpBatch, int]:
-        n_new = len(self.indptr) - 1
-        indices = self.hasher.buckets(self.flat_keys)
-        values = np.array(self.flat_values, dtype=np.float64)
-        indptr = np.array(self.indptr, dtype=np.int64)
-        if self.old_pieces:
-            lengths = np.fromiter((len(x.indices) for x in self.old_pieces), np.int64, len(self.old_pieces))
-            indptr = np.concatenate([indptr, indptr[-1] + np.cumsum(lengths)])
-            indices = np.concatenate([indices, *(x.indices for x in self.old_pieces)])
-            values = np.concatenate([values, *(x.values for x in self.old_pieces)])
-        batch = OpBatch(
-            indptr=indptr,
-            indices=indices,
-            values=values,
-            op_kind=np.array(self.kind, dtype=np.int8),
-            op_row=np.array(self.row, dtype=np.int64),
-            op_label=np.array(self.label, dtype=np.int8),
-        )
-        return batch, n_new
+    @property
+    def learned(self) -> list[Learned]:
+        if self._learned is None:
+            out: list[Learned] = []
+            for item, p in zip(self._learned_items, self._learned_p, strict=True):
+                if type(item) is Labeled:
+                    out.append(Learned(item.id, item.label, p, item.ts_ms, item.ts_ms, "labeled"))
+                else:
+                    assert isinstance(item, Outcome)
+                    imp = item.impression
+                    out.append(Learned(imp.id, item.label, p, imp.ts_ms, item.label_ts_ms, item.cause))
+            self._learned = out
+        return self._learned
 
 
 class Pipeline:
@@ -192,134 +196,178 @@ class Pipeline:
     ) -> BatchResult:
         """Join, score and learn decoded events (None marks a rejected record's position).
 
-        ``closing`` outcomes are learned after the events (``flush`` uses it).
+        ``closing`` outcomes are learned after the events (``flush`` uses it). This is the
+        hot path of the product: per event it only appends to flat lists; hashing, the model
+        and the evaluation run once per batch on arrays.
         """
-        result = BatchResult(invalid=invalid or [])
-        builder = _BatchBuilder(self.decoder.hasher)
-        # Per op: the pending impression whose p it serves/learns (None for labeled rows).
-        op_pending: list[PendingImpression | None] = []
-        op_position: list[int] = []
-        new_pending_rows: list[tuple[PendingImpression, int, int]] = []
-        learn_outcomes: list[tuple[int, Outcome | Labeled]] = []
-        counts = result.events_by_type
-        # Rows of this batch's impressions, by object identity, for learn ops within the batch.
+        result = BatchResult(invalid)
+        flat_keys: list[str] = []
+        flat_values: list[float] = []
+        indptr: list[int] = [0]
+        kinds: list[int] = []
+        rows: list[int] = []
+        labels: list[int] = []
+        # Examples of impressions scored in earlier batches, appended after this batch's rows.
+        old_pieces: list[SparseExample] = []
+        scored = result._scored
+        scored_positions = result._scored_positions
+        scored_rows: list[int] = []
+        score_ops: list[int] = []
+        learned_items = result._learned_items
+        learn_ops: list[int] = []
+        # This batch's impressions by object identity -> their row, for learns in this batch.
         row_of: dict[int, int] = {}
+        n_impressions = n_clicks = n_labeled = 0
+        last_partition: Hashable = _NO_PARTITION
+        joiner: AttributionJoiner | None = None
 
-        def add_learns(outcomes: Sequence[Outcome]) -> None:
+        def learn(outcomes: Sequence[Outcome]) -> None:
             for outcome in outcomes:
                 imp = outcome.impression
                 row = row_of.get(id(imp))
                 if row is None:
-                    builder.old_pieces.append(imp.example)
-                    row = -len(builder.old_pieces)  # fixed up in build order below
-                builder.kind.append(OP_LEARN)
-                builder.row.append(row)
-                builder.label.append(outcome.label)
-                op_pending.append(imp)
-                op_position.append(-1)
-                learn_outcomes.append((len(builder.kind) - 1, outcome))
+                    old_pieces.append(imp.example)
+                    row = -len(old_pieces)  # renumbered after this batch's rows in _build
+                learn_ops.append(len(kinds))
+                kinds.append(OP_LEARN)
+                rows.append(row)
+                labels.append(outcome.label)
+                learned_items.append(outcome)
 
         for position, (partition, event) in enumerate(events):
-            if type(event) is Impression:
-                counts["impression"] += 1
-                joiner = self.joiner(partition)
+            kind = type(event)
+            if kind is Impression:
+                assert isinstance(event, Impression)
+                n_impressions += 1
+                if joiner is None or partition != last_partition:
+                    joiner, last_partition = self.joiner(partition), partition
                 pending = PendingImpression(event.id, event.ts_ms, _PLACEHOLDER, math.nan, 0)
-                duplicates_before = joiner.counters.duplicate_impressions
-                outcomes = joiner.add_impression(pending)
-                add_learns(outcomes)
-                if joiner.counters.duplicate_impressions != duplicates_before:
-                    continue
-                start = len(builder.flat_keys)
-                row = builder.new_row(event.keys, event.values)
+                due = joiner.add_impression(pending)
+                if due:
+                    learn(due)
+                if not joiner.last_impression_accepted:
+                    continue  # a duplicate id: counted by the joiner, not scored again
+                row = len(indptr) - 1
+                flat_keys += event.keys
+                flat_values += event.values
+                indptr.append(len(flat_keys))
                 row_of[id(pending)] = row
-                new_pending_rows.append((pending, start, len(builder.flat_keys)))
-                builder.kind.append(OP_SCORE)
-                builder.row.append(row)
-                builder.label.append(0)
-                op_pending.append(pending)
-                op_position.append(position)
-            elif type(event) is Click:
-                counts["click"] += 1
-                add_learns(self.joiner(partition).add_click(event.id, event.ts_ms))
-            elif type(event) is Labeled:
-                counts["labeled"] += 1
-                row = builder.new_row(event.keys, event.values)
-                builder.kind += (OP_SCORE, OP_LEARN)
-                builder.row += (row, row)
-                builder.label += (0, event.label)
-                op_pending += (None, None)
-                op_position += (position, -1)
-                learn_outcomes.append((len(builder.kind) - 1, event))
-
-        add_learns(closing)
-        if not builder.kind:
+                score_ops.append(len(kinds))
+                kinds.append(OP_SCORE)
+                rows.append(row)
+                labels.append(0)
+                scored.append(pending)
+                scored_positions.append(position)
+                scored_rows.append(row)
+            elif kind is Click:
+                assert isinstance(event, Click)
+                n_clicks += 1
+                if joiner is None or partition != last_partition:
+                    joiner, last_partition = self.joiner(partition), partition
+                due = joiner.add_click(event.id, event.ts_ms)
+                if due:
+                    learn(due)
+            elif kind is Labeled:
+                assert isinstance(event, Labeled)
+                n_labeled += 1
+                row = len(indptr) - 1
+                flat_keys += event.keys
+                flat_values += event.values
+                indptr.append(len(flat_keys))
+                kinds += (OP_SCORE, OP_LEARN)
+                rows += (row, row)
+                labels += (0, event.label)
+                learn_ops.append(len(kinds) - 1)
+                learned_items.append(event)
+        if closing:
+            learn(closing)
+        counts = result.events_by_type
+        for name, n in (("impression", n_impressions), ("click", n_clicks), ("labeled", n_labeled)):
+            if n:
+                counts[name] = n
+        if not kinds:
             return result
-        batch, n_new = builder.build()
-        # Old examples were numbered -1, -2, ... in arrival order; they follow the new rows.
-        rows = batch.op_row
-        old = rows < 0
-        rows[old] = n_new - 1 - rows[old]
+
+        batch = self._build(flat_keys, flat_values, indptr, kinds, rows, labels, old_pieces)
         version_before = self.engine.n_learned
         probabilities = self.engine.run_batch(batch)
-        self._serve(result, batch, probabilities, op_pending, op_position, version_before)
-        for pending, start, end in new_pending_rows:
-            pending.example = SparseExample(batch.indices[start:end], batch.values[start:end])
-        self._learned(result, probabilities, learn_outcomes)
-        return result
 
-    def _serve(
-        self,
-        result: BatchResult,
-        batch: OpBatch,
-        probabilities: npt.NDArray[np.float64],
-        op_pending: list[PendingImpression | None],
-        op_position: list[int],
-        version: int,
-    ) -> None:
-        predictions = result.predictions
-        for op, kind in enumerate(batch.op_kind.tolist()):
-            if kind == OP_LEARN:
-                version += 1
-                continue
-            p = float(probabilities[op])
-            pending = op_pending[op]
-            if pending is not None:
+        if score_ops:
+            # Serve: each score op's p and the model version (examples learned) it saw.
+            score_index = np.array(score_ops, dtype=np.int64)
+            learned_before = np.cumsum(batch.op_kind == OP_LEARN)[score_index]
+            served_p = probabilities[score_index].tolist()
+            versions = (learned_before + version_before).tolist()
+            row_index = np.array(scored_rows, dtype=np.int64)
+            starts = batch.indptr[row_index].tolist()
+            ends = batch.indptr[row_index + 1].tolist()
+            indices, values = batch.indices, batch.values
+            for pending, p, version, a, b in zip(scored, served_p, versions, starts, ends, strict=True):
                 pending.p_served = p
                 pending.model_version = version
-                predictions.append(Prediction(pending.id, p, pending.ts_ms, version, op_position[op]))
+                pending.example = SparseExample(indices[a:b], values[a:b])
+        if learn_ops:
+            self._evaluate(result, probabilities, learn_ops, labels)
+        return result
 
-    def _learned(
+    def _build(
+        self,
+        flat_keys: list[str],
+        flat_values: list[float],
+        indptr_list: list[int],
+        kinds: list[int],
+        rows_list: list[int],
+        labels: list[int],
+        old_pieces: list[SparseExample],
+    ) -> OpBatch:
+        indices = self.decoder.hasher.buckets(flat_keys)
+        values = np.array(flat_values, dtype=np.float64)
+        indptr = np.array(indptr_list, dtype=np.int64)
+        rows = np.array(rows_list, dtype=np.int64)
+        if old_pieces:
+            n_new = len(indptr_list) - 1
+            lengths = np.fromiter((len(x.indices) for x in old_pieces), np.int64, len(old_pieces))
+            indptr = np.concatenate([indptr, indptr[-1] + np.cumsum(lengths)])
+            indices = np.concatenate([indices, *(x.indices for x in old_pieces)])
+            values = np.concatenate([values, *(x.values for x in old_pieces)])
+            old = rows < 0
+            rows[old] = n_new - 1 - rows[old]  # -1, -2, ... -> n_new, n_new + 1, ...
+        return OpBatch(
+            indptr=indptr,
+            indices=indices,
+            values=values,
+            op_kind=np.array(kinds, dtype=np.int8),
+            op_row=rows,
+            op_label=np.array(labels, dtype=np.int8),
+        )
+
+    def _evaluate(
         self,
         result: BatchResult,
         probabilities: npt.NDArray[np.float64],
-        learn_outcomes: list[tuple[int, Outcome | Labeled]],
+        learn_ops: list[int],
+        labels: list[int],
     ) -> None:
-        served = np.empty(len(learn_outcomes), dtype=np.float64)
-        labels = np.empty(len(learn_outcomes), dtype=np.int8)
-        learned = result.learned
-        for i, (op, outcome) in enumerate(learn_outcomes):
-            if type(outcome) is Labeled:
-                # The score op right before this learn op served it.
-                p = float(probabilities[op - 1])
-                learned.append(Learned(outcome.id, outcome.label, p, outcome.ts_ms, outcome.ts_ms, "labeled"))
-                label = outcome.label
+        """Progressive validation on the p served before learning, never the p after."""
+        served = result._learned_p
+        delays = result.click_delays_ms
+        for item, op in zip(result._learned_items, learn_ops, strict=True):
+            if type(item) is Labeled:
+                served.append(float(probabilities[op - 1]))  # its own score op, just before
             else:
-                assert isinstance(outcome, Outcome)
-                imp = outcome.impression
-                p = imp.p_served
-                label = outcome.label
-                learned.append(Learned(imp.id, label, p, imp.ts_ms, outcome.label_ts_ms, outcome.cause))
-                if label == 1:
-                    result.click_delays_ms.append(outcome.label_ts_ms - imp.ts_ms)
-            served[i] = p
-            labels[i] = label
-        positives = int(labels.sum())
+                assert isinstance(item, Outcome)
+                imp = item.impression
+                served.append(imp.p_served)
+                if item.label == 1:
+                    delays.append(item.label_ts_ms - imp.ts_ms)
+        served_array = np.array(served, dtype=np.float64)
+        label_array = np.array(labels, dtype=np.int8)[np.array(learn_ops, dtype=np.int64)]
+        positives = int(label_array.sum())
         result.learned_positives = positives
-        result.learned_negatives = len(labels) - positives
-        before = self.evaluator.logloss_sum
-        self.evaluator.update_many(served, labels)
-        result.logloss_sum = self.evaluator.logloss_sum - before
-        result.prediction_sum = float(served.sum())
+        result.learned_negatives = len(label_array) - positives
+        result.logloss_sum = self.evaluator.update_many(served_array, label_array)
+        result.prediction_sum = float(served_array.sum())
 
 
 _PLACEHOLDER = SparseExample(_EMPTY_INDICES, _EMPTY_VALUES)
+_NO_PARTITION = object()

@@ -213,7 +213,6 @@ def replay(
         result = pipeline.process_events(events, rejected)
         _account(report, result)
         report.events += len(events)
-        report.series.append((evaluator.examples, evaluator.logloss_window, evaluator.normalized_entropy_window))
         if progress is not None:
             progress(len(events))
     if flush:
@@ -232,6 +231,7 @@ def replay(
     report.events_per_second = report.events / report.seconds if report.seconds else 0.0
     report.join = pipeline.join_counters()
     report.refused_updates = int(getattr(pipeline.engine, "refused_updates", 0))
+    report.series = list(evaluator.series)
     return report
 
 

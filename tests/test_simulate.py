@@ -28,7 +28,7 @@ def test_stream_is_valid_time_ordered_and_complete() -> None:
     clicks = [e for e in events if isinstance(e, Click)]
     assert len(impressions) == 5000
     assert len(clicks) == traffic.stats.clicks
-    assert all(len(e.indices) == 6 for e in impressions)
+    assert all(len(e.keys) == 6 for e in impressions)
     # Every click follows its own impression.
     impression_ts = {e.id: e.ts_ms for e in impressions}
     assert all(c.ts_ms > impression_ts[c.id] for c in clicks)
