@@ -24,8 +24,8 @@ from stream_fm.events import Event, EventDecoder
 from stream_fm.features import FeatureHasher
 from stream_fm.model import FastFM, FMParams, RiverFM
 from stream_fm.model.base import OP_LEARN, Engine, OpBatch, SparseExample, StateValue
-from stream_fm.pipeline import Pipeline
-from stream_fm.replay import EventBatch, Rejected, read_batches, replay
+from stream_fm.pipeline import Pipeline, Rejected
+from stream_fm.replay import EventBatch, read_batches, replay
 from stream_fm.simulate import SimulationParams, Simulator
 
 VW_VARIANTS: dict[str, str] = {
@@ -46,9 +46,13 @@ class VowpalWabbit:
         try:
             from vowpalwabbit import Workspace
         except ImportError as error:
-            raise StreamFMError("the VW baseline needs vowpalwabbit: pip install 'stream-fm[bench]'") from error
+            raise StreamFMError(
+                "the VW baseline needs vowpalwabbit: pip install 'stream-fm[bench]'"
+            ) from error
         self.arguments = arguments
-        self._vw = Workspace(f"--quiet --loss_function logistic --link logistic -b {bits} {arguments}")
+        self._vw = Workspace(
+            f"--quiet --loss_function logistic --link logistic -b {bits} {arguments}"
+        )
         self._learned = 0
 
     @property
@@ -74,7 +78,9 @@ class VowpalWabbit:
         for op, (kind, row, label) in enumerate(
             zip(batch.op_kind.tolist(), batch.op_row.tolist(), batch.op_label.tolist(), strict=True)
         ):
-            line = self._line(indices[indptr[row] : indptr[row + 1]], values[indptr[row] : indptr[row + 1]])
+            line = self._line(
+                indices[indptr[row] : indptr[row + 1]], values[indptr[row] : indptr[row + 1]]
+            )
             out[op] = float(self._vw.predict(line))
             if kind == OP_LEARN:
                 self._vw.learn(("1 " if label else "-1 ") + line)
@@ -221,11 +227,18 @@ def _tail_logloss(marks: list[tuple[int, float]], share: float) -> float:
     return math.nan
 
 
-def simulated_stream(n_events: int, seed: int, window_s: float, hasher: FeatureHasher) -> tuple[list[EventBatch], float, float]:
+def simulated_stream(
+    n_events: int, seed: int, window_s: float, hasher: FeatureHasher
+) -> tuple[list[EventBatch], float, float]:
     """A simulated impression/click stream of about ``n_events`` events (20 fields)."""
     import orjson
 
-    params = SimulationParams(n_impressions=max(1, round(n_events / 1.03)), n_fields=20, seed=seed, attribution_window_s=window_s)
+    params = SimulationParams(
+        n_impressions=max(1, round(n_events / 1.03)),
+        n_fields=20,
+        seed=seed,
+        attribution_window_s=window_s,
+    )
     traffic = Simulator(params).generate()
     decoder = EventDecoder(hasher)
     events: list[tuple[Any, Event | None]] = []
@@ -265,7 +278,9 @@ def compare(
     add(full, "stream-fm", FastFM(params), batches)
     for name, arguments in VW_VARIANTS.items():
         add(full, name, VowpalWabbit(arguments, settings.hash_bits), batches)
-    prefix_result = StreamResult(f"{stream} (first {river_events:,} events)", min(river_events, n_events))
+    prefix_result = StreamResult(
+        f"{stream} (first {river_events:,} events)", min(river_events, n_events)
+    )
     prefix = _prefix(batches, river_events)
     add(prefix_result, "stream-fm", FastFM(params), prefix)
     add(prefix_result, "river-fm", RiverFM(params), prefix)
@@ -283,7 +298,9 @@ def compare(
 def format_table(result: StreamResult) -> str:
     lines = [f"== {result.stream}: {result.events:,} events"]
     if not math.isnan(result.bayes_logloss):
-        lines.append(f"   Bayes-optimal log loss {result.bayes_logloss:.5f}, NE {result.bayes_normalized_entropy:.4f}")
+        lines.append(
+            f"   Bayes-optimal log loss {result.bayes_logloss:.5f}, NE {result.bayes_normalized_entropy:.4f}"
+        )
     lines.append(
         f"   {'engine':<10} {'examples':>9} {'logloss':>8} {'last10%':>8} {'NE':>7} {'AUC':>7} "
         f"{'calib':>6} {'excess':>8} {'engine ex/s':>12} {'x river':>9}"

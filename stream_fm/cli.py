@@ -21,16 +21,22 @@ SERIES_EVERY = 10_000  # examples between two points of the replay plot
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (``--attribution-window-s``), listed with its default."""
-    parser.add_argument("--config", help="TOML settings file (then STREAM_FM_* env vars, then flags)")
+    parser.add_argument(
+        "--config", help="TOML settings file (then STREAM_FM_* env vars, then flags)"
+    )
     group = parser.add_argument_group("settings (also STREAM_FM_<NAME> or a TOML key)")
     for spec in SPECS.values():
         flag = "--" + spec.name.replace("_", "-")
         default = ",".join(spec.default) if isinstance(spec.default, tuple) else spec.default
         help_text = f"{spec.help} (default: {default})"
         if spec.kind is bool:
-            group.add_argument(flag, dest=f"setting__{spec.name}", action="store_const", const=True, help=help_text)
+            group.add_argument(
+                flag, dest=f"setting__{spec.name}", action="store_const", const=True, help=help_text
+            )
         else:
-            group.add_argument(flag, dest=f"setting__{spec.name}", metavar=spec.name.upper(), help=help_text)
+            group.add_argument(
+                flag, dest=f"setting__{spec.name}", metavar=spec.name.upper(), help=help_text
+            )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -43,7 +49,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stream-fm", description="Streaming click prediction with a Factorization Machine.")
+    parser = argparse.ArgumentParser(
+        prog="stream-fm", description="Streaming click prediction with a Factorization Machine."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="the Kafka worker")
@@ -51,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = commands.add_parser("replay", help="progressive validation over a file, no Kafka")
     replay.add_argument("path", type=Path)
-    replay.add_argument("--format", required=True, choices=("jsonl", "libsvm", "criteo", "avazu", "talkingdata"))
+    replay.add_argument(
+        "--format", required=True, choices=("jsonl", "libsvm", "criteo", "avazu", "talkingdata")
+    )
     replay.add_argument("--report", type=Path, help="write the JSON report here")
     replay.add_argument("--plot", type=Path, help="draw rolling log loss and NE to this PNG")
     replay.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -73,19 +83,40 @@ def _parser() -> argparse.ArgumentParser:
     kafka.add_argument("--bootstrap-servers", help="produce to this Kafka cluster")
     kafka.add_argument("--topic", default="ad-events", help="topic for impressions (and clicks)")
     kafka.add_argument("--clicks-topic", help="a separate topic for clicks (same partition count)")
-    kafka.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
-    kafka.add_argument("--duration-s", type=float, help="produce for this long at --rate (sets --impressions)")
+    kafka.add_argument(
+        "--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)"
+    )
+    kafka.add_argument(
+        "--duration-s", type=float, help="produce for this long at --rate (sets --impressions)"
+    )
 
-    demo = commands.add_parser("demo", help="Kafka + simulator + worker on this machine, progress printed")
+    demo = commands.add_parser(
+        "demo", help="Kafka + simulator + worker on this machine, progress printed"
+    )
     demo.add_argument("--rate", type=float, default=5000.0, help="simulated events per second")
-    demo.add_argument("--duration-s", type=float, help="stop after this long (default: until Ctrl-C)")
-    demo.add_argument("--metrics-port", type=int, default=9464, help="the worker's /metrics port (0 = free port)")
+    demo.add_argument(
+        "--duration-s", type=float, help="stop after this long (default: until Ctrl-C)"
+    )
+    demo.add_argument(
+        "--metrics-port", type=int, default=9464, help="the worker's /metrics port (0 = free port)"
+    )
     demo.add_argument("--partitions", type=int, default=2)
 
     bench = commands.add_parser("bench", help="fast engine vs river vs Vowpal Wabbit, side by side")
-    bench.add_argument("--streams", default="simulated,ipinyou,talkingdata", help="comma-separated: simulated, ipinyou, talkingdata")
-    bench.add_argument("--events", type=int, default=2_000_000, help="events of the simulated stream")
-    bench.add_argument("--river-events", type=int, default=20_000, help="prefix all engines run for the river comparison")
+    bench.add_argument(
+        "--streams",
+        default="simulated,ipinyou,talkingdata",
+        help="comma-separated: simulated, ipinyou, talkingdata",
+    )
+    bench.add_argument(
+        "--events", type=int, default=2_000_000, help="events of the simulated stream"
+    )
+    bench.add_argument(
+        "--river-events",
+        type=int,
+        default=20_000,
+        help="prefix all engines run for the river comparison",
+    )
     bench.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     bench.add_argument("--json", type=Path, help="write all figures as JSON here")
     bench.add_argument("--sim-seed", type=int, default=7, help="seed of the simulated stream")
@@ -95,14 +126,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # kafka-python logs every connection at INFO; keep its warnings only.
     logging.getLogger("kafka").setLevel(logging.WARNING)
     # Millions of live pending impressions make CPython's default GC cadence (every 700
     # allocations) cost a third of the hot loop; nothing here builds reference cycles.
     gc.set_threshold(100_000, 50, 100)
     try:
-        handler = {"run": _run, "replay": _replay, "simulate": _simulate, "bench": _bench, "demo": _demo}[args.command]
+        handler = {
+            "run": _run,
+            "replay": _replay,
+            "simulate": _simulate,
+            "bench": _bench,
+            "demo": _demo,
+        }[args.command]
         return handler(args)
     except StreamFMError as error:
         print(f"stream-fm: {error}", file=sys.stderr)
@@ -131,7 +170,9 @@ def _replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.path.is_file():
         raise StreamFMError(f"no such file: {args.path}")
-    hasher = FeatureHasher(settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features)
+    hasher = FeatureHasher(
+        settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features
+    )
     decoder = EventDecoder(hasher, settings.max_event_bytes)
     pipeline = Pipeline(
         FastFM(settings.model),
@@ -140,8 +181,12 @@ def _replay(args: argparse.Namespace) -> int:
         settings.max_pending_impressions,
         evaluator=ProgressiveValidation(settings.auc_window, series_every=SERIES_EVERY),
     )
-    with tqdm(unit=" events", unit_scale=True, disable=args.no_progress or None, file=sys.stderr) as bar:
-        report = replay(pipeline, read_batches(args.path, args.format, decoder), progress=bar.update)
+    with tqdm(
+        unit=" events", unit_scale=True, disable=args.no_progress or None, file=sys.stderr
+    ) as bar:
+        report = replay(
+            pipeline, read_batches(args.path, args.format, decoder), progress=bar.update
+        )
     figures = {k: v for k, v in _report_dict(report).items() if k != "series"}
     print(json.dumps(figures, indent=2))
     if args.report:
@@ -182,7 +227,9 @@ def _simulate(args: argparse.Namespace) -> int:
     stats = traffic.stats.as_dict()
     if args.bootstrap_servers:
         sent = _simulate_to_kafka(traffic.events(), args)
-        target = f"{sent:,} events to Kafka topic {args.topic}" + (f" and {args.clicks_topic}" if args.clicks_topic else "")
+        target = f"{sent:,} events to Kafka topic {args.topic}" + (
+            f" and {args.clicks_topic}" if args.clicks_topic else ""
+        )
     elif args.out is not None:
         target = _simulate_to_file(traffic.events(), args.out)
     else:
@@ -234,7 +281,11 @@ def _simulate_to_kafka(events: Iterator[dict[str, Any]], args: argparse.Namespac
         for event in events:
             if stopping:
                 break
-            topic = args.clicks_topic if (args.clicks_topic and event["type"] == "click") else args.topic
+            topic = (
+                args.clicks_topic
+                if (args.clicks_topic and event["type"] == "click")
+                else args.topic
+            )
             producer.send(topic, event["id"].encode(), orjson.dumps(event))
             sent += 1
             if args.rate > 0 and sent % 256 == 0:
@@ -258,7 +309,9 @@ def _bench(args: argparse.Namespace) -> int:
     from stream_fm.features import FeatureHasher
 
     settings = _settings(args)
-    hasher = FeatureHasher(settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features)
+    hasher = FeatureHasher(
+        settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features
+    )
     streams = [s.strip() for s in args.streams.split(",") if s.strip()]
     unknown = set(streams) - {"simulated", "ipinyou", "talkingdata"}
     if unknown:
@@ -269,24 +322,37 @@ def _bench(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     throughput = bench.engine_only_throughput()
-    print(f"engine only (compiled kernel, 20 fields, k={settings.model.k}, score+learn): {throughput:,.0f} examples/s")
+    print(
+        f"engine only (compiled kernel, 20 fields, k={settings.model.k}, score+learn): {throughput:,.0f} examples/s"
+    )
     for stream in streams:
         if stream == "simulated":
-            batches, bayes_ll, bayes_ne = bench.simulated_stream(args.events, args.sim_seed, settings.attribution_window_s, hasher)
-            outcome = bench.compare("simulated", batches, settings, hasher, args.river_events, say, (bayes_ll, bayes_ne))
+            batches, bayes_ll, bayes_ne = bench.simulated_stream(
+                args.events, args.sim_seed, settings.attribution_window_s, hasher
+            )
+            outcome = bench.compare(
+                "simulated", batches, settings, hasher, args.river_events, say, (bayes_ll, bayes_ne)
+            )
         elif stream == "ipinyou":
             folder = args.data_dir / "ipinyou_deepctr"
             batches = bench.file_stream(folder / "train.fm.txt", "libsvm", hasher)
             batches += bench.file_stream(folder / "test.fm.txt", "libsvm", hasher)
-            outcome = bench.compare("ipinyou train+test", batches, settings, hasher, args.river_events, say)
+            outcome = bench.compare(
+                "ipinyou train+test", batches, settings, hasher, args.river_events, say
+            )
         else:
             path = args.data_dir / "talkingdata" / "train_sample.sorted.csv"
             batches = bench.file_stream(path, "talkingdata", hasher)
-            outcome = bench.compare("talkingdata", batches, settings, hasher, args.river_events, say)
+            outcome = bench.compare(
+                "talkingdata", batches, settings, hasher, args.river_events, say
+            )
         for result in outcome:
             print(bench.format_table(result), flush=True)
         results += outcome
     if args.json:
-        payload = {"engine_only_examples_per_second": throughput, "streams": [r.as_dict() for r in results]}
+        payload = {
+            "engine_only_examples_per_second": throughput,
+            "streams": [r.as_dict() for r in results],
+        }
         args.json.write_text(json.dumps(payload, indent=2, default=lambda v: None))
     return 0

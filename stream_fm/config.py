@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+import tomllib
 
 from stream_fm.errors import ConfigError
 from stream_fm.features import NUMERIC_TRANSFORMS
@@ -45,42 +46,100 @@ class Settings:
     """Every setting of the worker, replay and simulator; see ``stream-fm run --help``."""
 
     # Kafka
-    bootstrap_servers: str = field(default="127.0.0.1:9092", metadata=_help("Kafka bootstrap servers, comma-separated"))
+    bootstrap_servers: str = field(
+        default="127.0.0.1:9092", metadata=_help("Kafka bootstrap servers, comma-separated")
+    )
     group_id: str = field(default="stream-fm", metadata=_help("consumer group id"))
     client_id: str = field(default="stream-fm", metadata=_help("Kafka client id"))
-    input_topics: tuple[str, ...] = field(default=("ad-events",), metadata=_help("one topic with impressions and clicks, or two (impressions,clicks) with equal partition counts"))
-    predictions_topic: str = field(default="ad-predictions", metadata=_help("output topic for served probabilities"))
-    dead_letter_topic: str = field(default="ad-events-dlq", metadata=_help("topic for records that could not be decoded"))
-    labels_topic: str = field(default="", metadata=_help("optional training-log topic (id, label, served p, times); empty = off"))
-    security_protocol: str = field(default="PLAINTEXT", metadata=_help("PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"))
-    sasl_mechanism: str = field(default="", metadata=_help("PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI"))
+    input_topics: tuple[str, ...] = field(
+        default=("ad-events",),
+        metadata=_help(
+            "one topic with impressions and clicks, or two (impressions,clicks) with equal partition counts"
+        ),
+    )
+    predictions_topic: str = field(
+        default="ad-predictions", metadata=_help("output topic for served probabilities")
+    )
+    dead_letter_topic: str = field(
+        default="ad-events-dlq", metadata=_help("topic for records that could not be decoded")
+    )
+    labels_topic: str = field(
+        default="",
+        metadata=_help("optional training-log topic (id, label, served p, times); empty = off"),
+    )
+    security_protocol: str = field(
+        default="PLAINTEXT", metadata=_help("PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    )
+    sasl_mechanism: str = field(
+        default="", metadata=_help("PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI")
+    )
     sasl_username: str = field(default="", metadata=_help("SASL user name"))
     sasl_password: str = field(default="", metadata=_help("SASL password"))
     ssl_cafile: str = field(default="", metadata=_help("CA bundle for SSL"))
     ssl_certfile: str = field(default="", metadata=_help("client certificate for SSL"))
     ssl_keyfile: str = field(default="", metadata=_help("client key for SSL"))
-    poll_timeout_ms: int = field(default=200, metadata=_help("longest wait for records in one poll"))
+    poll_timeout_ms: int = field(
+        default=200, metadata=_help("longest wait for records in one poll")
+    )
     max_poll_records: int = field(default=5000, metadata=_help("records per batch at most"))
-    produce_timeout_s: float = field(default=30.0, metadata=_help("wait for output acknowledgements before failing the batch"))
+    produce_timeout_s: float = field(
+        default=30.0, metadata=_help("wait for output acknowledgements before failing the batch")
+    )
     # Events and features
-    max_event_bytes: int = field(default=65_536, metadata=_help("records larger than this go to the dead-letter topic"))
-    hash_bits: int = field(default=20, metadata=_help("features are hashed into 2^hash_bits buckets"))
+    max_event_bytes: int = field(
+        default=65_536, metadata=_help("records larger than this go to the dead-letter topic")
+    )
+    hash_bits: int = field(
+        default=20, metadata=_help("features are hashed into 2^hash_bits buckets")
+    )
     hash_seed: int = field(default=0, metadata=_help("MurmurHash3 seed of the feature hasher"))
-    numeric_transform: str = field(default="signed_log1p", metadata=_help(f"numeric feature transform: {', '.join(NUMERIC_TRANSFORMS)}"))
+    numeric_transform: str = field(
+        default="signed_log1p",
+        metadata=_help(f"numeric feature transform: {', '.join(NUMERIC_TRANSFORMS)}"),
+    )
     max_features: int = field(default=1000, metadata=_help("features per event at most"))
     # Join and evaluation
-    attribution_window_s: float = field(default=3600.0, metadata=_help("a click within this many seconds of its impression makes it positive"))
-    max_pending_impressions: int = field(default=2_000_000, metadata=_help("pending-impression buffer bound; the oldest are learned as negatives when full"))
-    auc_window: int = field(default=100_000, metadata=_help("examples in the rolling window for AUC and windowed log loss"))
+    attribution_window_s: float = field(
+        default=3600.0,
+        metadata=_help("a click within this many seconds of its impression makes it positive"),
+    )
+    max_pending_impressions: int = field(
+        default=2_000_000,
+        metadata=_help(
+            "pending-impression buffer bound; the oldest are learned as negatives when full"
+        ),
+    )
+    auc_window: int = field(
+        default=100_000,
+        metadata=_help("examples in the rolling window for AUC and windowed log loss"),
+    )
     # Checkpoints
-    checkpoint_dir: str = field(default="checkpoints", metadata=_help("directory of checkpoint generations (may be a shared volume)"))
-    checkpoint_interval_s: float = field(default=30.0, metadata=_help("checkpoint at least this often"))
-    checkpoint_every_events: int = field(default=1_000_000, metadata=_help("checkpoint after this many events even if the interval has not passed"))
+    checkpoint_dir: str = field(
+        default="checkpoints",
+        metadata=_help("directory of checkpoint generations (may be a shared volume)"),
+    )
+    checkpoint_interval_s: float = field(
+        default=30.0, metadata=_help("checkpoint at least this often")
+    )
+    checkpoint_every_events: int = field(
+        default=1_000_000,
+        metadata=_help("checkpoint after this many events even if the interval has not passed"),
+    )
     checkpoint_keep: int = field(default=3, metadata=_help("checkpoint generations kept"))
-    cold_start: bool = field(default=False, metadata=_help("start without a checkpoint even though the group has committed offsets"))
+    cold_start: bool = field(
+        default=False,
+        metadata=_help("start without a checkpoint even though the group has committed offsets"),
+    )
     # Operations
-    metrics_host: str = field(default="127.0.0.1", metadata=_help("address of the /metrics, /healthz, /readyz server (0.0.0.0 in a container)"))
-    metrics_port: int = field(default=9464, metadata=_help("port of the metrics server; 0 picks a free one"))
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata=_help(
+            "address of the /metrics, /healthz, /readyz server (0.0.0.0 in a container)"
+        ),
+    )
+    metrics_port: int = field(
+        default=9464, metadata=_help("port of the metrics server; 0 picks a free one")
+    )
     log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
     model: FMParams = field(default_factory=FMParams, metadata=_help("FM hyperparameters"))
 
@@ -98,16 +157,34 @@ def _validate(s: Settings) -> None:
             raise ConfigError(setting, problem)
 
     require(bool(s.bootstrap_servers.strip()), "bootstrap_servers", "must not be empty")
-    require(1 <= len(s.input_topics) <= 2, "input_topics", "give one topic or two (impressions,clicks)")
+    require(
+        1 <= len(s.input_topics) <= 2, "input_topics", "give one topic or two (impressions,clicks)"
+    )
     require(all(s.input_topics), "input_topics", "topic names must not be empty")
     require(len(set(s.input_topics)) == len(s.input_topics), "input_topics", "topics must differ")
     require(bool(s.predictions_topic), "predictions_topic", "must not be empty")
     require(bool(s.dead_letter_topic), "dead_letter_topic", "must not be empty")
     outputs = {s.predictions_topic, s.dead_letter_topic, s.labels_topic} - {""}
-    require(not outputs & set(s.input_topics), "predictions_topic", "an output topic is also an input topic")
-    require(s.security_protocol in SECURITY_PROTOCOLS, "security_protocol", f"must be one of {', '.join(SECURITY_PROTOCOLS)}")
-    require(s.sasl_mechanism in SASL_MECHANISMS, "sasl_mechanism", f"must be one of {', '.join(m for m in SASL_MECHANISMS if m)}")
-    require(not s.security_protocol.startswith("SASL") or bool(s.sasl_mechanism), "sasl_mechanism", f"required with security_protocol={s.security_protocol}")
+    require(
+        not outputs & set(s.input_topics),
+        "predictions_topic",
+        "an output topic is also an input topic",
+    )
+    require(
+        s.security_protocol in SECURITY_PROTOCOLS,
+        "security_protocol",
+        f"must be one of {', '.join(SECURITY_PROTOCOLS)}",
+    )
+    require(
+        s.sasl_mechanism in SASL_MECHANISMS,
+        "sasl_mechanism",
+        f"must be one of {', '.join(m for m in SASL_MECHANISMS if m)}",
+    )
+    require(
+        not s.security_protocol.startswith("SASL") or bool(s.sasl_mechanism),
+        "sasl_mechanism",
+        f"required with security_protocol={s.security_protocol}",
+    )
     for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         path = getattr(s, name)
         require(not path or Path(path).is_file(), name, f"file not found: {path}")
@@ -116,7 +193,11 @@ def _validate(s: Settings) -> None:
     require(s.produce_timeout_s > 0, "produce_timeout_s", "must be > 0")
     require(s.max_event_bytes >= 64, "max_event_bytes", "must be >= 64")
     require(1 <= s.hash_bits <= 30, "hash_bits", "must be between 1 and 30")
-    require(s.numeric_transform in NUMERIC_TRANSFORMS, "numeric_transform", f"must be one of {', '.join(NUMERIC_TRANSFORMS)}")
+    require(
+        s.numeric_transform in NUMERIC_TRANSFORMS,
+        "numeric_transform",
+        f"must be one of {', '.join(NUMERIC_TRANSFORMS)}",
+    )
     require(s.max_features >= 1, "max_features", "must be >= 1")
     require(s.attribution_window_s > 0, "attribution_window_s", "must be > 0")
     require(s.max_pending_impressions >= 1, "max_pending_impressions", "must be >= 1")
@@ -124,10 +205,22 @@ def _validate(s: Settings) -> None:
     require(bool(s.checkpoint_dir), "checkpoint_dir", "must not be empty")
     require(s.checkpoint_interval_s > 0, "checkpoint_interval_s", "must be > 0")
     require(s.checkpoint_every_events >= 1, "checkpoint_every_events", "must be >= 1")
-    require(s.checkpoint_keep >= 2, "checkpoint_keep", "must be >= 2 so a corrupt newest file has a fallback")
+    require(
+        s.checkpoint_keep >= 2,
+        "checkpoint_keep",
+        "must be >= 2 so a corrupt newest file has a fallback",
+    )
     require(0 <= s.metrics_port <= 65535, "metrics_port", "must be a port number")
-    require(s.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
-    require(s.model.n_buckets == 1 << s.hash_bits, "hash_bits", f"disagrees with n_buckets={s.model.n_buckets}")
+    require(
+        s.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
+        "log_level",
+        "must be DEBUG, INFO, WARNING or ERROR",
+    )
+    require(
+        s.model.n_buckets == 1 << s.hash_bits,
+        "hash_bits",
+        f"disagrees with n_buckets={s.model.n_buckets}",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,14 +247,18 @@ def setting_specs() -> Iterator[SettingSpec]:
         if f.name == "model":
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        yield SettingSpec(f.name, _kind_of(hints[f.name]), default, f.metadata.get("help", ""), False)
+        yield SettingSpec(
+            f.name, _kind_of(hints[f.name]), default, f.metadata.get("help", ""), False
+        )
     model_hints = typing.get_type_hints(FMParams)
     defaults = FMParams()
     for f in dataclasses.fields(FMParams):
         if f.name == "n_buckets":  # derived from hash_bits
             continue
         help_text = f.metadata.get("help", "FM hyperparameter")
-        yield SettingSpec(f.name, _kind_of(model_hints[f.name]), getattr(defaults, f.name), help_text, True)
+        yield SettingSpec(
+            f.name, _kind_of(model_hints[f.name]), getattr(defaults, f.name), help_text, True
+        )
 
 
 SPECS: Final = {spec.name: spec for spec in setting_specs()}
@@ -216,7 +313,7 @@ def load_settings(
     for var, text in (os.environ if env is None else env).items():
         if not var.startswith(ENV_PREFIX) or var in NON_SETTING_ENV:
             continue
-        spec = SPECS.get(var[len(ENV_PREFIX):].lower())
+        spec = SPECS.get(var[len(ENV_PREFIX) :].lower())
         if spec is None:
             raise ConfigError(var, "unknown setting (environment variable)")
         chosen[spec.name] = _coerce(spec, text, var)
@@ -260,4 +357,3 @@ def describe(settings: Settings) -> dict[str, Any]:
         value = getattr(owner, spec.name)
         out[spec.name] = "***" if spec.name == "sasl_password" and value else value
     return out
-

@@ -24,7 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from stream_fm.broker import KafkaBroker
 from stream_fm.errors import StreamFMError
 
-TOPICS = {"events": "ad-events", "predictions": "ad-predictions", "dead_letters": "ad-events-dlq", "labels": "ad-labels"}
+TOPICS = {
+    "events": "ad-events",
+    "predictions": "ad-predictions",
+    "dead_letters": "ad-events-dlq",
+    "labels": "ad-labels",
+}
 
 
 def _free_port() -> int:
@@ -56,11 +61,19 @@ def _stop(process: subprocess.Popen[bytes], name: str, timeout_s: float = 20.0) 
     return process.returncode
 
 
-def run_demo(rate: float, duration_s: float | None, metrics_port: int, partitions: int, every_s: float = 5.0) -> int:
+def run_demo(
+    rate: float, duration_s: float | None, metrics_port: int, partitions: int, every_s: float = 5.0
+) -> int:
     work = Path(tempfile.mkdtemp(prefix="stream-fm-demo-"))
-    print("demo: starting Apache Kafka (KRaft) - the first run downloads its jars with Maven ...", flush=True)
+    print(
+        "demo: starting Apache Kafka (KRaft) - the first run downloads its jars with Maven ...",
+        flush=True,
+    )
     with KafkaBroker(log_path=work / "kafka.log", partitions=partitions) as broker:
-        print(f"demo: Kafka {broker.kafka_version} on {broker.bootstrap_servers}; log {broker.log_path}", flush=True)
+        print(
+            f"demo: Kafka {broker.kafka_version} on {broker.bootstrap_servers}; log {broker.log_path}",
+            flush=True,
+        )
         broker.create_topics(TOPICS.values(), partitions=partitions)
         port = metrics_port or _free_port()
         env = dict(os.environ)
@@ -82,7 +95,10 @@ def run_demo(rate: float, duration_s: float | None, metrics_port: int, partition
         )
         worker_log = (work / "worker.log").open("wb")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "stream_fm", "run"], env=env, stdout=worker_log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "stream_fm", "run"],
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
         )
         simulate_args = [
             sys.executable, "-m", "stream_fm", "simulate",
@@ -91,9 +107,14 @@ def run_demo(rate: float, duration_s: float | None, metrics_port: int, partition
             "--click-delay-median-s", "2", "--fields", "20",
             "--duration-s", str(duration_s if duration_s is not None else 24 * 3600),
         ]  # fmt: skip
-        simulator = subprocess.Popen(simulate_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        simulator = subprocess.Popen(
+            simulate_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         url = f"http://127.0.0.1:{port}/metrics"
-        print(f"demo: worker metrics on {url}; worker log {work / 'worker.log'}; Ctrl-C stops", flush=True)
+        print(
+            f"demo: worker metrics on {url}; worker log {work / 'worker.log'}; Ctrl-C stops",
+            flush=True,
+        )
         started = time.monotonic()
         previous: tuple[float, float] | None = None
         code = 0
@@ -101,7 +122,10 @@ def run_demo(rate: float, duration_s: float | None, metrics_port: int, partition
             while duration_s is None or time.monotonic() - started < duration_s:
                 time.sleep(every_s)
                 if worker.poll() is not None:
-                    print(f"demo: the worker exited with {worker.returncode}; see {work / 'worker.log'}", file=sys.stderr)
+                    print(
+                        f"demo: the worker exited with {worker.returncode}; see {work / 'worker.log'}",
+                        file=sys.stderr,
+                    )
                     code = 1
                     break
                 with contextlib.suppress(OSError):
@@ -126,7 +150,11 @@ def run_demo(rate: float, duration_s: float | None, metrics_port: int, partition
             _stop(simulator, "simulator")
             worker_code = _stop(worker, "worker")
             worker_log.close()
-            summary = [line for line in (work / "worker.log").read_text().splitlines() if "worker stopped" in line]
+            summary = [
+                line
+                for line in (work / "worker.log").read_text().splitlines()
+                if "worker stopped" in line
+            ]
             if summary:
                 print(summary[-1])
             if worker_code not in (0, None) and code == 0:

@@ -37,7 +37,6 @@ from stream_fm.model.base import SparseExample
 NUMERIC_TRANSFORMS: Final = ("signed_log1p", "identity", "log_bucket")
 
 
-
 def _signed_log1p(value: float) -> float:
     return math.log1p(value) if value >= 0.0 else -math.log1p(-value)
 
@@ -101,7 +100,13 @@ class FeatureHasher:
         blob = np.frombuffer("\x00".join(keys).encode("utf-8", "surrogatepass"), dtype=np.uint8)
         if _hash_segments(blob, self.seed, out) != len(keys):
             # A key with a NUL character in it: hash one by one.
-            out = np.array([mmh3.hash(k.encode("utf-8", "surrogatepass"), self.seed, signed=False) for k in keys], dtype=np.uint32)
+            out = np.array(
+                [
+                    mmh3.hash(k.encode("utf-8", "surrogatepass"), self.seed, signed=False)
+                    for k in keys
+                ],
+                dtype=np.uint32,
+            )
         return (out & np.uint32(self._mask)).astype(np.int32)
 
     def add_features(
@@ -162,7 +167,9 @@ class FeatureHasher:
             elif kind is dict:
                 raise InvalidEvent("nested_feature", f"feature {name!r} is an object")
             else:
-                raise InvalidEvent("bad_feature_value", f"feature {name!r} has type {kind.__name__}")
+                raise InvalidEvent(
+                    "bad_feature_value", f"feature {name!r} has type {kind.__name__}"
+                )
 
     def hash_one(self, features: Mapping[str, Any]) -> SparseExample:
         """Hash one feature mapping into a ``SparseExample``."""
@@ -188,10 +195,12 @@ def _log_bucket(value: float) -> str:
 def _rotl(x: Any, r: int) -> Any:
     return ((x << np.uint32(r)) | (x >> np.uint32(32 - r))) & np.uint32(0xFFFFFFFF)
 
+
 @njit(cache=True, nogil=True)
 def _hash_segments(blob: Any, seed: int, out: Any) -> int:
     """MurmurHash3 x86_32 of each NUL-separated segment of blob; returns segment count."""
-    c1 = np.uint32(0xCC9E2D51); c2 = np.uint32(0x1B873593)
+    c1 = np.uint32(0xCC9E2D51)
+    c2 = np.uint32(0x1B873593)
     n = blob.shape[0]
     count = 0
     start = 0
@@ -205,7 +214,12 @@ def _hash_segments(blob: Any, seed: int, out: Any) -> int:
             nblocks = length // 4
             for b in range(nblocks):
                 p = start + 4 * b
-                k = np.uint32(blob[p]) | (np.uint32(blob[p + 1]) << np.uint32(8)) | (np.uint32(blob[p + 2]) << np.uint32(16)) | (np.uint32(blob[p + 3]) << np.uint32(24))
+                k = (
+                    np.uint32(blob[p])
+                    | (np.uint32(blob[p + 1]) << np.uint32(8))
+                    | (np.uint32(blob[p + 2]) << np.uint32(16))
+                    | (np.uint32(blob[p + 3]) << np.uint32(24))
+                )
                 k = (k * c1) & np.uint32(0xFFFFFFFF)
                 k = _rotl(k, 15)
                 k = (k * c2) & np.uint32(0xFFFFFFFF)

@@ -16,7 +16,6 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kafka_errors
-from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
@@ -74,7 +73,10 @@ class KafkaIO:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        common = {"bootstrap_servers": settings.bootstrap_servers.split(","), "client_id": settings.client_id}
+        common = {
+            "bootstrap_servers": settings.bootstrap_servers.split(","),
+            "client_id": settings.client_id,
+        }
         common |= security_config(settings)
         try:
             self._consumer = KafkaConsumer(
@@ -101,7 +103,9 @@ class KafkaIO:
                 **common,
             )
         except kafka_errors.KafkaError as error:
-            raise BrokerError(f"cannot connect to Kafka at {settings.bootstrap_servers}: {error}") from error
+            raise BrokerError(
+                f"cannot connect to Kafka at {settings.bootstrap_servers}: {error}"
+            ) from error
         self._pending: list[Any] = []
 
     # consumer
@@ -129,7 +133,9 @@ class KafkaIO:
         out: list[Record] = []
         for records in batches.values():
             for r in records:
-                out.append(Record(r.topic, r.partition, r.offset, r.key, r.value or b"", r.timestamp))
+                out.append(
+                    Record(r.topic, r.partition, r.offset, r.key, r.value or b"", r.timestamp)
+                )
         return out
 
     def seek(self, partition: Partition, offset: int) -> None:
@@ -150,7 +156,9 @@ class KafkaIO:
         """
         if not offsets:
             return
-        request = {TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+        request = {
+            TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()
+        }
         try:
             if wait:
                 self._consumer.commit(request)
@@ -186,7 +194,9 @@ class KafkaIO:
         for server in self.settings.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
             try:
-                with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+                with socket.create_connection(
+                    (host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s
+                ):
                     return True
             except (OSError, ValueError):
                 continue
@@ -212,7 +222,9 @@ class KafkaIO:
         return missing
 
     # producer
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None) -> None:
+    def send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
         """Queue a record; ``flush`` waits for its acknowledgement."""
         try:
             self._pending.append(self._producer.send(topic, key=key, value=value, headers=headers))
@@ -247,27 +259,6 @@ class KafkaIO:
             self._consumer.close()
         except Exception as error:
             log.warning("closing the Kafka consumer failed: %s", error)
-
-
-def create_topics(settings: Settings, topics: Mapping[str, int]) -> None:
-    """Create topics with the given partition counts if missing (demo and tests)."""
-    admin = KafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers.split(","),
-        client_id=f"{settings.client_id}-admin",
-        **security_config(settings),
-    )
-    try:
-        existing = set(admin.list_topics())
-        new = [NewTopic(name, partitions, 1) for name, partitions in topics.items() if name not in existing]
-        if new:
-            try:
-                admin.create_topics(new)
-            except kafka_errors.TopicAlreadyExistsError:
-                pass
-    except kafka_errors.KafkaError as error:
-        raise BrokerError(f"cannot create topics {sorted(topics)}: {error}") from error
-    finally:
-        admin.close()
 
 
 class EventProducer:

@@ -69,7 +69,6 @@ class Learned:
     cause: str
 
 
-
 class BatchResult:
     """What one batch produced. ``predictions`` and ``learned`` are built on first access:
     the replay never needs the per-example objects, the worker does."""
@@ -124,7 +123,9 @@ class BatchResult:
                 else:
                     assert isinstance(item, Outcome)
                     imp = item.impression
-                    out.append(Learned(imp.id, item.label, p, imp.ts_ms, item.label_ts_ms, item.cause))
+                    out.append(
+                        Learned(imp.id, item.label, p, imp.ts_ms, item.label_ts_ms, item.cause)
+                    )
             self._learned = out
         return self._learned
 
@@ -302,7 +303,9 @@ class Pipeline:
             starts = batch.indptr[row_index].tolist()
             ends = batch.indptr[row_index + 1].tolist()
             indices, values = batch.indices, batch.values
-            for pending, p, version, a, b in zip(scored, served_p, versions, starts, ends, strict=True):
+            for pending, p, version, a, b in zip(
+                scored, served_p, versions, starts, ends, strict=True
+            ):
                 pending.p_served = p
                 pending.model_version = version
                 pending.example = SparseExample(indices[a:b], values[a:b])

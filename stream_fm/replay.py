@@ -20,6 +20,7 @@ import gzip
 import heapq
 import io
 import time
+import typing
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ EventBatch = tuple[list[tuple[Hashable, Event | None]], list[Rejected]]
 
 def open_binary(path: Path) -> IO[bytes]:
     if path.suffix == ".gz":
-        return gzip.open(path, "rb")
+        return typing.cast(IO[bytes], gzip.open(path, "rb"))
     return path.open("rb")
 
 
@@ -112,14 +113,20 @@ def read_avazu(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
         for number, row in enumerate(reader):
             hour = row.get("hour", "")
             features: dict[str, Any] = {
-                name: value for name, value in row.items() if name not in ("id", "click", "hour") and value
+                name: value
+                for name, value in row.items()
+                if name not in ("id", "click", "hour") and value
             }
             if len(hour) == 8:  # YYMMDDHH: the hour of day generalises, the date does not
                 features["hour_of_day"] = hour[6:]
-            yield _labeled(hasher, row.get("id") or f"row-{number}", number, int(row["click"]), features)
+            yield _labeled(
+                hasher, row.get("id") or f"row-{number}", number, int(row["click"]), features
+            )
 
 
-def _labeled(hasher: FeatureHasher, ident: str, ts_ms: int, label: int, features: dict[str, Any]) -> Labeled:
+def _labeled(
+    hasher: FeatureHasher, ident: str, ts_ms: int, label: int, features: dict[str, Any]
+) -> Labeled:
     keys: list[str] = []
     values: list[float] = []
     hasher.add_features(features, keys, values)
@@ -168,7 +175,9 @@ ROW_READERS: Final[dict[str, Callable[[Path, FeatureHasher], Iterator[Event]]]] 
 }
 
 
-def read_batches(path: Path, fmt: str, decoder: EventDecoder, size: int = BATCH_EVENTS) -> Iterator[EventBatch]:
+def read_batches(
+    path: Path, fmt: str, decoder: EventDecoder, size: int = BATCH_EVENTS
+) -> Iterator[EventBatch]:
     """Batches of decoded events of a file in any supported format."""
     if fmt == "jsonl":
         return read_jsonl(path, decoder, size)
@@ -219,13 +228,12 @@ def replay(
         result = pipeline.flush()
         _account(report, result)
     report.seconds = time.perf_counter() - started
-    quality = evaluator.report()
     report.examples = evaluator.examples
     report.positives = evaluator.positives
     report.logloss = evaluator.logloss
     report.logloss_window = evaluator.logloss_window
     report.normalized_entropy = evaluator.normalized_entropy
-    report.auc = float(quality.get("auc", float("nan")))
+    report.auc = evaluator.auc_window
     report.calibration = evaluator.calibration
     report.examples_per_second = report.examples / report.seconds if report.seconds else 0.0
     report.events_per_second = report.events / report.seconds if report.seconds else 0.0
@@ -251,11 +259,15 @@ def plot_series(series: Sequence[tuple[int, float, float]], path: Path, title: s
         raise StreamFMError("--plot needs matplotlib: pip install 'stream-fm[plot]'") from error
     points = [(n, ll, ne) for n, ll, ne in series if n > 0]
     figure, left = plt.subplots(figsize=(8, 4.5))
-    left.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue", label="rolling log loss")
+    left.plot(
+        [p[0] for p in points], [p[1] for p in points], color="tab:blue", label="rolling log loss"
+    )
     left.set_xlabel("examples seen")
     left.set_ylabel("rolling log loss", color="tab:blue")
     right = left.twinx()
-    right.plot([p[0] for p in points], [p[2] for p in points], color="tab:orange", label="rolling NE")
+    right.plot(
+        [p[0] for p in points], [p[2] for p in points], color="tab:orange", label="rolling NE"
+    )
     right.set_ylabel("rolling normalized entropy", color="tab:orange")
     left.set_title(title)
     figure.tight_layout()

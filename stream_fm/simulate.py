@@ -113,7 +113,8 @@ class Traffic:
             else:
                 row_values = values[row].tolist()
                 features = {
-                    name: value_labels[f][v] for f, (name, v) in enumerate(zip(names, row_values, strict=True))
+                    name: value_labels[f][v]
+                    for f, (name, v) in enumerate(zip(names, row_values, strict=True))
                 }
                 yield {"type": "impression", "id": ident, "ts": int(ts[i]), "features": features}
 
@@ -136,8 +137,10 @@ def _zipf_sample(rng: np.random.Generator, cardinality: int, exponent: float, n:
     cdf = np.cumsum(weights)
     cdf /= cdf[-1]
     # Shuffle which index is popular so that bucket order carries no signal.
-    permutation = rng.permutation(cardinality)
-    return permutation[np.searchsorted(cdf, rng.random(n), side="right").clip(0, cardinality - 1)]
+    permutation: IntArray = rng.permutation(cardinality)
+    ranks = np.searchsorted(cdf, rng.random(n), side="right").clip(0, cardinality - 1)
+    chosen: IntArray = permutation[ranks]
+    return chosen
 
 
 def _binary_entropy(q: FloatArray) -> FloatArray:
@@ -153,7 +156,12 @@ class Simulator:
     def delay_cdf(self, delay_s: float) -> float:
         """P(click delay <= delay_s) under the mixture the simulator draws from."""
         p = self.params
-        body = 0.5 * (1 + math.erf(math.log(delay_s / p.click_delay_median_s) / (p.click_delay_sigma * math.sqrt(2))))
+        body = 0.5 * (
+            1
+            + math.erf(
+                math.log(delay_s / p.click_delay_median_s) / (p.click_delay_sigma * math.sqrt(2))
+            )
+        )
         tail = 1 - math.exp(-delay_s / p.long_tail_mean_s)
         return (1 - p.long_tail_share) * body + p.long_tail_share * tail
 
@@ -196,7 +204,9 @@ class Simulator:
         q = np.clip(label_probability, 1e-15, 1 - 1e-15)
         realised = float(-np.mean(np.where(positive, np.log(q), np.log1p(-q))))
         ctr = float(positive.mean())
-        entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if 0 < ctr < 1 else math.nan
+        entropy = (
+            -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if 0 < ctr < 1 else math.nan
+        )
         stats = SimulationStats(
             impressions=n,
             clicks=int(clicked.sum()),

@@ -23,11 +23,11 @@ import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry
 
+from stream_fm import __version__
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.config import Settings, describe
 from stream_fm.errors import BrokerError, MissingCheckpoint, ProduceError, StreamFMError
 from stream_fm.evaluate import ProgressiveValidation
-from stream_fm import __version__
 from stream_fm.events import REASONS, EventDecoder
 from stream_fm.features import FeatureHasher
 from stream_fm.join import AttributionJoiner
@@ -55,7 +55,12 @@ class Worker:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry, invalid_reasons=REASONS, version=__version__)
-        hasher = FeatureHasher(settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features)
+        hasher = FeatureHasher(
+            settings.hash_bits,
+            settings.hash_seed,
+            settings.numeric_transform,
+            settings.max_features,
+        )
         self.engine = FastFM(settings.model)
         self.pipeline = Pipeline(
             self.engine,
@@ -70,7 +75,9 @@ class Worker:
         self.server: MetricsServer | None = None
         self._stopping = threading.Event()
         self._fatal: BaseException | None = None
-        self._checkpoint: dict[str, Any] | None = None  # last durable state, for assignment/rollback
+        self._checkpoint: dict[str, Any] | None = (
+            None  # last durable state, for assignment/rollback
+        )
         self._restored = False
         self._dirty = False
         self._events_since_checkpoint = 0
@@ -102,7 +109,10 @@ class Worker:
             self.io = KafkaIO(settings)
             missing = self.io.wait_for_topics(settings.input_topics, timeout_s=30)
             if missing:
-                log.warning("input topic(s) %s not found yet; waiting for them to appear", ", ".join(missing))
+                log.warning(
+                    "input topic(s) %s not found yet; waiting for them to appear",
+                    ", ".join(missing),
+                )
             self._restore_or_refuse()
             self.io.subscribe(settings.input_topics, self._on_assigned, self._on_revoked)
             while not self._stopping.is_set():
@@ -141,7 +151,9 @@ class Worker:
         now = time.monotonic()
         self._last_loop_s = now
         due = now - self._last_checkpoint_s >= self.settings.checkpoint_interval_s
-        if self._dirty and (due or self._events_since_checkpoint >= self.settings.checkpoint_every_events):
+        if self._dirty and (
+            due or self._events_since_checkpoint >= self.settings.checkpoint_every_events
+        ):
             self._checkpoint_and_commit(reason="periodic")
         if now - self._last_lag_s >= LAG_REFRESH_S:
             self._last_lag_s = now
@@ -156,7 +168,12 @@ class Worker:
         result = self.pipeline.process([(r.partition, r.value) for r in records])
         send = self.io.send
         for prediction in result.predictions:
-            value = {"id": prediction.id, "p_click": prediction.p_click, "ts": prediction.ts_ms, "model_version": prediction.model_version}
+            value = {
+                "id": prediction.id,
+                "p_click": prediction.p_click,
+                "ts": prediction.ts_ms,
+                "model_version": prediction.model_version,
+            }
             send(settings.predictions_topic, prediction.id.encode(), orjson.dumps(value))
         for rejected in result.invalid:
             record = records[rejected.position]
@@ -191,14 +208,18 @@ class Worker:
         join_before = dict(self.totals)
         join_now = self.pipeline.join_counters()
         now_ms = time.time() * 1000
-        served_after_ms = np.array([now_ms - records[p.position].timestamp_ms for p in result.predictions])
+        served_after_ms = np.array(
+            [now_ms - records[p.position].timestamp_ms for p in result.predictions]
+        )
         invalid = Counter(r.reason for r in result.invalid)
         self.metrics.observe_batch(
             events_by_type=result.events_by_type,
             invalid_by_reason=invalid,
             duplicates_by_kind={
-                "impression": join_now.get("duplicate_impressions", 0) - join_before.get("duplicate_impressions", 0),
-                "click": join_now.get("duplicate_clicks", 0) - join_before.get("duplicate_clicks", 0),
+                "impression": join_now.get("duplicate_impressions", 0)
+                - join_before.get("duplicate_impressions", 0),
+                "click": join_now.get("duplicate_clicks", 0)
+                - join_before.get("duplicate_clicks", 0),
             },
             predictions=len(result.predictions),
             learned_pos=result.learned_positives,
@@ -212,7 +233,13 @@ class Worker:
             impression_to_prediction_s=np.maximum(served_after_ms, 0.0) / 1000,
             click_delays_s=np.asarray(result.click_delays_ms, dtype=np.float64) / 1000,
         )
-        for key in ("duplicate_impressions", "duplicate_clicks", "late_clicks", "orphan_clicks", "evicted"):
+        for key in (
+            "duplicate_impressions",
+            "duplicate_clicks",
+            "late_clicks",
+            "orphan_clicks",
+            "evicted",
+        ):
             self.totals[key] = join_now.get(key, 0)
         self.totals["events"] += len(records)
         self.totals["invalid"] += len(result.invalid)
@@ -228,7 +255,9 @@ class Worker:
             self._last_auc_s = now
             auc = evaluator.auc_window
             self._auc = None if math.isnan(auc) else auc
-        self.metrics.set_quality(evaluator.logloss, evaluator.normalized_entropy, evaluator.calibration, self._auc)
+        self.metrics.set_quality(
+            evaluator.logloss, evaluator.normalized_entropy, evaluator.calibration, self._auc
+        )
         self.metrics.set_pending(self.pipeline.pending_count)
         self.metrics.set_model_version(self.engine.n_learned)
 
@@ -271,12 +300,19 @@ class Worker:
         if loaded is not None:
             state, path = loaded
             if state.get("format") != CHECKPOINT_FORMAT:
-                raise StreamFMError(f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+                raise StreamFMError(
+                    f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}"
+                )
             self.engine.load_state(state["engine"])
             self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
             self._checkpoint = state
             self.metrics.mark_checkpoint(float(state["saved_at_s"]))
-            log.info("restored %s: model_version=%d, %d examples evaluated", path.name, self.engine.n_learned, self.pipeline.evaluator.examples)
+            log.info(
+                "restored %s: model_version=%d, %d examples evaluated",
+                path.name,
+                self.engine.n_learned,
+                self.pipeline.evaluator.examples,
+            )
             self._publish_gauges()
             return
         committed = {
@@ -312,7 +348,9 @@ class Worker:
                 self.offsets[tp] = int(offset)
             partition = tp[1]
             if partition not in self.pipeline.joiners and str(partition) in saved_partitions:
-                self.pipeline.joiners[partition] = AttributionJoiner.from_state(saved_partitions[str(partition)])
+                self.pipeline.joiners[partition] = AttributionJoiner.from_state(
+                    saved_partitions[str(partition)]
+                )
         self._restored = True
         self._publish_gauges()
         log.info("assigned %s", ", ".join(_partition_key(tp) for tp in partitions) or "nothing")
@@ -344,7 +382,8 @@ class Worker:
         self.engine.load_state(state["engine"])
         self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
         self.pipeline.joiners = {
-            int(p): AttributionJoiner.from_state(joiner) for p, joiner in state["partitions"].items()
+            int(p): AttributionJoiner.from_state(joiner)
+            for p, joiner in state["partitions"].items()
         }
         self.offsets = {}
         for key, offset in state["offsets"].items():

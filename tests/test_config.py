@@ -45,17 +45,19 @@ def test_precedence(tmp_path: Path) -> None:
 def test_bad_setting_fails_naming_it(source: dict[str, dict[str, object]], setting: str) -> None:
     env = source.get("env", {})
     with pytest.raises(ConfigError) as caught:
-        load_settings(env={str(k): str(v) for k, v in env.items()}, overrides=source.get("overrides"))
+        load_settings(
+            env={str(k): str(v) for k, v in env.items()}, overrides=source.get("overrides")
+        )
     assert str(caught.value).startswith(setting + ":")
 
 
 def test_unknown_toml_key_and_bad_toml(tmp_path: Path) -> None:
     config = tmp_path / "worker.toml"
     config.write_text("bootstrap_servrs = 'x'\n")
-    with pytest.raises(ConfigError, match="^bootstrap_servrs: unknown setting"):
+    with pytest.raises(ConfigError, match=r"^bootstrap_servrs: unknown setting"):
         load_settings(config, env={})
     config.write_text("bootstrap_servers = \n")
-    with pytest.raises(ConfigError, match="^config: "):
+    with pytest.raises(ConfigError, match=r"^config: "):
         load_settings(config, env={})
 
 

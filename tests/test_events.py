@@ -15,15 +15,29 @@ def decoder() -> EventDecoder:
 
 
 MALFORMED = [
-    pytest.param(b'{"type":"click","id":"' + b"x" * 3000 + b'","ts":1}', "too_large", id="over-size-limit"),
+    pytest.param(
+        b'{"type":"click","id":"' + b"x" * 3000 + b'","ts":1}', "too_large", id="over-size-limit"
+    ),
     pytest.param(b"", "empty", id="empty"),
     pytest.param(b"   \n", "empty", id="whitespace"),
     pytest.param(b'{"type":"click","id":"\xff\xfe","ts":1}', "not_utf8", id="bad-utf8"),
     pytest.param(b"{type: click}", "not_json", id="not-json"),
     pytest.param(b'{"type":"click","id":"a","ts":1', "not_json", id="truncated-json"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1,"features":{"bid":NaN}}', "non_finite_number", id="nan"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1,"features":{"bid":Infinity}}', "non_finite_number", id="infinity"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1,"features":{"bid":1e400}}', "non_finite_number", id="overflow-to-inf"),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1,"features":{"bid":NaN}}',
+        "non_finite_number",
+        id="nan",
+    ),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1,"features":{"bid":Infinity}}',
+        "non_finite_number",
+        id="infinity",
+    ),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1,"features":{"bid":1e400}}',
+        "non_finite_number",
+        id="overflow-to-inf",
+    ),
     pytest.param(b'[{"type":"click"}]', "not_object", id="array"),
     pytest.param(b'"click"', "not_object", id="string"),
     pytest.param(b"42", "not_object", id="number"),
@@ -38,16 +52,50 @@ MALFORMED = [
     pytest.param(b'{"type":"click","id":"a","ts":1.5}', "bad_ts", id="ts-float"),
     pytest.param(b'{"type":"click","id":"a","ts":true}', "bad_ts", id="ts-bool"),
     pytest.param(b'{"type":"click","id":"a","ts":-5}', "ts_out_of_range", id="ts-negative"),
-    pytest.param(b'{"type":"click","id":"a","ts":1732406400123000000}', "ts_out_of_range", id="ts-nanoseconds"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1}', "missing_features", id="missing-features"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1,"features":[1,2]}', "bad_features", id="features-array"),
-    pytest.param(b'{"type":"labeled","id":"a","ts":1,"features":{}}', "missing_label", id="missing-label"),
-    pytest.param(b'{"type":"labeled","id":"a","ts":1,"label":2,"features":{}}', "bad_label", id="label-2"),
-    pytest.param(b'{"type":"labeled","id":"a","ts":1,"label":"yes","features":{}}', "bad_label", id="label-string"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1,"features":{"geo":{"city":"x"}}}', "nested_feature", id="nested-object"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1,"features":{"tags":["a",3]}}', "bad_feature_list", id="list-with-number"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1,"features":{"tags":[["a"]]}}', "bad_feature_list", id="nested-list"),
-    pytest.param(b'{"type":"impression","id":"a","ts":1,"features":{"":"x"}}', "bad_feature_name", id="empty-feature-name"),
+    pytest.param(
+        b'{"type":"click","id":"a","ts":1732406400123000000}',
+        "ts_out_of_range",
+        id="ts-nanoseconds",
+    ),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1}', "missing_features", id="missing-features"
+    ),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1,"features":[1,2]}',
+        "bad_features",
+        id="features-array",
+    ),
+    pytest.param(
+        b'{"type":"labeled","id":"a","ts":1,"features":{}}', "missing_label", id="missing-label"
+    ),
+    pytest.param(
+        b'{"type":"labeled","id":"a","ts":1,"label":2,"features":{}}', "bad_label", id="label-2"
+    ),
+    pytest.param(
+        b'{"type":"labeled","id":"a","ts":1,"label":"yes","features":{}}',
+        "bad_label",
+        id="label-string",
+    ),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1,"features":{"geo":{"city":"x"}}}',
+        "nested_feature",
+        id="nested-object",
+    ),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1,"features":{"tags":["a",3]}}',
+        "bad_feature_list",
+        id="list-with-number",
+    ),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1,"features":{"tags":[["a"]]}}',
+        "bad_feature_list",
+        id="nested-list",
+    ),
+    pytest.param(
+        b'{"type":"impression","id":"a","ts":1,"features":{"":"x"}}',
+        "bad_feature_name",
+        id="empty-feature-name",
+    ),
     pytest.param(
         b'{"type":"impression","id":"a","ts":1,"features":{'
         + b",".join(b'"f%d":1' % i for i in range(60))
@@ -87,7 +135,9 @@ def test_impression_features_of_every_kind(decoder: EventDecoder) -> None:
 
 def test_click_and_labeled(decoder: EventDecoder) -> None:
     assert decoder.decode(b'{"type":"click","id":"imp-1","ts":5}') == Click("imp-1", 5)
-    labeled = decoder.decode(b'{"type":"labeled","id":"ex-9","ts":5,"label":true,"features":{"a":"b"}}')
+    labeled = decoder.decode(
+        b'{"type":"labeled","id":"ex-9","ts":5,"label":true,"features":{"a":"b"}}'
+    )
     assert isinstance(labeled, Labeled) and labeled.label == 1
     assert labeled.keys == ["a=b"]
 
@@ -99,7 +149,18 @@ def test_extra_fields_are_ignored(decoder: EventDecoder) -> None:
 
 def test_bulk_hashing_equals_one_by_one() -> None:
     hasher = FeatureHasher(bits=24, seed=99)
-    keys = ["", "a", "ab", "abc", "abcd", "abcde", "ñandú=€", "site_id=a1b2", "nul\x00inside", "x" * 300]
+    keys = [
+        "",
+        "a",
+        "ab",
+        "abc",
+        "abcd",
+        "abcde",
+        "ñandú=€",
+        "site_id=a1b2",
+        "nul\x00inside",
+        "x" * 300,
+    ]
     assert hasher.buckets(keys).tolist() == [hasher.bucket(k) for k in keys]
     assert hasher.buckets([]).tolist() == []
 

@@ -19,7 +19,9 @@ BITS = 14
 
 def _pipeline(window_ms: int = 1000, max_pending: int = 1000) -> Pipeline:
     engine = FastFM(FMParams(n_buckets=1 << BITS, k=4))
-    return Pipeline(engine, EventDecoder(FeatureHasher(bits=BITS)), window_ms, max_pending, auc_window=100)
+    return Pipeline(
+        engine, EventDecoder(FeatureHasher(bits=BITS)), window_ms, max_pending, auc_window=100
+    )
 
 
 def _imp(ident: str, ts: int, **features: object) -> tuple[int, bytes]:
@@ -55,7 +57,9 @@ def test_model_version_counts_examples_learned_before_scoring() -> None:
 
 def test_labeled_is_scored_then_learned_and_invalid_keeps_its_position() -> None:
     pipe = _pipeline()
-    labeled = orjson.dumps({"type": "labeled", "id": "x", "ts": 5, "label": 1, "features": {"a": "b"}})
+    labeled = orjson.dumps(
+        {"type": "labeled", "id": "x", "ts": 5, "label": 1, "features": {"a": "b"}}
+    )
     result = pipe.process([(0, b"{oops"), (0, labeled), (0, b'{"type":"click"}')])
     assert [(r.position, r.reason) for r in result.invalid] == [(0, "not_json"), (2, "missing_id")]
     assert [(x.id, x.label, x.cause) for x in result.learned] == [("x", 1, "labeled")]
@@ -65,7 +69,15 @@ def test_labeled_is_scored_then_learned_and_invalid_keeps_its_position() -> None
 
 def test_orphan_late_duplicate_are_counted_not_fatal() -> None:
     pipe = _pipeline(window_ms=100)
-    pipe.process([_imp("a", 0, s="1"), _imp("a", 1, s="1"), _click("nobody", 2), _imp("b", 300, s="2"), _click("a", 301)])
+    pipe.process(
+        [
+            _imp("a", 0, s="1"),
+            _imp("a", 1, s="1"),
+            _click("nobody", 2),
+            _imp("b", 300, s="2"),
+            _click("a", 301),
+        ]
+    )
     counters = pipe.join_counters()
     assert counters["duplicate_impressions"] == 1
     assert counters["orphan_clicks"] == 1
@@ -73,13 +85,23 @@ def test_orphan_late_duplicate_are_counted_not_fatal() -> None:
 
 
 def _simulated_records(n: int) -> list[tuple[int, bytes]]:
-    params = SimulationParams(n_impressions=n, n_fields=8, max_cardinality=500, seed=5, impressions_per_s=50, attribution_window_s=60)
+    params = SimulationParams(
+        n_impressions=n,
+        n_fields=8,
+        max_cardinality=500,
+        seed=5,
+        impressions_per_s=50,
+        attribution_window_s=60,
+    )
     return [(0, orjson.dumps(e)) for e in Simulator(params).generate().events()]
 
 
 def test_batching_does_not_change_the_model() -> None:
     records = _simulated_records(3000)
-    whole, pieces = _pipeline(window_ms=60_000, max_pending=10_000), _pipeline(window_ms=60_000, max_pending=10_000)
+    whole, pieces = (
+        _pipeline(window_ms=60_000, max_pending=10_000),
+        _pipeline(window_ms=60_000, max_pending=10_000),
+    )
     whole.process(records)
     for start in range(0, len(records), 97):
         pieces.process(records[start : start + 97])

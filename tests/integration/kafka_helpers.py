@@ -16,7 +16,9 @@ from stream_fm.config import Settings, build_settings
 from stream_fm.worker import Worker
 
 
-def worker_settings(broker: KafkaBroker, checkpoint_dir: Path, topics: dict[str, Any], **overrides: Any) -> Settings:
+def worker_settings(
+    broker: KafkaBroker, checkpoint_dir: Path, topics: dict[str, Any], **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "bootstrap_servers": broker.bootstrap_servers,
         "group_id": f"test-{uuid.uuid4().hex[:8]}",
@@ -73,7 +75,12 @@ class WorkerThread:
         raise AssertionError(f"timed out after {timeout_s}s; totals={dict(self.worker.totals)}")
 
 
-def produce(broker: KafkaBroker, topic: str, records: Iterable[tuple[bytes | None, bytes]], partition: int | None = None) -> int:
+def produce(
+    broker: KafkaBroker,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes]],
+    partition: int | None = None,
+) -> int:
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5, acks="all")
     n = 0
     try:
@@ -86,11 +93,17 @@ def produce(broker: KafkaBroker, topic: str, records: Iterable[tuple[bytes | Non
     return n
 
 
-def consume_all(broker: KafkaBroker, topic: str, at_least: int, timeout_s: float = 60.0, settle_s: float = 1.0) -> list[Any]:
+def consume_all(
+    broker: KafkaBroker, topic: str, at_least: int, timeout_s: float = 60.0, settle_s: float = 1.0
+) -> list[Any]:
     """Every record of ``topic`` from the start: waits for ``at_least``, then ``settle_s`` more."""
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
         records: list[Any] = []

@@ -66,7 +66,9 @@ def test_end_to_end_every_impression_predicted_once_and_labels_match_ground_trut
     produce(kafka_broker, topics["input"][0], _as_records(events))
     last_ts = max(e["ts"] for e in events)
     _sentinels(kafka_broker, topics["input"][0], 2, last_ts + int(WINDOW_S * 1000) * 100)
-    settings = worker_settings(kafka_broker, tmp_path / "ckpt", topics, attribution_window_s=WINDOW_S)
+    settings = worker_settings(
+        kafka_broker, tmp_path / "ckpt", topics, attribution_window_s=WINDOW_S
+    )
     n_events = len(events) + 2
     with WorkerThread(settings) as running:
         running.wait_for(lambda w: w.totals["events"] >= n_events)
@@ -102,7 +104,14 @@ def test_kcat_produces_and_reads_back_predictions(
 ) -> None:
     topics = _topics(unique_topic, partitions=1)
     lines = [
-        orjson.dumps({"type": "impression", "id": f"kc-{i}", "ts": 1_700_000_000_000 + i, "features": {"site": f"s{i % 3}", "bid": 0.5}})
+        orjson.dumps(
+            {
+                "type": "impression",
+                "id": f"kc-{i}",
+                "ts": 1_700_000_000_000 + i,
+                "features": {"site": f"s{i % 3}", "bid": 0.5},
+            }
+        )
         for i in range(20)
     ]
     kcat = subprocess.run(
@@ -117,7 +126,19 @@ def test_kcat_produces_and_reads_back_predictions(
     with WorkerThread(settings) as running:
         running.wait_for(lambda w: w.totals["predictions"] >= 20)
     read = subprocess.run(
-        ["kcat", "-b", kafka_broker.bootstrap_servers, "-C", "-t", topics["predictions"], "-o", "beginning", "-e", "-f", "%k\t%s\n"],
+        [
+            "kcat",
+            "-b",
+            kafka_broker.bootstrap_servers,
+            "-C",
+            "-t",
+            topics["predictions"],
+            "-o",
+            "beginning",
+            "-e",
+            "-f",
+            "%k\t%s\n",
+        ],
         capture_output=True,
         timeout=60,
         check=True,
@@ -150,7 +171,12 @@ def test_malformed_records_go_to_the_dead_letter_topic_once_each(
     topics = _topics(unique_topic, partitions=1)
     records: list[tuple[bytes | None, bytes]] = []
     for i, (reason, raw) in enumerate(MALFORMED.items()):
-        good = {"type": "impression", "id": f"good-{i}", "ts": 1_700_000_000_000 + i, "features": {"site": "s"}}
+        good = {
+            "type": "impression",
+            "id": f"good-{i}",
+            "ts": 1_700_000_000_000 + i,
+            "features": {"site": "s"},
+        }
         records.append((f"good-{i}".encode(), orjson.dumps(good)))
         records.append((reason.encode(), raw))
     produce(kafka_broker, topics["input"][0], records)
@@ -159,7 +185,9 @@ def test_malformed_records_go_to_the_dead_letter_topic_once_each(
         running.wait_for(lambda w: w.totals["events"] >= len(records))
         registry = running.worker.registry
         for reason in MALFORMED:
-            assert registry.get_sample_value("stream_fm_invalid_events_total", {"reason": reason}) == 1, reason
+            assert (
+                registry.get_sample_value("stream_fm_invalid_events_total", {"reason": reason}) == 1
+            ), reason
     dead = consume_all(kafka_broker, topics["dead_letters"], at_least=len(MALFORMED))
     assert len(dead) == len(MALFORMED)
     by_reason = {dict(r.headers)["reason"].decode(): r for r in dead}
@@ -171,7 +199,9 @@ def test_malformed_records_go_to_the_dead_letter_topic_once_each(
         assert headers["source_partition"] == b"0"
         assert int(headers["source_offset"]) == 2 * list(MALFORMED).index(reason) + 1
     predictions = consume_all(kafka_broker, topics["predictions"], at_least=len(MALFORMED))
-    assert sorted(r.key.decode() for r in predictions) == sorted(f"good-{i}" for i in range(len(MALFORMED)))
+    assert sorted(r.key.decode() for r in predictions) == sorted(
+        f"good-{i}" for i in range(len(MALFORMED))
+    )
 
 
 _STARTED: list[subprocess.Popen[bytes]] = []
@@ -188,7 +218,9 @@ def _no_stray_workers() -> Iterator[None]:
             process.wait()
 
 
-def _start_worker_process(settings_env: dict[str, str], log_path: Path, *flags: str) -> subprocess.Popen[bytes]:
+def _start_worker_process(
+    settings_env: dict[str, str], log_path: Path, *flags: str
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ) | settings_env
     process = subprocess.Popen(
         [sys.executable, "-m", "stream_fm", "run", *flags],
@@ -200,7 +232,9 @@ def _start_worker_process(settings_env: dict[str, str], log_path: Path, *flags: 
     return process
 
 
-def _env(broker: KafkaBroker, topics: dict[str, Any], checkpoint_dir: Path, group: str, metrics_port: int) -> dict[str, str]:
+def _env(
+    broker: KafkaBroker, topics: dict[str, Any], checkpoint_dir: Path, group: str, metrics_port: int
+) -> dict[str, str]:
     return {
         "STREAM_FM_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
         "STREAM_FM_GROUP_ID": group,
@@ -225,7 +259,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_metric(port: int, name: str, at_least: float, process: subprocess.Popen[bytes], timeout_s: float = 90.0) -> dict[str, float]:
+def _wait_metric(
+    port: int, name: str, at_least: float, process: subprocess.Popen[bytes], timeout_s: float = 90.0
+) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     last: dict[str, float] = {}
     while time.monotonic() < deadline:
@@ -286,7 +322,9 @@ def test_sigterm_checkpoints_and_a_restart_resumes_exactly(
     else:
         pytest.fail("the restarted worker never became ready:\n" + log.read_text()[-3000:])
     time.sleep(1.0)
-    assert scrape(f"http://127.0.0.1:{port}/metrics")["stream_fm_events_total"] == 0, "nothing is reprocessed"
+    assert scrape(f"http://127.0.0.1:{port}/metrics")["stream_fm_events_total"] == 0, (
+        "nothing is reprocessed"
+    )
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 0
     resaved = store.load_latest()
@@ -310,7 +348,9 @@ def test_committed_offsets_without_checkpoint_are_refused_unless_cold_start(
 ) -> None:
     topics = _topics(unique_topic, partitions=1)
     group = "refuse-group"
-    consumer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap_servers, group_id=group, enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka_broker.bootstrap_servers, group_id=group, enable_auto_commit=False
+    )
     tp = TopicPartition(topics["input"][0], 0)
     consumer.assign([tp])
     consumer.commit({tp: OffsetAndMetadata(0, "", -1)})
@@ -329,7 +369,9 @@ def test_committed_offsets_without_checkpoint_are_refused_unless_cold_start(
         while time.monotonic() < deadline and not ready:
             assert cold.poll() is None, (tmp_path / "cold.log").read_text()
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/readyz", timeout=1
+                ) as response:
                     ready = response.status == 200
             except OSError:
                 time.sleep(0.2)
@@ -341,7 +383,17 @@ def test_committed_offsets_without_checkpoint_are_refused_unless_cold_start(
 
 def _impressions(prefix: str, n: int, ts0: int) -> list[tuple[bytes, bytes]]:
     return [
-        (f"{prefix}-{i}".encode(), orjson.dumps({"type": "impression", "id": f"{prefix}-{i}", "ts": ts0 + i, "features": {"s": str(i % 7)}}))
+        (
+            f"{prefix}-{i}".encode(),
+            orjson.dumps(
+                {
+                    "type": "impression",
+                    "id": f"{prefix}-{i}",
+                    "ts": ts0 + i,
+                    "features": {"s": str(i % 7)},
+                }
+            ),
+        )
         for i in range(n)
     ]
 
