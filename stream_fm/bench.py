@@ -215,16 +215,14 @@ def run_engine(
 
 
 def _tail_logloss(marks: list[tuple[int, float]], share: float) -> float:
-    """Mean log loss over (about) the last ``share`` of examples, from cumulative marks."""
+    """Mean log loss over the last ``share`` of examples (from the last batch boundary
+    at or before that point), from cumulative (examples, loss sum) marks."""
     total_examples, total_sum = marks[-1]
-    if total_examples == 0:
-        return math.nan
     start = total_examples * (1 - share)
-    for examples, loss_sum in marks:
-        if examples >= start:
-            n = total_examples - examples
-            return (total_sum - loss_sum) / n if n else math.nan
-    return math.nan
+    before = [(n, loss) for n, loss in marks if n <= start]
+    examples, loss_sum = before[-1] if before else (0, 0.0)
+    n = total_examples - examples
+    return (total_sum - loss_sum) / n if n else math.nan
 
 
 def simulated_stream(
@@ -233,11 +231,16 @@ def simulated_stream(
     """A simulated impression/click stream of about ``n_events`` events (20 fields)."""
     import orjson
 
+    n_impressions = max(1, round(n_events / 1.03))
+    # Event time spans 1000 attribution windows: the first window, where only positives can
+    # be learned (negatives wait for the window to close), is 0.1% of the stream, as in a
+    # worker that runs for days rather than the first hour of its life.
     params = SimulationParams(
-        n_impressions=max(1, round(n_events / 1.03)),
+        n_impressions=n_impressions,
         n_fields=20,
         seed=seed,
         attribution_window_s=window_s,
+        impressions_per_s=n_impressions / (1000 * window_s),
     )
     traffic = Simulator(params).generate()
     decoder = EventDecoder(hasher)

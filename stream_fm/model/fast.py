@@ -208,7 +208,7 @@ class FastFM:
 
     def get_weights(self, buckets: IndexLike) -> F64:
         """Linear weights of ``buckets`` (a copy)."""
-        return self._lin[self._buckets(buckets), kernel.LIN_W].copy()
+        return np.array(self._lin[self._buckets(buckets), kernel.LIN_W], dtype=np.float64)
 
     def set_weights(self, buckets: IndexLike, values: npt.ArrayLike) -> None:
         """Set linear weights (for FTRL, ``z`` is set so the closed form gives them back)."""
@@ -329,14 +329,15 @@ def engine_throughput(
     *,
     optimizer: str = "adagrad",
     n_buckets: int = 1 << 20,
-    vocabulary: int = 100_000,
+    vocabulary: int = 0,
     batch_size: int = 4096,
     seed: int = 0,
 ) -> float:
     """Examples/s of progressive score + learn through ``run_batch`` (JIT warm-up excluded).
 
-    Data are pre-hashed one-hot rows with Zipf-like field values (``vocabulary=0`` for
-    uniform buckets, the cache worst case); batch building is not timed.
+    Data are pre-hashed one-hot rows (value 1.0), each scored then learned; by default the
+    buckets are uniform at random (the cache worst case), ``vocabulary`` > 0 draws Zipf-like
+    field values instead. Building the batches is not timed.
     """
     params = FMParams(n_buckets=n_buckets, k=k, optimizer=optimizer)
     batches = random_batches(

@@ -41,7 +41,6 @@ ENGINE_NAME: Final = "RiverFM"
 P_MAX: Final = 1.0 / (1.0 + math.exp(-36.0))
 P_MIN: Final = math.exp(-36.0) / (1.0 + math.exp(-36.0))
 STATE_FORMAT: Final = 1
-_MISSING: Final = object()
 
 
 def _features(indices: npt.NDArray[np.int32], values: npt.NDArray[np.float64]) -> dict[str, float]:
@@ -61,12 +60,13 @@ class RiverFM:
 
     def __init__(self, params: FMParams | None = None) -> None:
         self._params = FMParams() if params is None else params
-        self._model = self._build(self._params)
+        # river's API is only partly typed; the model is used as Any on purpose.
+        self._model: Any = self._build(self._params)
         self._n_learned = 0
         self._refused = 0
 
     @staticmethod
-    def _build(p: FMParams) -> facto.FMClassifier:
+    def _build(p: FMParams) -> Any:
         l2_weight = p.l2_w
         weight_optimizer: optim.base.Optimizer
         if p.optimizer == "sgd":
@@ -101,7 +101,7 @@ class RiverFM:
         return self._params
 
     @property
-    def model(self) -> facto.FMClassifier:
+    def model(self) -> Any:
         """The wrapped river model (read it, do not change it behind the engine's back)."""
         return self._model
 
@@ -247,7 +247,7 @@ class RiverFM:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _optimizer_tables(self) -> dict[str, dict[str, float]]:
+    def _optimizer_tables(self) -> dict[str, Any]:
         """The per-feature optimizer state river keeps for the weights."""
         opt = self._model.weight_optimizer
         if isinstance(opt, optim.AdaGrad):
@@ -308,11 +308,10 @@ class RiverFM:
         m = self._model
         tables = self._optimizer_tables()
         saved_intercept = m.intercept
-        saved_weights = {key: m.weights.get(key, _MISSING) for key in x}
+        # None marks "absent": weights and optimizer state are floats, never None.
+        saved_weights = {key: m.weights.get(key) for key in x}
         saved_latents = {key: m.latents[key].copy() if key in m.latents else None for key in x}
-        saved_tables = {
-            name: {key: table.get(key, _MISSING) for key in x} for name, table in tables.items()
-        }
+        saved_tables = {name: {key: table.get(key) for key in x} for name, table in tables.items()}
         saved_rng = m.latent_initializer._rng.get_state()
         saved_iterations = (m.weight_optimizer.n_iterations, m.latent_optimizer.n_iterations)
         self._n_learned += 1
@@ -333,7 +332,7 @@ class RiverFM:
         self._refused += 1
         m.intercept = saved_intercept
         for key, weight in saved_weights.items():
-            if weight is _MISSING:
+            if weight is None:
                 m.weights.pop(key, None)
             else:
                 m.weights[key] = weight
@@ -344,7 +343,7 @@ class RiverFM:
                 m.latents[key] = vec
         for name, table in tables.items():
             for key, value in saved_tables[name].items():
-                if value is _MISSING:
+                if value is None:
                     table.pop(key, None)
                 else:
                     table[key] = value

@@ -131,7 +131,9 @@ def test_sgd_step_is_minus_lr_times_the_numerical_gradient() -> None:
         return (up - down) / (2 * h)
 
     g0 = numeric(fm.intercept, fm.set_intercept)
-    gw = [numeric(float(fm.get_weights([j])[0]), lambda t, j=j: fm.set_weights([j], t)) for j in idx]
+    gw = [
+        numeric(float(fm.get_weights([j])[0]), lambda t, j=j: fm.set_weights([j], t)) for j in idx
+    ]
     v = fm.get_latents(idx)
     gv = np.zeros_like(v)
     for a, j in enumerate(idx):
@@ -153,12 +155,15 @@ def test_sgd_step_is_minus_lr_times_the_numerical_gradient() -> None:
 
 def test_sgd_l2_is_applied_to_the_features_of_the_example() -> None:
     common = {"n_buckets": N_BUCKETS, "k": 2, "optimizer": "sgd", "learning_rate": 0.1}
-    plain, ridge = FastFM(FMParams(**common)), FastFM(FMParams(**common, l2_w=0.5))  # type: ignore[arg-type]
+    plain = FastFM(FMParams(**common, l2_w=0.0))  # type: ignore[arg-type]
+    ridge = FastFM(FMParams(**common, l2_w=0.5))  # type: ignore[arg-type]
     for fm in (plain, ridge):
         fm.set_weights([7, 8], [1.0, -2.0])
         fm.learn_one(example([7], [1.0]), 1)
     # Only bucket 7 was in the example; L2 adds lr * l2 * w to its step.
-    assert ridge.get_weights([7])[0] == pytest.approx(plain.get_weights([7])[0] - 0.1 * 0.5, abs=1e-15)
+    assert ridge.get_weights([7])[0] == pytest.approx(
+        plain.get_weights([7])[0] - 0.1 * 0.5, abs=1e-15
+    )
     assert ridge.get_weights([8])[0] == -2.0
 
 
@@ -196,7 +201,11 @@ def test_ftrl_follows_the_closed_form_and_l1_zeroes_weak_weights() -> None:
         sigma = (math.sqrt(n + g * g) - math.sqrt(n)) / alpha
         z += g - sigma * w
         n += g * g
-        w = 0.0 if abs(z) <= l1 else -(z - math.copysign(l1, z)) / ((beta + math.sqrt(n)) / alpha + l2)
+        w = (
+            0.0
+            if abs(z) <= l1
+            else -(z - math.copysign(l1, z)) / ((beta + math.sqrt(n)) / alpha + l2)
+        )
         assert fm.get_weights([9])[0] == pytest.approx(w, abs=1e-14)
         if step == 0:
             assert w == 0.0  # |z| = 0.5 <= l1: exactly zero, the point of L1
@@ -286,7 +295,9 @@ def test_invalid_batches_are_rejected_before_the_kernel_runs(
     before = fm.state()
     with pytest.raises(ValueError, match=message):
         fm.run_batch(bad_batch(**change))
-    assert all(np.asarray(v).tobytes() == np.asarray(fm.state()[k]).tobytes() for k, v in before.items())
+    assert all(
+        np.asarray(v).tobytes() == np.asarray(fm.state()[k]).tobytes() for k, v in before.items()
+    )
 
 
 def test_score_then_learn_reuses_the_forward_pass_exactly() -> None:
