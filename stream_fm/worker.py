@@ -303,7 +303,9 @@ class Worker:
                 raise StreamFMError(
                     f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}"
                 )
-            self.engine.load_state(state["engine"])
+            # Step sizes may be retuned between runs; buckets, k and optimizer must match
+            # (ModelStateMismatch names the difference and stops the start).
+            self.engine.load_state(state["engine"], strict=False)
             self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
             self._checkpoint = state
             self.metrics.mark_checkpoint(float(state["saved_at_s"]))
@@ -379,7 +381,7 @@ class Worker:
         state = self._checkpoint
         if state is None:
             raise StreamFMError("produce failed before any checkpoint existed")
-        self.engine.load_state(state["engine"])
+        self.engine.load_state(state["engine"], strict=False)
         self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
         self.pipeline.joiners = {
             int(p): AttributionJoiner.from_state(joiner)
