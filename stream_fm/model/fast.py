@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from stream_fm.model import kernel
 from stream_fm.model.base import OP_LEARN, OP_SCORE, OpBatch, SparseExample, StateValue
-from stream_fm.model.params import STRUCTURAL_PARAMS, FMParams, ModelStateMismatch
+from stream_fm.model.params import STRUCTURAL_PARAMS, FMParams, ModelStateMismatch, prior_logit
 
 ENGINE_NAME: Final = "FastFM"
 STATE_FORMAT: Final = 1
@@ -88,6 +88,7 @@ class FastFM:
         self._v *= p.init_std
         self._v_acc = _aligned_zeros(shapes["v_acc"][0])
         self._counters = np.zeros(kernel.N_COUNTERS, dtype=np.int64)
+        self.set_intercept(prior_logit(p))
         # Reused one-op batch for the one-example methods.
         self._indptr1 = np.zeros(2, dtype=np.int64)
         self._row1 = np.zeros(1, dtype=np.int64)

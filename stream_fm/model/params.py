@@ -75,6 +75,13 @@ class FMParams:
         metadata=_help("added to every AdaGrad squared-gradient sum (= initial accumulator)"),
     )
     init_std: float = field(default=0.01, metadata=_help("std of the normal latent init"))
+    prior_ctr: float = field(
+        default=0.02,
+        metadata=_help(
+            "the intercept starts at logit(prior_ctr): a new model serves a plausible CTR "
+            "instead of 0.5 while its first windows (positives only) are open"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("seed of the latent init"))
     clip_gradient: float = field(
         default=1e12, metadata=_help("clip |dloss/dy| to this (logistic |g| <= 1, so >= 1 is off)")
@@ -122,6 +129,7 @@ class FMParams:
         # eps > 0 keeps the first AdaGrad step finite when the first gradient is 0.
         need(self.adagrad_eps > 0, "adagrad_eps", "must be > 0")
         need(self.init_std >= 0, "init_std", "must be >= 0")
+        need(0 < self.prior_ctr < 1, "prior_ctr", "must be strictly between 0 and 1")
         need(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         need(self.clip_gradient > 0, "clip_gradient", "must be > 0")
 
@@ -157,3 +165,8 @@ class FMParams:
 # Params that fix the meaning or shape of the state arrays; the others are step sizes and
 # regularisation an operator may change across a restart (``load_state(strict=False)``).
 STRUCTURAL_PARAMS: Final = ("n_buckets", "k", "optimizer")
+
+
+def prior_logit(params: FMParams) -> float:
+    """The intercept a fresh model starts from."""
+    return math.log(params.prior_ctr / (1.0 - params.prior_ctr))

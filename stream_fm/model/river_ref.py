@@ -33,7 +33,7 @@ import numpy.typing as npt
 from river import facto, optim
 
 from stream_fm.model.base import OP_SCORE, OpBatch, SparseExample, StateValue
-from stream_fm.model.params import STRUCTURAL_PARAMS, FMParams, ModelStateMismatch
+from stream_fm.model.params import STRUCTURAL_PARAMS, FMParams, ModelStateMismatch, prior_logit
 
 ENGINE_NAME: Final = "RiverFM"
 # river's sigmoid returns exactly 0 or 1 beyond |y| > 30; p is kept inside FastFM's range
@@ -87,7 +87,7 @@ class RiverFM:
             l2_weight=l2_weight,
             l1_latent=0.0,
             l2_latent=p.l2_v,
-            intercept=0.0,
+            intercept=prior_logit(p),
             intercept_lr=p.intercept_learning_rate,
             latent_initializer=optim.initializers.Normal(mu=0.0, sigma=p.init_std, seed=p.seed),
             clip_gradient=p.clip_gradient,

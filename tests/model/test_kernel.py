@@ -171,7 +171,7 @@ def test_adagrad_step_follows_the_formula() -> None:
     lr, eps = 0.2, 0.01
     fm = FastFM(
         FMParams(n_buckets=N_BUCKETS, k=2, learning_rate=lr, intercept_learning_rate=lr,
-                 adagrad_eps=eps, l2_w=0.0, init_std=0.0)
+                 adagrad_eps=eps, l2_w=0.0, init_std=0.0, prior_ctr=0.5)
     )  # fmt: skip
     x = example([4], [0.5])
     acc_w, acc_0 = 0.0, 0.0
@@ -191,7 +191,7 @@ def test_ftrl_follows_the_closed_form_and_l1_zeroes_weak_weights() -> None:
     alpha, beta, l1, l2 = 0.1, 1.0, 0.6, 0.5
     params = FMParams(
         n_buckets=N_BUCKETS, k=2, optimizer="ftrl", ftrl_alpha=alpha, ftrl_beta=beta,
-        l1_w=l1, l2_w=l2, init_std=0.0, intercept_learning_rate=0.0,
+        l1_w=l1, l2_w=l2, init_std=0.0, intercept_learning_rate=0.0, prior_ctr=0.5,
     )  # fmt: skip
     fm = FastFM(params)
     z = n = w = 0.0
@@ -225,7 +225,7 @@ def test_ftrl_set_weights_round_trips_through_z() -> None:
 
 def test_gradient_is_clipped() -> None:
     fm = FastFM(FMParams(n_buckets=N_BUCKETS, k=2, optimizer="sgd", intercept_learning_rate=1.0,
-                         clip_gradient=0.1))  # fmt: skip
+                         clip_gradient=0.1, prior_ctr=0.5))  # fmt: skip
     fm.learn_one(example([1], [1.0]), 1)  # g = p - 1 = -0.5, clipped to -0.1
     assert fm.intercept == pytest.approx(0.1, abs=1e-15)
 
@@ -351,3 +351,8 @@ def test_engine_throughput_reports_examples_per_second() -> None:
     rate = engine_throughput(20_000, n_fields=10, k=4, n_buckets=1 << 14)
     print(f"engine throughput (small smoke run): {rate:,.0f} examples/s")
     assert rate > 10_000
+
+
+def test_a_new_model_starts_at_the_prior_ctr() -> None:
+    fm = FastFM(FMParams(n_buckets=N_BUCKETS, k=2, prior_ctr=0.02))
+    assert fm.predict_proba_one(example([], [])) == pytest.approx(0.02, rel=1e-12)
