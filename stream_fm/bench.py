@@ -185,7 +185,6 @@ def run_engine(
         settings.max_pending_impressions,
         auc_window=settings.auc_window,
     )
-    losses: list[npt.NDArray[np.float64]] = []
     evaluator = pipeline.evaluator
     # Per-batch log-loss sums give the last-10% figure without storing every example.
     batch_sums: list[tuple[int, float]] = []
@@ -196,7 +195,6 @@ def run_engine(
             batch_sums.append((evaluator.examples, evaluator.logloss_sum))
 
     report = replay(pipeline, batches_with_marks())
-    del losses
     batch_sums.append((evaluator.examples, evaluator.logloss_sum))
     last = _tail_logloss(batch_sums, 0.10)
     return EngineResult(

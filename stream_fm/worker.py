@@ -88,6 +88,7 @@ class Worker:
         self._auc: float | None = None
         self._started_s = time.monotonic()
         self.totals: Counter[str] = Counter()
+        self._join_seen: dict[str, int] = {}
 
     # lifecycle
     def stop(self) -> None:
@@ -204,9 +205,19 @@ class Worker:
         self._events_since_checkpoint += len(records)
         self._observe(result, records, time.perf_counter() - started)
 
+    def _join_deltas(self) -> dict[str, int]:
+        """Joiner counts since the last call, per counter (for Prometheus counters).
+
+        The baseline is reset whenever joiners are restored, so restored totals are not
+        counted again and dropped partitions never give negative increments.
+        """
+        now = self.pipeline.join_counters()
+        deltas = {key: max(0, n - self._join_seen.get(key, 0)) for key, n in now.items()}
+        self._join_seen = now
+        return deltas
+
     def _observe(self, result: BatchResult, records: Sequence[Record], seconds: float) -> None:
-        join_before = dict(self.totals)
-        join_now = self.pipeline.join_counters()
+        join = self._join_deltas()
         now_ms = time.time() * 1000
         served_after_ms = np.array(
             [now_ms - records[p.position].timestamp_ms for p in result.predictions]
@@ -216,31 +227,23 @@ class Worker:
             events_by_type=result.events_by_type,
             invalid_by_reason=invalid,
             duplicates_by_kind={
-                "impression": join_now.get("duplicate_impressions", 0)
-                - join_before.get("duplicate_impressions", 0),
-                "click": join_now.get("duplicate_clicks", 0)
-                - join_before.get("duplicate_clicks", 0),
+                "impression": join.get("duplicate_impressions", 0),
+                "click": join.get("duplicate_clicks", 0),
             },
             predictions=len(result.predictions),
             learned_pos=result.learned_positives,
             learned_neg=result.learned_negatives,
             logloss_sum=result.logloss_sum,
             prediction_sum=result.prediction_sum,
-            late=join_now.get("late_clicks", 0) - join_before.get("late_clicks", 0),
-            orphan=join_now.get("orphan_clicks", 0) - join_before.get("orphan_clicks", 0),
-            evicted=join_now.get("evicted", 0) - join_before.get("evicted", 0),
+            late=join.get("late_clicks", 0),
+            orphan=join.get("orphan_clicks", 0),
+            evicted=join.get("evicted", 0),
             batch_seconds=seconds,
             impression_to_prediction_s=np.maximum(served_after_ms, 0.0) / 1000,
             click_delays_s=np.asarray(result.click_delays_ms, dtype=np.float64) / 1000,
         )
-        for key in (
-            "duplicate_impressions",
-            "duplicate_clicks",
-            "late_clicks",
-            "orphan_clicks",
-            "evicted",
-        ):
-            self.totals[key] = join_now.get(key, 0)
+        for key in ("late_clicks", "orphan_clicks", "evicted"):
+            self.totals[key] += join.get(key, 0)
         self.totals["events"] += len(records)
         self.totals["invalid"] += len(result.invalid)
         self.totals["predictions"] += len(result.predictions)
@@ -354,6 +357,7 @@ class Worker:
                     saved_partitions[str(partition)]
                 )
         self._restored = True
+        self._join_seen = self.pipeline.join_counters()
         self._publish_gauges()
         log.info("assigned %s", ", ".join(_partition_key(tp) for tp in partitions) or "nothing")
         if self._checkpoint is None:
@@ -395,6 +399,7 @@ class Worker:
                 self.io.seek(tp, int(offset))
                 self.offsets[tp] = int(offset)
         self._dirty = False
+        self._join_seen = self.pipeline.join_counters()
         self._publish_gauges()
 
     # operations
