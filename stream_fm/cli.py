@@ -101,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=9464, help="the worker's /metrics port (0 = free port)"
     )
     demo.add_argument("--partitions", type=int, default=2)
+    demo.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run a real Prometheus (Debian package) scraping the worker, with the alert rules",
+    )
+    demo.add_argument(
+        "--snapshot",
+        type=Path,
+        help="at the end, draw the dashboard's key panels from Prometheus into this PNG "
+        "(implies --prometheus; needs --duration-s)",
+    )
 
     bench = commands.add_parser("bench", help="fast engine vs river vs Vowpal Wabbit, side by side")
     bench.add_argument(
@@ -301,7 +312,17 @@ def _simulate_to_kafka(events: Iterator[dict[str, Any]], args: argparse.Namespac
 def _demo(args: argparse.Namespace) -> int:
     from stream_fm.demo import main_demo
 
-    return main_demo(args.rate, args.duration_s, args.metrics_port, args.partitions)
+    if args.snapshot is not None and args.duration_s is None:
+        print("stream-fm demo: --snapshot needs --duration-s", file=sys.stderr)
+        return 2
+    return main_demo(
+        args.rate,
+        args.duration_s,
+        args.metrics_port,
+        args.partitions,
+        prometheus=args.prometheus,
+        snapshot=args.snapshot,
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:

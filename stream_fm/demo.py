@@ -4,6 +4,9 @@ The broker runs as a child process (KRaft mode, jars from Maven Central); the wo
 simulator are child processes of this one, exactly as an operator would run them. Every few
 seconds the demo reads the worker's own /metrics and prints progressive log loss, NE and
 throughput. Ctrl-C (or ``--duration-s``) stops every child cleanly.
+
+``--prometheus`` adds a real Prometheus server scraping the worker with the alert rules of
+deploy/prometheus/alerts.yml; ``--snapshot PNG`` then draws the dashboard's key panels from it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_fm.broker import KafkaBroker
+from stream_fm.dashboard import render_snapshot
 from stream_fm.errors import StreamFMError
+from stream_fm.prometheus_server import JOB, PrometheusServer, repo_rule_files
 
 TOPICS = {
     "events": "ad-events",
@@ -62,7 +67,14 @@ def _stop(process: subprocess.Popen[bytes], name: str, timeout_s: float = 20.0) 
 
 
 def run_demo(
-    rate: float, duration_s: float | None, metrics_port: int, partitions: int, every_s: float = 5.0
+    rate: float,
+    duration_s: float | None,
+    metrics_port: int,
+    partitions: int,
+    every_s: float = 5.0,
+    *,
+    prometheus: bool = False,
+    snapshot: Path | None = None,
 ) -> int:
     work = Path(tempfile.mkdtemp(prefix="stream-fm-demo-"))
     print(
@@ -116,9 +128,23 @@ def run_demo(
             flush=True,
         )
         started = time.monotonic()
+        started_wall_s = time.time()
         previous: tuple[float, float] | None = None
         code = 0
+        prom: PrometheusServer | None = None
         try:
+            if prometheus or snapshot is not None:
+                prom = PrometheusServer(
+                    work / "prometheus",
+                    [f"127.0.0.1:{port}"],
+                    scrape_interval_s=2.0,
+                    rule_files=repo_rule_files(),
+                ).start()
+                print(
+                    f"demo: Prometheus on {prom.url} (job {JOB!r}, alert rules loaded); "
+                    f"try {prom.url}/graph?g0.expr=rate(stream_fm_events_total[1m])",
+                    flush=True,
+                )
             while duration_s is None or time.monotonic() - started < duration_s:
                 time.sleep(every_s)
                 if worker.poll() is not None:
@@ -144,9 +170,14 @@ def run_demo(
                         f"pending={m.get('stream_fm_pending_impressions', 0):,.0f}",
                         flush=True,
                     )
+            if prom is not None and snapshot is not None and code == 0:
+                drawn = render_snapshot(prom, snapshot, start_s=started_wall_s)
+                print(f"demo: drew {drawn} series of the dashboard's panels into {snapshot}")
         except KeyboardInterrupt:
             print("\ndemo: stopping", flush=True)
         finally:
+            if prom is not None:
+                prom.stop()
             _stop(simulator, "simulator")
             worker_code = _stop(worker, "worker")
             worker_log.close()
@@ -163,9 +194,19 @@ def run_demo(
     return code
 
 
-def main_demo(rate: float, duration_s: float | None, metrics_port: int, partitions: int) -> int:
+def main_demo(
+    rate: float,
+    duration_s: float | None,
+    metrics_port: int,
+    partitions: int,
+    *,
+    prometheus: bool = False,
+    snapshot: Path | None = None,
+) -> int:
     try:
-        return run_demo(rate, duration_s, metrics_port, partitions)
+        return run_demo(
+            rate, duration_s, metrics_port, partitions, prometheus=prometheus, snapshot=snapshot
+        )
     except StreamFMError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1

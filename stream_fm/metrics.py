@@ -236,6 +236,16 @@ class WorkerMetrics:
             "Impressions waiting for a click or the end of the attribution window.",
             registry=r,
         )
+        self.pending_impressions_limit = Gauge(
+            "stream_fm_pending_impressions_limit",
+            "The pending-impression bound (max_pending_impressions); beyond it the oldest are evicted.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "stream_fm_ready",
+            "1 when /readyz would answer ready (state restored, partitions, broker reachable).",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "stream_fm_consumer_lag",
             "Records between the worker's position and the partition end.",
@@ -292,6 +302,10 @@ class WorkerMetrics:
         # Age is computed at scrape time, so it keeps growing while the loop is stuck.
         self._last_checkpoint = clock()
         self.checkpoint_age.set_function(lambda: max(0.0, self._clock() - self._last_checkpoint))
+
+    def watch_readiness(self, ready_check: Callable[[], tuple[bool, str]]) -> None:
+        """Evaluate ``ready_check`` at scrape time, so alerts see what /readyz sees."""
+        self.ready.set_function(lambda: 1.0 if ready_check()[0] else 0.0)
 
     def observe_batch(
         self,

@@ -55,6 +55,8 @@ class Worker:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry, invalid_reasons=REASONS, version=__version__)
+        self.metrics.pending_impressions_limit.set(settings.max_pending_impressions)
+        self.metrics.watch_readiness(self.ready)
         hasher = FeatureHasher(
             settings.hash_bits,
             settings.hash_seed,

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import shutil
 import socket
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -30,35 +22,12 @@ from stream_fm.metrics import (
     MetricsServer,
     WorkerMetrics,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-DEPLOY = REPO / "deploy"
-
-DESIGN_COUNTERS = (
-    "stream_fm_events_total",
-    "stream_fm_invalid_events_total",
-    "stream_fm_predictions_total",
-    "stream_fm_examples_learned_total",
-    "stream_fm_logloss_sum_total",
-    "stream_fm_prediction_sum_total",
-    "stream_fm_late_clicks_total",
-    "stream_fm_orphan_clicks_total",
-    "stream_fm_evicted_impressions_total",
-)
-DESIGN_GAUGES = (
-    "stream_fm_progressive_logloss",
-    "stream_fm_normalized_entropy",
-    "stream_fm_calibration",
-    "stream_fm_auc_window",
-    "stream_fm_pending_impressions",
-    "stream_fm_consumer_lag",
-    "stream_fm_checkpoint_age_seconds",
-    "stream_fm_model_version",
-)
-DESIGN_HISTOGRAMS = (
-    "stream_fm_batch_seconds",
-    "stream_fm_impression_to_prediction_seconds",
-    "stream_fm_click_delay_seconds",
+from stream_fm.prometheus_server import PrometheusServer
+from tests.prometheus_helpers import (
+    DESIGN_COUNTERS,
+    DESIGN_GAUGES,
+    DESIGN_HISTOGRAMS,
+    require_prometheus,
 )
 
 
@@ -380,95 +349,20 @@ def test_port_in_use_names_the_setting(registry: CollectorRegistry) -> None:
 # --- the real Prometheus server ------------------------------------------------------------
 
 
-def _require_binary(name: str) -> str:
-    """The Debian prometheus package's binary; under CI its absence is a failure, not a skip."""
-    path = f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else shutil.which(name)
-    if path is None:
-        message = f"{name} not found: install the Debian package (apt-get install prometheus)"
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 def test_missing_binary_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_BINARY", "/nonexistent/stream-fm-no-such-binary")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="apt-get install prometheus"):
-        _require_binary("stream-fm-no-such-binary")
+        require_prometheus()
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
-        _require_binary("stream-fm-no-such-binary")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrometheusProcess:
-    """The real Prometheus server as a child process, on a free port and a temp TSDB."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary = binary
-        self.workdir = workdir
-        self.log_path = workdir / "prometheus.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, config: str) -> str:
-        """Start with this config; return the base URL of its HTTP API."""
-        config_path = self.workdir / "prometheus.yml"
-        config_path.write_text(config)
-        port = _free_port()
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={config_path}",
-                    f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        return f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[PrometheusProcess]:
-    server = PrometheusProcess(_require_binary("prometheus"), tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _query(base: str, promql: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    with urllib.request.urlopen(url, timeout=5) as response:
-        payload = json.load(response)
-    assert payload["status"] == "success", payload
-    result: list[dict[str, Any]] = payload["data"]["result"]
-    return result
+        require_prometheus()
 
 
 def test_real_prometheus_scrapes_the_endpoint(
-    prometheus: PrometheusProcess, registry: CollectorRegistry, metrics: WorkerMetrics
+    tmp_path: Path, registry: CollectorRegistry, metrics: WorkerMetrics
 ) -> None:
+    binary = require_prometheus()
     metrics.observe_batch(
         events_by_type={"impression": 42},
         predictions=42,
@@ -478,182 +372,29 @@ def test_real_prometheus_scrapes_the_endpoint(
         batch_seconds=0.02,
     )
     metrics.set_lag("impressions", 0, 99)
-    with MetricsServer(registry) as server:
-        base = prometheus.start(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: stream_fm\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{server.port}']\n"
-        )
-        deadline = time.monotonic() + 60
-        result: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            try:
-                result = _query(base, "stream_fm_predictions_total")
-            except (urllib.error.URLError, ConnectionError):
-                result = []  # Prometheus not listening yet
-            if result:
-                break
-            time.sleep(0.25)
-        assert result, "Prometheus never scraped the endpoint:\n" + prometheus.log_tail()
-        assert result[0]["metric"]["job"] == "stream_fm"
-        assert float(result[0]["value"][1]) == 42
-        assert float(_query(base, "up{job='stream_fm'}")[0]["value"][1]) == 1
-        (lag,) = _query(base, "stream_fm_consumer_lag")
+    with (
+        MetricsServer(registry) as server,
+        PrometheusServer(tmp_path, [f"127.0.0.1:{server.port}"], binary=binary) as prometheus,
+    ):
+        prometheus.wait_for_scrapes(1)
+        (result,) = prometheus.query("stream_fm_predictions_total")
+        assert result["metric"]["job"] == "stream_fm"
+        assert float(result["value"][1]) == 42
+        (lag,) = prometheus.query("stream_fm_consumer_lag")
         assert lag["metric"]["partition"] == "0" and float(lag["value"][1]) == 99
         # The names that trip naive declarations, as Prometheus stores them.
-        assert float(_query(base, "stream_fm_logloss_sum_total")[0]["value"][1]) == 3.5
-        (p99,) = _query(base, "histogram_quantile(0.99, stream_fm_batch_seconds_bucket)")
+        assert float(prometheus.query("stream_fm_logloss_sum_total")[0]["value"][1]) == 3.5
+        (p99,) = prometheus.query("histogram_quantile(0.99, stream_fm_batch_seconds_bucket)")
         assert 0.01 < float(p99["value"][1]) <= 0.025
 
 
-# --- deploy/ -------------------------------------------------------------------------------
-
-
-def _referenced_metrics(text: str) -> set[str]:
-    return set(re.findall(r"\bstream_fm_[a-z0-9_]*[a-z0-9]", text))
-
-
-def test_dashboard_and_alerts_name_only_metrics_that_exist(
+def test_ready_gauge_follows_the_readiness_check_at_scrape_time(
     registry: CollectorRegistry, metrics: WorkerMetrics
 ) -> None:
-    _observe_everything(metrics)
-    exposed = _sample_names(registry)
-    dashboard_text = (DEPLOY / "grafana" / "stream_fm_dashboard.json").read_text()
-    dashboard = json.loads(dashboard_text)
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
-    assert len(exprs) >= 15
-    for panel in dashboard["panels"]:
-        if panel["type"] != "row":
-            assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
-    referenced = _referenced_metrics("\n".join(exprs))
-    referenced |= _referenced_metrics((DEPLOY / "alerts.yml").read_text())
-    # Every DESIGN metric is on the dashboard, and nothing there is misspelt.
-    for name in DESIGN_COUNTERS + DESIGN_GAUGES:
-        assert name in referenced, name
-    for name in DESIGN_HISTOGRAMS:
-        assert f"{name}_bucket" in referenced, name
-    assert referenced <= exposed | set(DESIGN_HISTOGRAMS), referenced - exposed
-
-
-def test_promtool_accepts_config_and_rules() -> None:
-    promtool = _require_binary("promtool")
-    for args in (
-        ["check", "config", str(DEPLOY / "prometheus.yml")],
-        ["check", "rules", str(DEPLOY / "alerts.yml")],
-    ):
-        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
-    promtool = _require_binary("promtool")
-    dashboard = json.loads((DEPLOY / "grafana" / "stream_fm_dashboard.json").read_text())
-    grafana_vars = {"$job": "stream_fm", "$instance": ".*", "$__rate_interval": "1m"}
-    rules = []
-    for i, panel in enumerate(dashboard["panels"]):
-        for target in panel.get("targets", []):
-            expr = target["expr"]
-            for var, value in grafana_vars.items():
-                expr = expr.replace(var, value)
-            assert "$" not in expr, (panel["title"], expr)
-            rules.append({"record": f"dashboard:panel{i}:{target['refId']}", "expr": expr})
-    rules_file = tmp_path / "dashboard_rules.yml"
-    # JSON is YAML: promtool parses every query as it would a recording rule.
-    rules_file.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
-    done = subprocess.run(
-        [promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-ALERT_TESTS = """\
-rule_files: [{rules}]
-evaluation_interval: 1m
-tests:
-  - interval: 1m
-    input_series:
-      - series: 'up{{job="stream_fm", instance="w1"}}'
-        values: '1 1 0x10'
-      - series: 'stream_fm_checkpoint_age_seconds{{job="stream_fm", instance="w1"}}'
-        values: '0+60x20'
-      - series: 'stream_fm_normalized_entropy{{job="stream_fm", instance="w1"}}'
-        values: '1.2x40'
-      - series: 'stream_fm_consumer_lag{{job="stream_fm", instance="w1", topic="t", partition="0"}}'
-        values: '0+5000x40'
-      - series: 'stream_fm_consumer_lag{{job="stream_fm", instance="w1", topic="t", partition="1"}}'
-        values: '50000x40'
-      - series: 'stream_fm_events_total{{job="stream_fm", instance="w1", type="impression"}}'
-        values: '0+600x40'
-      - series: 'stream_fm_invalid_events_total{{job="stream_fm", instance="w1", reason="not_json"}}'
-        values: '0x10 0+300x30'
-    alert_rule_test:
-      - eval_time: 1m
-        alertname: StreamFMWorkerDown
-        exp_alerts: []
-      - eval_time: 8m
-        alertname: StreamFMWorkerDown
-        exp_alerts:
-          - exp_labels: {{severity: critical, job: stream_fm, instance: w1}}
-            exp_annotations:
-              summary: "stream_fm worker w1 is down"
-              description: "Prometheus has failed to scrape w1 for 5 minutes; its partitions are not being scored."
-      - eval_time: 9m
-        alertname: StreamFMCheckpointStale
-        exp_alerts: []
-      - eval_time: 14m
-        alertname: StreamFMCheckpointStale
-        exp_alerts:
-          - exp_labels: {{severity: warning, job: stream_fm, instance: w1}}
-            exp_annotations:
-              summary: "stream_fm w1: last checkpoint 14m 0s ago"
-              description: "No durable checkpoint for over 10 minutes: a crash now replays that much input, and group offsets (lag monitoring) are not committed."
-      - eval_time: 20m
-        alertname: StreamFMNormalizedEntropyHigh
-        exp_alerts: []
-      - eval_time: 35m
-        alertname: StreamFMNormalizedEntropyHigh
-        exp_alerts:
-          - exp_labels: {{severity: warning, job: stream_fm, instance: w1}}
-            exp_annotations:
-              summary: "stream_fm w1: normalized entropy 1.200 > 1"
-              description: "Progressive log loss is above the entropy of the empirical CTR for 30 minutes: the model is worse than a constant. Check learning rate, features and label join (late/orphan clicks)."
-      - eval_time: 35m
-        alertname: StreamFMConsumerLagGrowing
-        exp_alerts:
-          - exp_labels: {{severity: warning, job: stream_fm, instance: w1, topic: t, partition: "0"}}
-            exp_annotations:
-              summary: "stream_fm lag on t[0] keeps growing"
-              description: "Consumer lag is 175k records on w1 and has grown for 15 minutes. Scale out (more partitions and workers) or check the batch latency."
-      - eval_time: 5m
-        alertname: StreamFMInvalidEventRateHigh
-        exp_alerts: []
-      - eval_time: 30m
-        alertname: StreamFMInvalidEventRateHigh
-        exp_alerts:
-          - exp_labels: {{severity: warning, job: stream_fm, instance: w1}}
-            exp_annotations:
-              summary: "stream_fm w1: 33.33% of input is invalid"
-              description: "More than 5% of records are dead-lettered for 10 minutes; see stream_fm_invalid_events_total by reason and the dead-letter topic headers."
-  - interval: 1m
-    input_series:
-      - series: 'up{{job="other", instance="x"}}'
-        values: '1x20'
-    alert_rule_test:
-      - eval_time: 15m
-        alertname: StreamFMWorkerAbsent
-        exp_alerts:
-          - exp_labels: {{severity: critical, job: stream_fm}}
-            exp_annotations:
-              summary: "No stream_fm worker is being scraped"
-              description: "There has been no up{{job=\\"stream_fm\\"}} series for 10 minutes."
-"""
-
-
-def test_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
-    promtool = _require_binary("promtool")
-    tests = tmp_path / "alerts_test.yml"
-    tests.write_text(ALERT_TESTS.format(rules=json.dumps(str(DEPLOY / "alerts.yml"))))
-    done = subprocess.run(
-        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    state = {"ready": False}
+    metrics.watch_readiness(lambda: (state["ready"], "reason"))
+    assert registry.get_sample_value("stream_fm_ready") == 0
+    state["ready"] = True
+    assert registry.get_sample_value("stream_fm_ready") == 1
+    metrics.pending_impressions_limit.set(5000)
+    assert registry.get_sample_value("stream_fm_pending_impressions_limit") == 5000
