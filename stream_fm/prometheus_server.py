@@ -5,7 +5,7 @@ see the alert rules evaluate) and by the tests that prove the dashboard and the 
 against live data. The binary is Debian's ``prometheus`` package (or ``PROMETHEUS_BINARY``).
 
     >>> config = scrape_config(["127.0.0.1:9464"], scrape_interval_s=2, rule_files=[])
-    >>> "127.0.0.1:9464" in config and "job_name: stream_fm" in config
+    >>> '"targets": ["127.0.0.1:9464"]' in config and '"job_name": "stream_fm"' in config
     True
 """
 
