@@ -106,7 +106,8 @@ class KafkaIO:
             raise BrokerError(
                 f"cannot connect to Kafka at {settings.bootstrap_servers}: {error}"
             ) from error
-        self._pending: list[Any] = []
+        self._unflushed = 0
+        self._send_failure: BaseException | None = None
 
     # consumer
     def subscribe(
@@ -225,29 +226,48 @@ class KafkaIO:
     def send(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
     ) -> None:
-        """Queue a record; ``flush`` waits for its acknowledgement."""
+        """Queue a record. ``flush`` waits for every queued acknowledgement; a failure is
+        remembered (by the producer's I/O thread) and raised by ``check`` or ``flush``."""
         try:
-            self._pending.append(self._producer.send(topic, key=key, value=value, headers=headers))
+            future = self._producer.send(topic, key=key, value=value, headers=headers)
         except kafka_errors.KafkaError as error:
             raise ProduceError(f"cannot publish to {topic}: {error}") from error
+        future.add_errback(self._on_send_failed)
+        self._unflushed += 1
+
+    def _on_send_failed(self, error: BaseException) -> None:
+        if self._send_failure is None:
+            self._send_failure = error
+
+    def check(self) -> None:
+        """Raise ProduceError if a record sent since the last flush was rejected already."""
+        failure, self._send_failure = self._send_failure, None
+        if failure is not None:
+            raise ProduceError(f"record not acknowledged: {failure!r}")
 
     def flush(self) -> int:
-        """Wait for every queued record to be acknowledged; raise ProduceError if any failed."""
-        pending, self._pending = self._pending, []
-        if not pending:
-            return 0
-        deadline = time.monotonic() + self.settings.produce_timeout_s
+        """Wait for every queued record to be acknowledged; raise ProduceError if any failed.
+
+        Returns how many records were queued since the previous flush.
+        """
+        queued, self._unflushed = self._unflushed, 0
+        if queued:
+            try:
+                self._producer.flush(timeout=self.settings.produce_timeout_s)
+            except kafka_errors.KafkaError as error:
+                self._send_failure = None
+                raise ProduceError(f"flush failed: {error}") from error
+        self.check()
+        return queued
+
+    def discard_unacknowledged(self) -> None:
+        """Before a rollback: let in-flight records finish (or fail) and forget the outcome."""
         try:
             self._producer.flush(timeout=self.settings.produce_timeout_s)
         except kafka_errors.KafkaError as error:
-            raise ProduceError(f"flush failed: {error}") from error
-        for future in pending:
-            remaining = max(0.0, deadline - time.monotonic())
-            try:
-                future.get(timeout=remaining)
-            except kafka_errors.KafkaError as error:
-                raise ProduceError(f"record not acknowledged: {error!r}") from error
-        return len(pending)
+            log.warning("in-flight records still unacknowledged at rollback: %s", error)
+        self._unflushed = 0
+        self._send_failure = None
 
     def close(self) -> None:
         # Closing is best effort on the way out: report, never raise.

@@ -81,6 +81,7 @@ class Worker:
             None  # last durable state, for assignment/rollback
         )
         self._restored = False
+        self._rollback_needed = False
         self._dirty = False
         self._events_since_checkpoint = 0
         self._last_checkpoint_s = time.monotonic()
@@ -108,6 +109,7 @@ class Worker:
             ready_check=self.ready,
         ).start()
         log.info("metrics, /healthz and /readyz on %s", self.server.url)
+        code = 0
         try:
             self.io = KafkaIO(settings)
             missing = self.io.wait_for_topics(settings.input_topics, timeout_s=30)
@@ -120,14 +122,20 @@ class Worker:
             self.io.subscribe(settings.input_topics, self._on_assigned, self._on_revoked)
             while not self._stopping.is_set():
                 self.step()
-            self._checkpoint_and_commit(reason="shutdown")
+            try:
+                self._checkpoint_and_commit(reason="shutdown")
+            except ProduceError as error:
+                # Nothing is lost: the next start resumes from the last durable checkpoint.
+                log.error("%s: stopped without a final checkpoint", error)
+                self.metrics.produce_errors.inc()
+                code = 1
         finally:
             if self.io is not None:
                 self.io.close()
             self.server.stop()
         log.info(self.summary())
         print(self.summary(), flush=True)
-        return 0
+        return code
 
     def step(self) -> None:
         """One poll and, if records came, one batch. Safe to call repeatedly."""
@@ -142,22 +150,25 @@ class Worker:
             records = []
         if self._fatal is not None:
             raise self._fatal
-        if records:
-            try:
+        try:
+            if self._rollback_needed:
+                raise ProduceError("an output record was rejected during a rebalance")
+            if records:
                 self._process(records)
-            except ProduceError as error:
-                log.error("%s: rolling back to the last checkpoint", error)
-                self.metrics.produce_errors.inc()
-                self.totals["rollbacks"] += 1
-                self._rollback()
-                time.sleep(ROLLBACK_BACKOFF_S)
+            now = time.monotonic()
+            due = now - self._last_checkpoint_s >= self.settings.checkpoint_interval_s
+            if self._dirty and (
+                due or self._events_since_checkpoint >= self.settings.checkpoint_every_events
+            ):
+                self._checkpoint_and_commit(reason="periodic")
+        except ProduceError as error:
+            log.error("%s: rolling back to the last checkpoint", error)
+            self.metrics.produce_errors.inc()
+            self.totals["rollbacks"] += 1
+            self._rollback()
+            time.sleep(ROLLBACK_BACKOFF_S)
         now = time.monotonic()
         self._last_loop_s = now
-        due = now - self._last_checkpoint_s >= self.settings.checkpoint_interval_s
-        if self._dirty and (
-            due or self._events_since_checkpoint >= self.settings.checkpoint_every_events
-        ):
-            self._checkpoint_and_commit(reason="periodic")
         if now - self._last_lag_s >= LAG_REFRESH_S:
             self._last_lag_s = now
             for (topic, partition), lag in self.io.lag().items():
@@ -199,8 +210,10 @@ class Worker:
                     "cause": learned.cause,
                 }
                 send(settings.labels_topic, learned.id.encode(), orjson.dumps(value))
-        self.io.flush()
-        # Acknowledged: only now may these offsets reach a checkpoint.
+        # Acknowledgements are awaited only before a checkpoint (the one place offsets become
+        # durable), not per batch: the loop never waits a network round trip per poll. A
+        # rejection seen meanwhile rolls back at once rather than at the next checkpoint.
+        self.io.check()
         for record in records:
             self.offsets[(record.topic, record.partition)] = record.offset + 1
         self._dirty = True
@@ -370,7 +383,13 @@ class Worker:
     def _on_revoked(self, partitions: list[Partition]) -> None:
         try:
             if partitions and self._dirty:
-                self._checkpoint_and_commit(reason="revocation", in_callback=True)
+                try:
+                    self._checkpoint_and_commit(reason="revocation", in_callback=True)
+                except ProduceError as error:
+                    # The partitions' new owner resumes from the last durable checkpoint; this
+                    # worker rolls back too, at its next step.
+                    log.error("%s: no checkpoint at revocation", error)
+                    self._rollback_needed = True
             for tp in partitions:
                 self.offsets.pop(tp, None)
                 self.metrics.forget_partition(*tp)
@@ -384,14 +403,19 @@ class Worker:
     def _rollback(self) -> None:
         """Back to the last durable checkpoint: model, accumulators, joiners and positions."""
         assert self.io is not None
+        self._rollback_needed = False
+        self.io.discard_unacknowledged()
         state = self._checkpoint
         if state is None:
             raise StreamFMError("produce failed before any checkpoint existed")
         self.engine.load_state(state["engine"], strict=False)
         self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
+        owned = {partition for _, partition in self.io.assignment()}
+        # Only owned partitions: another worker may hold the rest by now.
         self.pipeline.joiners = {
             int(p): AttributionJoiner.from_state(joiner)
             for p, joiner in state["partitions"].items()
+            if int(p) in owned
         }
         self.offsets = {}
         for key, offset in state["offsets"].items():
