@@ -132,6 +132,63 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="write all figures as JSON here")
     bench.add_argument("--sim-seed", type=int, default=7, help="seed of the simulated stream")
     _add_setting_flags(bench)
+    targets = bench.add_subparsers(
+        dest="bench_target",
+        metavar="kafka",
+        help="`stream-fm bench kafka --help`: the worker on a real broker (default: the model benchmark)",
+    )
+    bench_kafka = targets.add_parser(
+        "kafka",
+        help="the worker against a bare kafka-python loop on a local Apache Kafka: "
+        "throughput, latency at fixed rates, memory",
+    )
+    bench_kafka.add_argument(
+        "--events",
+        type=int,
+        default=5_000_000,
+        help="records preloaded for the throughput and memory phases (scales the benchmark)",
+    )
+    bench_kafka.add_argument("--partitions", type=int, default=2, help="partitions per topic")
+    bench_kafka.add_argument(
+        "--rates",
+        default="1000,10000",
+        help="comma-separated offered rates (events/s) of the latency phases; empty = none",
+    )
+    bench_kafka.add_argument(
+        "--latency-duration-s", type=float, default=25.0, help="seconds produced at each rate"
+    )
+    bench_kafka.add_argument(
+        "--latency-warmup-s",
+        type=float,
+        default=5.0,
+        help="seconds after the first processed batch left out of the latency quantiles",
+    )
+    bench_kafka.add_argument(
+        "--impressions-per-s",
+        type=float,
+        default=10.0,
+        help="event-time rate of the simulated data (sets how many impressions are pending)",
+    )
+    bench_kafka.add_argument(
+        "--attribution-window-s",
+        type=float,
+        default=3600.0,
+        help="attribution window of the data and the worker",
+    )
+    bench_kafka.add_argument("--seed", type=int, default=7, help="seed of the simulated data")
+    bench_kafka.add_argument(
+        "--labels", action="store_true", help="also publish the worker's labels topic"
+    )
+    bench_kafka.add_argument(
+        "--py-spy",
+        type=Path,
+        help="profile the worker's throughput phase with py-spy into this file "
+        "(.svg flame graph, .json speedscope, else raw collapsed stacks)",
+    )
+    bench_kafka.add_argument(
+        "--work-dir", type=Path, help="logs and checkpoints (default: a temp dir)"
+    )
+    bench_kafka.add_argument("--json", type=Path, help="write all figures as JSON here")
     return parser
 
 
@@ -325,7 +382,39 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _bench_kafka(args: argparse.Namespace) -> int:
+    from stream_fm.bench_kafka import KafkaBenchOptions, format_report, run_kafka_bench
+
+    try:
+        rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
+    except ValueError:
+        raise StreamFMError(f"bench kafka: --rates: not numbers: {args.rates!r}") from None
+    options = KafkaBenchOptions(
+        events=args.events,
+        partitions=args.partitions,
+        rates=rates,
+        latency_duration_s=args.latency_duration_s,
+        latency_warmup_s=args.latency_warmup_s,
+        impressions_per_s=args.impressions_per_s,
+        attribution_window_s=args.attribution_window_s,
+        seed=args.seed,
+        labels=args.labels,
+        py_spy=args.py_spy,
+        work_dir=args.work_dir,
+    )
+    report = run_kafka_bench(options)
+    print(format_report(report), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    failed = [r.exit_code for r in report.latency] + [
+        report.worker.exit_code if report.worker else 0
+    ]
+    return 0 if all(code == 0 for code in failed) else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_target", None) == "kafka":
+        return _bench_kafka(args)
     from stream_fm import bench
     from stream_fm.features import FeatureHasher
 

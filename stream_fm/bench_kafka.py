@@ -1,0 +1,1010 @@
+"""``stream-fm bench kafka``: the worker against a bare kafka-python loop, on a real broker.
+
+One run, one broker, the same simulated records (impressions and clicks, 20 fields):
+
+1. **preload** ``events`` records into an input topic (as fast as the producer goes);
+2. **ceiling**: a bare loop over the worker's own kafka-python clients (``KafkaIO``'s consumer
+   and producer, so every client setting is the worker's) that consumes the input topic from the
+   beginning and produces one ~60-byte record per impression, nothing else; once with a single
+   flush at the end, once flushing after every poll as the worker does;
+3. **worker**: ``python -m stream_fm run`` as a child process over the same topic (fresh group,
+   fresh checkpoint directory, checkpoints and metrics on), timed from its /metrics until
+   ``events_total + invalid_events_total`` equals the input count; start-up (imports, numba
+   cache load, group join) is excluded by measuring from the first processed batch; VmRSS of
+   the process is sampled along the way; then SIGTERM and the exit code;
+4. **latency** at fixed offered rates: ``stream-fm simulate --rate R`` (the simulator's own
+   pacing) into a fresh topic while a fresh worker runs; quantiles come from the worker's
+   histogram ``stream_fm_impression_to_prediction_seconds`` (the difference between a snapshot
+   taken after a warm-up and one after the drain), cross-checked per record from the topics.
+
+What the latency histogram measures (stream_fm/worker.py ``_observe``): wall clock when the
+batch's predictions were acknowledged (after ``flush``) minus the input *record's Kafka
+timestamp* (CreateTime, stamped by the producer at ``send``), not the event's ``ts`` field.
+It therefore includes the producer's linger, the broker, the worker's poll wait, the whole
+batch and the acknowledgement of the predictions.
+
+>>> histogram_quantile(0.5, [(0.01, 0.0), (0.02, 10.0), (math.inf, 10.0)])
+0.015
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_fm.broker import KafkaBroker
+from stream_fm.config import build_settings
+from stream_fm.errors import StreamFMError
+from stream_fm.kafka_io import EventProducer, KafkaIO
+from stream_fm.simulate import SimulationParams, Simulator
+
+LATENCY_HISTOGRAM = "stream_fm_impression_to_prediction_seconds"
+BATCH_HISTOGRAM = "stream_fm_batch_seconds"
+LATENCY_MEASURES = (
+    "input record's Kafka timestamp (CreateTime, set by the producer at send) -> the worker's "
+    "prediction for it handed to its producer (acknowledgements are awaited before each "
+    "checkpoint, not per batch); not the event's ts field"
+)
+EXACT_LATENCY_MEASURES = (
+    "per record from the topics: prediction record timestamp (worker's send) minus input "
+    "record timestamp; 1 ms resolution; excludes the wait for the acknowledgement"
+)
+IMPRESSION_PREFIX = b'{"type":"impression"'
+LAG_REFRESH_WAIT_S = 8.0  # the worker refreshes its lag gauge every 5 s
+START_TIMEOUT_S = 300.0  # a first run compiles the numba kernels
+STALL_TIMEOUT_S = 120.0
+MIB = 1024.0
+
+Say = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaBenchOptions:
+    events: int = 5_000_000
+    partitions: int = 2
+    rates: tuple[float, ...] = (1_000.0, 10_000.0)
+    latency_duration_s: float = 25.0
+    latency_warmup_s: float = 5.0
+    impressions_per_s: float = 10.0  # event time of the simulated data
+    attribution_window_s: float = 3600.0
+    seed: int = 7
+    labels: bool = False  # also publish the worker's labels topic
+    poll_interval_s: float = 0.1
+    py_spy: Path | None = None  # profile the worker phase with py-spy into this file
+    work_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.events < 1:
+            raise StreamFMError("bench kafka: --events must be >= 1")
+        if self.partitions < 1:
+            raise StreamFMError("bench kafka: --partitions must be >= 1")
+        if any(r <= 0 for r in self.rates):
+            raise StreamFMError("bench kafka: every rate must be > 0")
+        if self.latency_duration_s <= 0 or self.latency_warmup_s < 0:
+            raise StreamFMError("bench kafka: latency duration must be > 0, warm-up >= 0")
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PreloadResult:
+    topic: str
+    records: int
+    impressions: int
+    clicks: int
+    bytes: int
+    seconds: float
+    records_per_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class CeilingResult:
+    flush: str  # "end" or "every_poll"
+    records: int
+    produced: int
+    seconds: float  # first records received -> everything acknowledged
+    seconds_with_join: float  # consumer created -> everything acknowledged
+    counted_after_first_poll: int
+    events_per_s: float  # (records - first poll's) / seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RssSample:
+    events: int
+    seconds: float  # since the first processed batch
+    rss_mib: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResult:
+    records: int  # events_total + invalid_events_total at the end
+    invalid: int
+    predictions: int
+    startup_s: float  # process start -> first processed batch seen on /metrics
+    count_at_first: int
+    steady_seconds: float
+    events_per_s: float  # (records - count_at_first) / steady_seconds
+    events_per_s_with_startup: float
+    rss: list[RssSample]
+    rss_start_mib: float
+    rss_1m_mib: float | None
+    rss_end_mib: float
+    rss_peak_mib: float  # VmHWM
+    pending_end: int
+    pending_max: int
+    checkpoints: int
+    exit_code: int | None
+    summary: str
+    profiled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyResult:
+    offered_per_s: float
+    produced: int
+    achieved_offered_per_s: float  # from the input records' timestamps
+    duration_s: float
+    warmup_s: float
+    observed: int  # histogram observations in the measured window
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    mean_ms: float
+    exact_p50_ms: float
+    exact_p99_ms: float
+    exact_p999_ms: float
+    exact_max_ms: float
+    exact_count: int
+    batches: int  # batches processed in the measured window
+    batch_p50_ms: float  # poll-to-publish time of one batch (stream_fm_batch_seconds)
+    batch_p99_ms: float
+    backlog_at_producer_end: int
+    drain_s: float
+    final_consumer_lag: float | None
+    kept_up: bool
+    exit_code: int | None
+
+
+@dataclass
+class KafkaBenchReport:
+    kafka_version: str
+    bootstrap_servers: str
+    options: dict[str, Any]
+    preload: PreloadResult | None = None
+    ceiling: CeilingResult | None = None
+    ceiling_flush_every_poll: CeilingResult | None = None
+    worker: WorkerResult | None = None
+    ratio_worker_to_ceiling: float | None = None
+    latency: list[LatencyResult] = field(default_factory=list)
+    latency_measures: str = LATENCY_MEASURES
+    exact_latency_measures: str = EXACT_LATENCY_MEASURES
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return _json_safe(out)  # type: ignore[no-any-return]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    totals: dict[str, float]  # samples summed over labels, by sample name
+    buckets: list[tuple[float, float]]  # the latency histogram: (le, cumulative count)
+    latency_sum: float
+    latency_count: float
+    batch_buckets: list[tuple[float, float]]  # stream_fm_batch_seconds, the same way
+
+    def get(self, name: str) -> float:
+        return self.totals.get(name, 0.0)
+
+    @property
+    def processed(self) -> int:
+        return round(
+            self.get("stream_fm_events_total") + self.get("stream_fm_invalid_events_total")
+        )
+
+
+def scrape(url: str, timeout_s: float = 2.0) -> Scrape:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    buckets: list[tuple[float, float]] = []
+    batch_buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            if sample.name == LATENCY_HISTOGRAM + "_bucket":
+                buckets.append((float(sample.labels["le"]), float(sample.value)))
+            elif sample.name == BATCH_HISTOGRAM + "_bucket":
+                batch_buckets.append((float(sample.labels["le"]), float(sample.value)))
+    buckets.sort()
+    batch_buckets.sort()
+    return Scrape(
+        totals,
+        buckets,
+        totals.get(LATENCY_HISTOGRAM + "_sum", 0.0),
+        totals.get(LATENCY_HISTOGRAM + "_count", 0.0),
+        batch_buckets,
+    )
+
+
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:
+    """Prometheus' ``histogram_quantile``: linear interpolation inside the bucket.
+
+    ``buckets`` are (upper bound, cumulative count), sorted, the last one ``+Inf``. A rank in
+    the ``+Inf`` bucket answers the largest finite bound; no observations answer NaN.
+
+    >>> b = [(0.001, 0.0), (0.0025, 50.0), (0.005, 99.0), (math.inf, 100.0)]
+    >>> round(histogram_quantile(0.5, b), 6), round(histogram_quantile(0.99, b), 6)
+    (0.0025, 0.005)
+    >>> histogram_quantile(0.5, [(1.0, 0.0), (math.inf, 0.0)])
+    nan
+    """
+    if not buckets or buckets[-1][1] <= 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+def _bucket_delta(
+    after: Sequence[tuple[float, float]], before: Sequence[tuple[float, float]] | None
+) -> list[tuple[float, float]]:
+    if not before:
+        return list(after)
+    previous = dict(before)
+    return [(le, count - previous.get(le, 0.0)) for le, count in after]
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _status_kib(pid: int, key: str) -> int:
+    """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM); 0 when the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+class WorkerProcess:
+    """``python -m stream_fm run`` as a child, configured by STREAM_FM_* like the demo's."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topics: dict[str, str],
+        work: Path,
+        name: str,
+        attribution_window_s: float,
+    ) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.pop("STREAM_FM_LABELS_TOPIC", None)
+        env.update(
+            {
+                "STREAM_FM_BOOTSTRAP_SERVERS": bootstrap_servers,
+                "STREAM_FM_INPUT_TOPICS": topics["input"],
+                "STREAM_FM_PREDICTIONS_TOPIC": topics["predictions"],
+                "STREAM_FM_DEAD_LETTER_TOPIC": topics["dead_letters"],
+                "STREAM_FM_GROUP_ID": f"bench-{name}-{uuid.uuid4().hex[:8]}",
+                "STREAM_FM_CHECKPOINT_DIR": str(work / f"{name}-checkpoints"),
+                "STREAM_FM_METRICS_HOST": "127.0.0.1",
+                "STREAM_FM_METRICS_PORT": str(self.port),
+                "STREAM_FM_ATTRIBUTION_WINDOW_S": str(attribution_window_s),
+                "STREAM_FM_LOG_LEVEL": "WARNING",
+            }
+        )
+        if topics.get("labels"):
+            env["STREAM_FM_LABELS_TOPIC"] = topics["labels"]
+        self.log_path = work / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stream_fm", "run"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise StreamFMError(
+                f"bench kafka: the {self.name} worker exited with {self.process.returncode}:\n"
+                + self.log_tail()
+            )
+
+    def scrape(self) -> Scrape | None:
+        """The worker's /metrics, or None while its server does not answer yet."""
+        self._check_alive()
+        try:
+            return scrape(self.url + "/metrics")
+        except (OSError, urllib.error.URLError):
+            return None
+
+    def ready(self) -> bool:
+        self._check_alive()
+        try:
+            with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
+                return int(response.status) == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise StreamFMError(
+                    f"bench kafka: the {self.name} worker was not ready after {timeout_s:.0f}s:\n"
+                    + self.log_tail()
+                )
+            time.sleep(0.1)
+
+    def rss_mib(self) -> float:
+        return _status_kib(self.pid, "VmRSS") / MIB
+
+    def peak_mib(self) -> float:
+        return _status_kib(self.pid, "VmHWM") / MIB
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM (the worker drains, checkpoints, exits); kill after ``timeout_s``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def log_tail(self, n: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            self._log.flush()
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def summary(self) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        found = [line for line in text.splitlines() if "worker stopped" in line]
+        return found[-1] if found else ""
+
+
+class PySpy:
+    """``py-spy record`` attached to a pid; ``stop()`` makes it write its file (SIGINT)."""
+
+    def __init__(self, pid: int, out: Path, log: Path) -> None:
+        fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(out.suffix, "raw")
+        exe = Path(sys.executable).with_name("py-spy")
+        command = [str(exe) if exe.exists() else "py-spy", "record", "--pid", str(pid)]
+        # --idle and --threads: wall time, waits included, per thread (main loop vs client IO).
+        # Blocking sampling (py-spy's default) pauses the worker briefly at each sample but
+        # gives consistent stacks; --nonblocking garbles fast-changing ones.
+        command += ["--rate", "100", "--idle", "--threads"]
+        command += ["--format", fmt, "--output", str(out)]
+        self.out = out
+        self._log = log.open("wb")
+        try:
+            self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        except OSError as error:
+            self._log.close()
+            raise StreamFMError(f"bench kafka: cannot start py-spy ({error})") from error
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+# --- phases --------------------------------------------------------------------------------
+
+
+def _topics(run_id: str, name: str, labels: bool) -> dict[str, str]:
+    topics = {
+        "input": f"bench-{run_id}-{name}-input",
+        "predictions": f"bench-{run_id}-{name}-predictions",
+        "dead_letters": f"bench-{run_id}-{name}-dlq",
+    }
+    if labels:
+        topics["labels"] = f"bench-{run_id}-{name}-labels"
+    return topics
+
+
+def simulated_records(options: KafkaBenchOptions) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of the first ``options.events`` simulated events, in event-time order."""
+    params = SimulationParams(
+        n_impressions=options.events,  # >= events: clicks come on top
+        n_fields=20,
+        impressions_per_s=options.impressions_per_s,
+        attribution_window_s=options.attribution_window_s,
+        seed=options.seed,
+    )
+    traffic = Simulator(params).generate()
+    for event in islice(traffic.events(), options.events):
+        yield event["id"].encode(), orjson.dumps(event)
+
+
+def preload(bootstrap_servers: str, topic: str, options: KafkaBenchOptions) -> PreloadResult:
+    producer = EventProducer(bootstrap_servers)
+    records = impressions = size = 0
+    started = time.monotonic()
+    try:
+        for key, value in simulated_records(options):
+            producer.send(topic, key, value)
+            records += 1
+            size += len(value)
+            if value.startswith(IMPRESSION_PREFIX):
+                impressions += 1
+        producer.flush(timeout_s=600)
+    finally:
+        producer.close()
+    seconds = time.monotonic() - started
+    return PreloadResult(
+        topic, records, impressions, records - impressions, size, seconds, records / seconds
+    )
+
+
+def measure_ceiling(
+    bootstrap_servers: str, input_topic: str, output_topic: str, expected: int, flush: str
+) -> CeilingResult:
+    """Consume ``expected`` records from the beginning, produce one small record per impression.
+
+    The clients are the worker's own (``KafkaIO``), so every consumer and producer setting is
+    the worker's; the loop around them does nothing else.
+    """
+    settings = build_settings(
+        {
+            "bootstrap_servers": bootstrap_servers,
+            "group_id": f"bench-ceiling-{uuid.uuid4().hex[:8]}",
+            "client_id": "stream-fm-bench-ceiling",
+        }
+    )
+    poll_timeout_ms, max_records = settings.poll_timeout_ms, settings.max_poll_records
+    started = time.monotonic()
+    io = KafkaIO(settings)
+    consumer, producer = io._consumer, io._producer  # the worker's clients, used bare
+    try:
+        io.wait_for_topics([input_topic], timeout_s=30)
+        consumer.subscribe([input_topic])
+        consumed = produced = 0
+        first: tuple[float, int] | None = None
+        last_progress = time.monotonic()
+        send = producer.send
+        prefix = IMPRESSION_PREFIX
+        while consumed < expected:
+            batches = consumer.poll(timeout_ms=poll_timeout_ms, max_records=max_records)
+            if not batches:
+                if time.monotonic() - last_progress > STALL_TIMEOUT_S:
+                    raise StreamFMError(
+                        f"bench kafka: ceiling stalled at {consumed:,} of {expected:,} records"
+                    )
+                continue
+            for records in batches.values():
+                for r in records:
+                    if r.value.startswith(prefix):
+                        key = r.key
+                        send(
+                            output_topic,
+                            key=key,
+                            value=b'{"id":"%s","p_click":0.5,"ts":0,"model_version":0}' % key,
+                        )
+                        produced += 1
+                consumed += len(records)
+            if first is None:
+                first = (time.monotonic(), consumed)
+            if flush == "every_poll":
+                producer.flush()
+            last_progress = time.monotonic()
+        producer.flush()
+        ended = time.monotonic()
+    finally:
+        io.close()
+    assert first is not None
+    seconds = ended - first[0]
+    return CeilingResult(
+        flush=flush,
+        records=consumed,
+        produced=produced,
+        seconds=seconds,
+        seconds_with_join=ended - started,
+        counted_after_first_poll=first[1],
+        events_per_s=(consumed - first[1]) / seconds if seconds > 0 else math.nan,
+    )
+
+
+def _milestones(expected: int) -> list[int]:
+    """Event counts at which to sample RSS: every tenth of the run, and 1M when it is passed."""
+    marks = {max(1, expected * i // 10) for i in range(1, 11)}
+    if expected >= 1_000_000:
+        marks.add(1_000_000)
+    return sorted(marks)
+
+
+def measure_worker(
+    bootstrap_servers: str,
+    topics: dict[str, str],
+    expected: int,
+    work: Path,
+    options: KafkaBenchOptions,
+    say: Say,
+) -> WorkerResult:
+    worker = WorkerProcess(
+        bootstrap_servers, topics, work, "throughput", options.attribution_window_s
+    )
+    profiler: PySpy | None = None
+    try:
+        first: tuple[float, int] | None = None
+        samples: list[RssSample] = []
+        marks = _milestones(expected)
+        pending_max = 0
+        last: Scrape | None = None
+        last_progress = (time.monotonic(), -1)
+        report_every_s, last_report = 10.0, time.monotonic()
+        while True:
+            time.sleep(options.poll_interval_s)
+            s = worker.scrape()
+            now = time.monotonic()
+            if s is None:
+                if now - worker.started > START_TIMEOUT_S:
+                    raise StreamFMError("bench kafka: the worker's /metrics never answered")
+                continue
+            last = s
+            done = s.processed
+            pending_max = max(pending_max, round(s.get("stream_fm_pending_impressions")))
+            if done != last_progress[1]:
+                last_progress = (now, done)
+            elif now - last_progress[0] > (START_TIMEOUT_S if first is None else STALL_TIMEOUT_S):
+                raise StreamFMError(
+                    f"bench kafka: the worker stalled at {done:,} of {expected:,} records:\n"
+                    + worker.log_tail()
+                )
+            if done > 0 and first is None:
+                first = (now, done)
+                samples.append(RssSample(done, 0.0, worker.rss_mib()))
+                if options.py_spy is not None:
+                    profiler = PySpy(worker.pid, options.py_spy, work / "py-spy.log")
+            if first is not None:
+                while marks and marks[0] <= done:
+                    marks.pop(0)
+                    samples.append(RssSample(done, now - first[0], worker.rss_mib()))
+                if now - last_report >= report_every_s:
+                    last_report = now
+                    rate = (done - first[1]) / max(now - first[0], 1e-9)
+                    say(
+                        f"bench kafka: worker {done:,}/{expected:,} records, {rate:,.0f}/s, "
+                        f"RSS {worker.rss_mib():,.0f} MiB"
+                    )
+            if done >= expected:
+                ended = now
+                break
+        assert first is not None and last is not None
+        if profiler is not None:
+            profiler.stop()
+            profiler = None
+        peak = worker.peak_mib()
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        exit_code = worker.stop()
+    steady = ended - first[0]
+    rss_1m = next((x.rss_mib for x in samples if x.events >= 1_000_000), None)
+    # De-duplicate samples taken at the same scrape (several marks passed at once).
+    unique: dict[int, RssSample] = {}
+    for sample in samples:
+        unique.setdefault(sample.events, sample)
+    return WorkerResult(
+        records=last.processed,
+        invalid=round(last.get("stream_fm_invalid_events_total")),
+        predictions=round(last.get("stream_fm_predictions_total")),
+        startup_s=first[0] - worker.started,
+        count_at_first=first[1],
+        steady_seconds=steady,
+        events_per_s=(last.processed - first[1]) / steady if steady > 0 else math.nan,
+        events_per_s_with_startup=last.processed / (ended - worker.started),
+        rss=list(unique.values()),
+        rss_start_mib=samples[0].rss_mib,
+        rss_1m_mib=rss_1m,
+        rss_end_mib=samples[-1].rss_mib,
+        rss_peak_mib=peak,
+        pending_end=round(last.get("stream_fm_pending_impressions")),
+        pending_max=pending_max,
+        checkpoints=round(last.get("stream_fm_checkpoints_total")),
+        exit_code=exit_code,
+        summary=worker.summary(),
+        profiled=options.py_spy is not None,
+    )
+
+
+def read_timestamps(
+    bootstrap_servers: str, topic: str, expected: int, impressions_only: bool = False
+) -> dict[bytes, int]:
+    """key -> record timestamp (ms) of a whole topic, read from the beginning."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers.split(","),
+        enable_auto_commit=False,
+        max_poll_records=10_000,
+        fetch_max_bytes=52_428_800,
+    )
+    out: dict[bytes, int] = {}
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        deadline = time.monotonic() + STALL_TIMEOUT_S
+        seen = 0
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise StreamFMError(f"bench kafka: could not read {topic} back")
+            for records in consumer.poll(timeout_ms=500).values():
+                for r in records:
+                    seen += 1
+                    if not impressions_only or r.value.startswith(IMPRESSION_PREFIX):
+                        out[r.key] = int(r.timestamp)
+        if seen < expected:
+            raise StreamFMError(
+                f"bench kafka: {topic} holds {seen:,} records, {expected:,} expected"
+            )
+    finally:
+        consumer.close()
+    return out
+
+
+def measure_latency(
+    broker: KafkaBroker, rate: float, run_id: str, work: Path, options: KafkaBenchOptions, say: Say
+) -> LatencyResult:
+    bootstrap = broker.bootstrap_servers
+    topics = _topics(run_id, f"latency-{rate:g}", options.labels)
+    broker.create_topics(topics.values(), partitions=options.partitions)
+    worker = WorkerProcess(
+        bootstrap, topics, work, f"latency-{rate:g}", options.attribution_window_s
+    )
+    simulator: subprocess.Popen[bytes] | None = None
+    try:
+        worker.wait_ready()
+        simulate = [
+            sys.executable, "-m", "stream_fm", "simulate",
+            "--bootstrap-servers", bootstrap, "--topic", topics["input"],
+            "--rate", str(rate), "--duration-s", str(options.latency_duration_s),
+            "--fields", "20", "--seed", str(options.seed + 1),
+            "--impressions-per-s", str(options.impressions_per_s),
+            "--attribution-window-s", str(options.attribution_window_s),
+        ]  # fmt: skip
+        # To a file, not a pipe: a chatty simulator must never block on a full pipe.
+        simulator_log = work / f"simulate-{rate:g}.log"
+        with simulator_log.open("wb") as sink:
+            simulator = subprocess.Popen(simulate, stdout=sink, stderr=subprocess.STDOUT)
+        first_s: float | None = None
+        before: Scrape | None = None
+        window_start_ms: int | None = None
+        s: Scrape | None = None
+        while simulator.poll() is None:
+            time.sleep(options.poll_interval_s)
+            s = worker.scrape()
+            if s is None:
+                continue
+            now = time.monotonic()
+            if first_s is None and s.processed > 0:
+                first_s = now
+            if first_s is not None and before is None and now - first_s >= options.latency_warmup_s:
+                before = s
+                window_start_ms = int(time.time() * 1000)
+        producer_end = time.monotonic()
+        output = simulator_log.read_text(errors="replace")
+        if simulator.returncode != 0:
+            raise StreamFMError(f"bench kafka: the simulator failed:\n{output[-2000:]}")
+        found = re.search(r"wrote ([\d,]+) events", output)
+        if found is None:
+            raise StreamFMError(f"bench kafka: unexpected simulator output:\n{output[-2000:]}")
+        produced = int(found.group(1).replace(",", ""))
+        s = worker.scrape()
+        backlog = produced - (s.processed if s is not None else 0)
+        while s is None or s.processed < produced:
+            if time.monotonic() - producer_end > STALL_TIMEOUT_S:
+                raise StreamFMError(
+                    f"bench kafka: the worker did not drain {rate:g}/s within {STALL_TIMEOUT_S:.0f}s"
+                )
+            time.sleep(options.poll_interval_s)
+            s = worker.scrape()
+        drain_s = time.monotonic() - producer_end
+        after = s
+        lag_deadline = time.monotonic() + LAG_REFRESH_WAIT_S
+        final_lag: float | None = None
+        while time.monotonic() < lag_deadline:
+            s = worker.scrape()
+            if s is not None and "stream_fm_consumer_lag" in s.totals:
+                final_lag = s.get("stream_fm_consumer_lag")
+                if final_lag == 0:
+                    break
+            time.sleep(0.5)
+    finally:
+        if simulator is not None and simulator.poll() is None:
+            simulator.terminate()
+            simulator.wait()
+        exit_code = worker.stop()
+    window = _bucket_delta(after.buckets, before.buckets if before is not None else None)
+    observed = window[-1][1] if window else 0.0
+    sum_s = after.latency_sum - (before.latency_sum if before is not None else 0.0)
+    batch_window = _bucket_delta(
+        after.batch_buckets, before.batch_buckets if before is not None else None
+    )
+    # Per record, from the topics: input CreateTime vs the prediction's record timestamp.
+    inputs = read_timestamps(bootstrap, topics["input"], produced, impressions_only=True)
+    predicted = read_timestamps(
+        bootstrap, topics["predictions"], round(after.get("stream_fm_predictions_total"))
+    )
+    start_ms = window_start_ms if window_start_ms is not None else 0
+    exact = np.array(
+        [predicted[k] - ts for k, ts in inputs.items() if ts >= start_ms and k in predicted],
+        dtype=np.float64,
+    )
+    times = np.fromiter(inputs.values(), dtype=np.float64)
+    span_s = (times.max() - times.min()) / 1000 if times.size > 1 else math.nan
+    achieved = produced / span_s if span_s and span_s > 0 else math.nan
+    result = LatencyResult(
+        offered_per_s=rate,
+        produced=produced,
+        achieved_offered_per_s=achieved,
+        duration_s=options.latency_duration_s,
+        warmup_s=options.latency_warmup_s if before is not None else 0.0,
+        observed=round(observed),
+        p50_ms=histogram_quantile(0.5, window) * 1000,
+        p99_ms=histogram_quantile(0.99, window) * 1000,
+        p999_ms=histogram_quantile(0.999, window) * 1000,
+        mean_ms=sum_s / observed * 1000 if observed else math.nan,
+        exact_p50_ms=float(np.percentile(exact, 50)) if exact.size else math.nan,
+        exact_p99_ms=float(np.percentile(exact, 99)) if exact.size else math.nan,
+        exact_p999_ms=float(np.percentile(exact, 99.9)) if exact.size else math.nan,
+        exact_max_ms=float(exact.max()) if exact.size else math.nan,
+        exact_count=int(exact.size),
+        batches=round(batch_window[-1][1]) if batch_window else 0,
+        batch_p50_ms=histogram_quantile(0.5, batch_window) * 1000,
+        batch_p99_ms=histogram_quantile(0.99, batch_window) * 1000,
+        backlog_at_producer_end=backlog,
+        drain_s=drain_s,
+        final_consumer_lag=final_lag,
+        kept_up=backlog <= max(rate, 1.0),
+        exit_code=exit_code,
+    )
+    say(
+        f"bench kafka: {rate:,.0f}/s offered: p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+        f"backlog at producer end {backlog:,}"
+    )
+    return result
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def run_kafka_bench(
+    options: KafkaBenchOptions, broker: KafkaBroker | None = None, say: Say = _stderr
+) -> KafkaBenchReport:
+    """All phases on ``broker`` (or on a broker of its own, started and stopped here)."""
+    work = options.work_dir or Path(tempfile.mkdtemp(prefix="stream-fm-bench-kafka-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # The preloading producer's IO thread waits for the GIL while this thread builds records;
+    # kafka-python then warns about every slow selector task. Not a finding: keep it quiet.
+    selector_log = logging.getLogger("kafka.net.selector")
+    level = selector_log.level
+    selector_log.setLevel(logging.ERROR)
+    try:
+        if broker is None:
+            say("bench kafka: starting Apache Kafka (KRaft) ...")
+            with KafkaBroker(log_path=work / "kafka.log", partitions=options.partitions) as own:
+                return _run(options, own, work, say)
+        return _run(options, broker, work, say)
+    finally:
+        selector_log.setLevel(level)
+
+
+def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) -> KafkaBenchReport:
+    run_id = uuid.uuid4().hex[:6]
+    bootstrap = broker.bootstrap_servers
+    report = KafkaBenchReport(
+        kafka_version=broker.kafka_version,
+        bootstrap_servers=bootstrap,
+        options=_json_safe(asdict(options)),
+    )
+    say(f"bench kafka: Kafka {broker.kafka_version} on {bootstrap}; work dir {work}")
+    topics = _topics(run_id, "throughput", options.labels)
+    ceiling_topics = [f"bench-{run_id}-ceiling-end", f"bench-{run_id}-ceiling-every-poll"]
+    broker.create_topics([*topics.values(), *ceiling_topics], partitions=options.partitions)
+
+    say(f"bench kafka: preloading {options.events:,} simulated records into {topics['input']} ...")
+    report.preload = preload(bootstrap, topics["input"], options)
+    expected = report.preload.records
+    say(
+        f"bench kafka: preloaded {expected:,} records ({report.preload.bytes / 1e6:,.0f} MB) "
+        f"at {report.preload.records_per_s:,.0f}/s"
+    )
+
+    say("bench kafka: ceiling (bare consume + produce, one flush at the end) ...")
+    report.ceiling = measure_ceiling(bootstrap, topics["input"], ceiling_topics[0], expected, "end")
+    say(f"bench kafka: ceiling {report.ceiling.events_per_s:,.0f} events/s")
+    say("bench kafka: ceiling (flush after every poll, as the worker does) ...")
+    report.ceiling_flush_every_poll = measure_ceiling(
+        bootstrap, topics["input"], ceiling_topics[1], expected, "every_poll"
+    )
+    say(f"bench kafka: ceiling {report.ceiling_flush_every_poll.events_per_s:,.0f} events/s")
+
+    say("bench kafka: the worker over the same topic ...")
+    report.worker = measure_worker(bootstrap, topics, expected, work, options, say)
+    say(
+        f"bench kafka: worker {report.worker.events_per_s:,.0f} events/s, "
+        f"exit code {report.worker.exit_code}"
+    )
+    if report.ceiling.events_per_s > 0:
+        report.ratio_worker_to_ceiling = report.worker.events_per_s / report.ceiling.events_per_s
+
+    for rate in options.rates:
+        say(f"bench kafka: latency at {rate:,.0f} events/s for {options.latency_duration_s:g}s ...")
+        report.latency.append(measure_latency(broker, rate, run_id, work, options, say))
+    return report
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def _f(value: float | None, fmt: str = ",.0f", unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:{fmt}}{unit}"
+
+
+def format_report(report: KafkaBenchReport) -> str:
+    lines: list[str] = []
+    p, c, cp, w = report.preload, report.ceiling, report.ceiling_flush_every_poll, report.worker
+    lines.append(
+        f"stream-fm bench kafka - Apache Kafka {report.kafka_version} on {report.bootstrap_servers}, "
+        f"{report.options['partitions']} partitions"
+    )
+    if p is not None:
+        lines.append(
+            f"input: {p.records:,} records ({p.impressions:,} impressions, {p.clicks:,} clicks, 20 fields, "
+            f"{p.bytes / max(p.records, 1):.0f} B each); preloaded at {p.records_per_s:,.0f}/s"
+        )
+    lines.append("")
+    lines.append(f"{'throughput':<52} {'events/s':>10} {'seconds':>9}")
+    if c is not None:
+        lines.append(
+            f"{'ceiling: bare consume + produce, flush at end':<52} {_f(c.events_per_s):>10} {c.seconds:>9.2f}"
+        )
+    if cp is not None:
+        lines.append(
+            f"{'ceiling: same, flush after every poll':<52} {_f(cp.events_per_s):>10} {cp.seconds:>9.2f}"
+        )
+    if w is not None:
+        lines.append(
+            f"{'worker (steady state, from first batch)':<52} {_f(w.events_per_s):>10} {w.steady_seconds:>9.2f}"
+        )
+        lines.append(
+            f"{'worker (incl. start-up ' + format(w.startup_s, '.1f') + ' s)':<52} "
+            f"{_f(w.events_per_s_with_startup):>10} {w.startup_s + w.steady_seconds:>9.2f}"
+        )
+    lines.append(f"{'ratio worker / ceiling':<52} {_f(report.ratio_worker_to_ceiling, '.3f'):>10}")
+    if cp is not None and w is not None and cp.events_per_s > 0:
+        lines.append(
+            f"{'ratio worker / ceiling flushing every poll':<52} {w.events_per_s / cp.events_per_s:>10.3f}"
+        )
+    if w is not None:
+        lines.append(
+            f"worker processed {w.records:,} records ({w.invalid:,} invalid), {w.predictions:,} "
+            f"predictions, {w.checkpoints} checkpoints; rate counted from {w.count_at_first:,} records; "
+            f"exit code after SIGTERM: {w.exit_code}{' (profiled with py-spy)' if w.profiled else ''}"
+        )
+    if report.latency:
+        lines.append("")
+        lines.append(f"latency: {LATENCY_MEASURES}")
+        lines.append(
+            "(histogram quantiles interpolated inside the buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms ...: "
+            "a quantile in the 100-250 ms bucket only says 'between 100 and 250'; "
+            "exact = " + EXACT_LATENCY_MEASURES + ")"
+        )
+        lines.append(
+            f"{'offered/s':>10} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} "
+            f"{'mean ms':>8} {'exact p50/p99/p99.9/max':>23} {'batch p50/p99 ms':>17} "
+            f"{'backlog':>8} {'drain s':>8} {'lag':>5} {'kept up':>8}"
+        )
+        for r in report.latency:
+            lines.append(
+                f"{r.offered_per_s:>10,.0f} {_f(r.achieved_offered_per_s):>10} {_f(r.p50_ms, '.1f'):>8} "
+                f"{_f(r.p99_ms, '.1f'):>8} {_f(r.p999_ms, '.1f'):>9} {_f(r.mean_ms, '.1f'):>8} "
+                f"{'/'.join(_f(v, '.0f') for v in (r.exact_p50_ms, r.exact_p99_ms, r.exact_p999_ms, r.exact_max_ms)):>23} "
+                f"{_f(r.batch_p50_ms, '.1f') + ' / ' + _f(r.batch_p99_ms, '.1f'):>17} "
+                f"{r.backlog_at_producer_end:>8,} {r.drain_s:>8.2f} {_f(r.final_consumer_lag, '.0f'):>5} "
+                f"{'yes' if r.kept_up else 'NO':>8}"
+            )
+        lines.append(
+            f"(window: after a {report.options['latency_warmup_s']:g} s warm-up until drained; "
+            "batch = one batch's poll-to-publish time (stream_fm_batch_seconds); "
+            "backlog = records not yet processed when the producer finished; kept up = backlog "
+            "<= 1 s of offered traffic; lag = the worker's stream_fm_consumer_lag after the drain)"
+        )
+    if w is not None:
+        lines.append("")
+        lines.append(
+            f"memory (worker VmRSS): start {w.rss_start_mib:,.0f} MiB (after {w.count_at_first:,} records), "
+            f"1M {_f(w.rss_1m_mib, ',.0f', ' MiB')}, end {w.rss_end_mib:,.0f} MiB; "
+            f"peak (VmHWM) {w.rss_peak_mib:,.0f} MiB"
+        )
+        lines.append(
+            "RSS by records processed: "
+            + ", ".join(f"{x.events:,}: {x.rss_mib:,.0f}" for x in w.rss)
+            + " (MiB)"
+        )
+        lines.append(f"pending impressions: end {w.pending_end:,}, max {w.pending_max:,}")
+    return "\n".join(lines)
