@@ -40,7 +40,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,7 @@ import numpy as np
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_fm.broker import KafkaBroker
+from stream_fm.broker import KafkaBroker, free_ports
 from stream_fm.config import build_settings
 from stream_fm.errors import StreamFMError
 from stream_fm.kafka_io import EventProducer, KafkaIO
@@ -311,12 +310,6 @@ def _bucket_delta(
 # --- processes -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _status_kib(pid: int, key: str) -> int:
     """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM); 0 when the process is gone."""
     try:
@@ -339,7 +332,7 @@ class WorkerProcess:
         attribution_window_s: float,
     ) -> None:
         self.name = name
-        self.port = _free_port()
+        self.port = free_ports()[0]
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
         env.pop("STREAM_FM_LABELS_TOPIC", None)

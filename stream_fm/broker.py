@@ -254,7 +254,8 @@ def find_java() -> str:
 # helpers
 
 
-def _free_ports(host: str, n: int) -> list[int]:
+def free_ports(host: str = "127.0.0.1", n: int = 1) -> list[int]:
+    """``n`` distinct ports free on ``host`` right now (the OS picks them)."""
     # Hold all sockets open until every port is chosen so the n ports differ.
     socks: list[socket.socket] = []
     try:
@@ -567,7 +568,7 @@ class KafkaBroker:
     def _choose_ports(self) -> None:
         # Ports are chosen once; restart() must come back on the same ones.
         if not self.port or not self.controller_port:
-            free = iter(_free_ports(self.host, 2))
+            free = iter(free_ports(self.host, 2))
             self.port = self.port or next(free)
             self.controller_port = self.controller_port or next(free)
         for what, p in (("port", self.port), ("controller port", self.controller_port)):

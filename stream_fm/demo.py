@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_fm.broker import KafkaBroker
+from stream_fm.broker import KafkaBroker, free_ports
 from stream_fm.dashboard import render_snapshot
 from stream_fm.errors import StreamFMError
 from stream_fm.prometheus_server import JOB, PrometheusServer, repo_rule_files
@@ -35,12 +34,6 @@ TOPICS = {
     "dead_letters": "ad-events-dlq",
     "labels": "ad-labels",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -87,7 +80,7 @@ def run_demo(
             flush=True,
         )
         broker.create_topics(TOPICS.values(), partitions=partitions)
-        port = metrics_port or _free_port()
+        port = metrics_port or free_ports()[0]
         env = dict(os.environ)
         env.update(
             {

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from stream_fm.broker import free_ports
 from stream_fm.errors import StreamFMError
 
 JOB = "stream_fm"
@@ -80,12 +80,6 @@ def scrape_config(
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrometheusServer:
     """``with PrometheusServer(workdir, ["127.0.0.1:9464"]) as prom: prom.query("up")``.
 
@@ -126,7 +120,7 @@ class PrometheusServer:
                 self.targets, scrape_interval_s=self.scrape_interval_s, rule_files=self.rule_files
             )
         )
-        self.port = _free_port()
+        self.port = free_ports()[0]
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
                 [

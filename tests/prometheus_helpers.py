@@ -50,7 +50,7 @@ def _under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
-def _missing(message: str) -> None:
+def missing_tool(message: str) -> None:
     """Under CI a missing tool fails the run; on a laptop without it the test is skipped."""
     if _under_ci():
         pytest.fail(message)
@@ -61,14 +61,14 @@ def require_prometheus() -> str:
     try:
         return find_binary()
     except StreamFMError as error:
-        _missing(str(error))
+        missing_tool(str(error))
         raise  # unreachable: _missing raises
 
 
 def require_promtool() -> str:
     path = shutil.which("promtool") or "/usr/bin/promtool"
     if not os.access(path, os.X_OK):
-        _missing("promtool not found: install the Debian package (apt-get install prometheus)")
+        missing_tool("promtool not found: install the Debian package (apt-get install prometheus)")
     return path
 
 

@@ -19,7 +19,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from stream_fm.broker import KafkaBroker
+from stream_fm.broker import KafkaBroker, free_ports
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.demo import scrape
 from stream_fm.simulate import SimulationParams, Simulator
@@ -251,14 +251,6 @@ def _env(
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_metric(
     port: int, name: str, at_least: float, process: subprocess.Popen[bytes], timeout_s: float = 90.0
 ) -> dict[str, float]:
@@ -292,7 +284,7 @@ def test_sigterm_checkpoints_and_a_restart_resumes_exactly(
     events, stats = _simulated(3000, seed=5)
     half = len(events) // 2
     produce(kafka_broker, topics["input"][0], _as_records(events[:half]))
-    port = _free_port()
+    port = free_ports()[0]
     env = _env(kafka_broker, topics, tmp_path / "ckpt", "sigterm-group", port)
     log = tmp_path / "worker.log"
 
@@ -355,7 +347,7 @@ def test_committed_offsets_without_checkpoint_are_refused_unless_cold_start(
     consumer.assign([tp])
     consumer.commit({tp: OffsetAndMetadata(0, "", -1)})
     consumer.close()
-    port = _free_port()
+    port = free_ports()[0]
     env = _env(kafka_broker, topics, tmp_path / "empty-ckpt", group, port)
     log = tmp_path / "refused.log"
     refused = _start_worker_process(env, log)
