@@ -20,8 +20,7 @@ unknown_type
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -58,14 +57,14 @@ REASONS: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Click:
+# NamedTuples, not frozen dataclasses: as immutable, and a third of the cost to build, once
+# per record on the hot path.
+class Click(NamedTuple):
     id: str
     ts_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Impression:
+class Impression(NamedTuple):
     """An impression to score; ``keys``/``values`` are its features, hashed per batch."""
 
     id: str
@@ -74,8 +73,7 @@ class Impression:
     values: list[float]
 
 
-@dataclass(frozen=True, slots=True)
-class Labeled:
+class Labeled(NamedTuple):
     """An example joined upstream: scored, then learned at once."""
 
     id: str

@@ -11,13 +11,15 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kafka_errors
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
+from numba import njit
 
 from stream_fm.config import Settings
 from stream_fm.errors import BrokerError, ProduceError
@@ -26,17 +28,26 @@ log = logging.getLogger("stream_fm.kafka")
 
 Partition = tuple[str, int]
 LINGER_MS = 5
+# /readyz and the stream_fm_ready gauge ask at every scrape; one TCP connect a second is enough.
+REACHABLE_CACHE_S = 1.0
 Headers = list[tuple[str, bytes]]
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    timestamp_ms: int
+class Record(Protocol):
+    """A consumed record: kafka-python's own ConsumerRecord, handed on without a copy."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int: ...
 
 
 def security_config(settings: Settings) -> dict[str, Any]:
@@ -108,6 +119,8 @@ class KafkaIO:
             ) from error
         self._unflushed = 0
         self._send_failure: BaseException | None = None
+        self._reachable_at_s = -REACHABLE_CACHE_S
+        self._reachable = False
 
     # consumer
     def subscribe(
@@ -133,10 +146,7 @@ class KafkaIO:
             return []
         out: list[Record] = []
         for records in batches.values():
-            for r in records:
-                out.append(
-                    Record(r.topic, r.partition, r.offset, r.key, r.value or b"", r.timestamp)
-                )
+            out += records
         return out
 
     def seek(self, partition: Partition, offset: int) -> None:
@@ -187,11 +197,18 @@ class KafkaIO:
         return out
 
     def reachable(self, timeout_s: float = 0.5) -> bool:
-        """Whether a bootstrap broker accepts a TCP connection now (for /readyz).
+        """Whether a bootstrap broker accepted a TCP connection within the last second (/readyz).
 
         A plain connect, not client internals: it answers from the HTTP thread without
         touching the consumer, which is not thread-safe.
         """
+        now = time.monotonic()
+        if now - self._reachable_at_s >= REACHABLE_CACHE_S:
+            self._reachable = self._connect_any(timeout_s)
+            self._reachable_at_s = time.monotonic()
+        return self._reachable
+
+    def _connect_any(self, timeout_s: float) -> bool:
         for server in self.settings.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
             try:
@@ -234,6 +251,29 @@ class KafkaIO:
             raise ProduceError(f"cannot publish to {topic}: {error}") from error
         future.add_errback(self._on_send_failed)
         self._unflushed += 1
+
+    def send_keyed(self, topic: str, keys: list[bytes], values: list[bytes]) -> None:
+        """Queue many keyed records; same partitions as the default partitioner picks.
+
+        The partitions come from one compiled murmur2 over the whole batch: kafka-python's
+        pure-Python partitioner cost more per record than anything else in the worker.
+        """
+        if not keys:
+            return
+        try:
+            partitions = sorted(self._producer.partitions_for(topic))
+        except kafka_errors.KafkaError as error:
+            raise ProduceError(f"cannot publish to {topic}: {error}") from error
+        chosen = key_partitions(keys, len(partitions))
+        if partitions[-1] != len(partitions) - 1:  # partition ids are 0..n-1 in practice
+            chosen = [partitions[i] for i in chosen]
+        send, on_failed = self._producer.send, self._on_send_failed
+        try:
+            for key, value, partition in zip(keys, values, chosen, strict=True):
+                send(topic, key=key, value=value, partition=partition).add_errback(on_failed)
+        except kafka_errors.KafkaError as error:
+            raise ProduceError(f"cannot publish to {topic}: {error}") from error
+        self._unflushed += len(keys)
 
     def _on_send_failed(self, error: BaseException) -> None:
         if self._send_failure is None:
@@ -279,6 +319,65 @@ class KafkaIO:
             self._consumer.close()
         except Exception as error:
             log.warning("closing the Kafka consumer failed: %s", error)
+
+
+def key_partitions(keys: Sequence[bytes], n_partitions: int) -> list[int]:
+    """Partition index of each key, as Kafka's default partitioner computes it.
+
+    ``toPositive(murmur2(key)) % n``, the Java client's rule (kafka-python's too), so records
+    keyed by an id land where any other producer would put them.
+
+    >>> from kafka.partitioner.default import murmur2
+    >>> keys = [b"imp-1", b"a", b"", b"click-000123"]
+    >>> key_partitions(keys, 7) == [(murmur2(k) & 0x7FFFFFFF) % 7 for k in keys]
+    True
+    """
+    lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+    blob = np.frombuffer(b"".join(keys), dtype=np.uint8)
+    out = np.empty(len(keys), dtype=np.int64)
+    _murmur2_partitions(blob, lengths, n_partitions, out)
+    result: list[int] = out.tolist()
+    return result
+
+
+@njit(cache=True, nogil=True)
+def _murmur2_partitions(
+    blob: npt.NDArray[np.uint8], lengths: npt.NDArray[np.int64], n: int, out: npt.NDArray[np.int64]
+) -> None:
+    # Numba widens uint32 products to 64 bits: mask back to 32 after each multiply.
+    mask = np.uint64(0xFFFFFFFF)
+    m = np.uint64(0x5BD1E995)
+    start = 0
+    for j in range(lengths.shape[0]):
+        length = lengths[j]
+        h = np.uint64(0x9747B28C) ^ np.uint64(length)
+        for b in range(length // 4):
+            p = start + 4 * b
+            k = (
+                np.uint64(blob[p])
+                | (np.uint64(blob[p + 1]) << np.uint64(8))
+                | (np.uint64(blob[p + 2]) << np.uint64(16))
+                | (np.uint64(blob[p + 3]) << np.uint64(24))
+            )
+            k = (k * m) & mask
+            k ^= k >> np.uint64(24)
+            k = (k * m) & mask
+            h = (h * m) & mask
+            h ^= k
+        tail = start + (length & ~3)
+        extra = length & 3
+        if extra >= 3:
+            h ^= np.uint64(blob[tail + 2]) << np.uint64(16)
+        if extra >= 2:
+            h ^= np.uint64(blob[tail + 1]) << np.uint64(8)
+        if extra >= 1:
+            h ^= np.uint64(blob[tail])
+            h = (h * m) & mask
+        h ^= h >> np.uint64(13)
+        h = (h * m) & mask
+        h ^= h >> np.uint64(15)
+        out[j] = np.int64(h & np.uint64(0x7FFFFFFF)) % n
+        start += length
 
 
 class EventProducer:

@@ -22,6 +22,7 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -39,9 +40,9 @@ _EMPTY_INDICES = np.zeros(0, dtype=np.int32)
 _EMPTY_VALUES = np.zeros(0, dtype=np.float64)
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """One served probability; ``position`` is the record's index in the batch."""
+class Prediction(NamedTuple):
+    """One served probability; ``position`` is the record's index in the batch (a NamedTuple:
+    one per impression, built at a third of a frozen dataclass's cost)."""
 
     id: str
     p_click: float

@@ -34,7 +34,7 @@ from stream_fm.join import AttributionJoiner
 from stream_fm.kafka_io import KafkaIO, Partition, Record
 from stream_fm.metrics import MetricsServer, WorkerMetrics
 from stream_fm.model import FastFM
-from stream_fm.pipeline import BatchResult, Pipeline
+from stream_fm.pipeline import BatchResult, Pipeline, Prediction
 
 log = logging.getLogger("stream_fm.worker")
 
@@ -42,6 +42,17 @@ CHECKPOINT_FORMAT = 1
 LAG_REFRESH_S = 5.0
 AUC_REFRESH_S = 1.0
 ROLLBACK_BACKOFF_S = 1.0
+
+
+def _prediction_json(p: Prediction) -> bytes:
+    """DESIGN's prediction record. A bytes template: a quarter of the cost of a dict through
+    orjson, once per impression (the id still goes through orjson for its escaping)."""
+    return b'{"id":%b,"p_click":%r,"ts":%d,"model_version":%d}' % (
+        orjson.dumps(p.id),
+        p.p_click,
+        p.ts_ms,
+        p.model_version,
+    )
 
 
 def _partition_key(partition: Partition) -> str:
@@ -179,16 +190,14 @@ class Worker:
         assert self.io is not None
         started = time.perf_counter()
         settings = self.settings
-        result = self.pipeline.process([(r.partition, r.value) for r in records])
+        result = self.pipeline.process([(r.partition, r.value or b"") for r in records])
+        predictions = result.predictions
+        self.io.send_keyed(
+            settings.predictions_topic,
+            [p.id.encode() for p in predictions],
+            [_prediction_json(p) for p in predictions],
+        )
         send = self.io.send
-        for prediction in result.predictions:
-            value = {
-                "id": prediction.id,
-                "p_click": prediction.p_click,
-                "ts": prediction.ts_ms,
-                "model_version": prediction.model_version,
-            }
-            send(settings.predictions_topic, prediction.id.encode(), orjson.dumps(value))
         for rejected in result.invalid:
             record = records[rejected.position]
             headers = [
@@ -198,18 +207,26 @@ class Worker:
                 ("source_partition", str(record.partition).encode()),
                 ("source_offset", str(record.offset).encode()),
             ]
-            send(settings.dead_letter_topic, record.key, record.value, headers)
+            send(settings.dead_letter_topic, record.key, record.value or b"", headers)
         if settings.labels_topic:
-            for learned in result.learned:
-                value = {
-                    "id": learned.id,
-                    "label": learned.label,
-                    "p_served": learned.p_served,
-                    "impression_ts": learned.impression_ts_ms,
-                    "label_ts": learned.label_ts_ms,
-                    "cause": learned.cause,
-                }
-                send(settings.labels_topic, learned.id.encode(), orjson.dumps(value))
+            learned = result.learned
+            self.io.send_keyed(
+                settings.labels_topic,
+                [x.id.encode() for x in learned],
+                [
+                    orjson.dumps(
+                        {
+                            "id": x.id,
+                            "label": x.label,
+                            "p_served": x.p_served,
+                            "impression_ts": x.impression_ts_ms,
+                            "label_ts": x.label_ts_ms,
+                            "cause": x.cause,
+                        }
+                    )
+                    for x in learned
+                ],
+            )
         # Acknowledgements are awaited only before a checkpoint (the one place offsets become
         # durable), not per batch: the loop never waits a network round trip per poll. A
         # rejection seen meanwhile rolls back at once rather than at the next checkpoint.
@@ -235,7 +252,7 @@ class Worker:
         join = self._join_deltas()
         now_ms = time.time() * 1000
         served_after_ms = np.array(
-            [now_ms - records[p.position].timestamp_ms for p in result.predictions]
+            [now_ms - records[p.position].timestamp for p in result.predictions]
         )
         invalid = Counter(r.reason for r in result.invalid)
         self.metrics.observe_batch(
