@@ -41,7 +41,8 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
@@ -232,39 +233,114 @@ def _read_array(data: bytearray, d: dict[str, Any], start: int, end: int) -> npt
 
 
 class CheckpointStore:
-    """Generations ``<prefix>-<n:012d>.sfm`` in one directory; the newest valid one wins."""
+    """Generations ``<prefix>-<n:012d>[-<writer>].sfm`` in one directory; the newest valid wins.
 
-    def __init__(self, directory: Path | str, keep: int = 3, prefix: str = "ckpt") -> None:
+    Several workers may share the directory (a shared volume): each names itself ``writer``,
+    so two saves of the same generation number never collide. With ``progress_key``, the
+    state's mapping at that key (name -> a count that only grows, such as input offsets) is
+    indexed from the file headers: ``candidates(name)`` gives the files holding ``name``, most
+    progress first, and pruning keeps, besides the ``keep`` newest files, the ``keep`` most
+    advanced files for every name, so state that moved between workers is never pruned away.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        keep: int = 3,
+        prefix: str = "ckpt",
+        writer: str | None = None,
+        progress_key: str | None = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix) or prefix.startswith("."):
             raise ValueError(f"prefix must be a plain file-name part, got {prefix!r}")
+        if writer is not None and not re.fullmatch(r"[A-Za-z0-9_]+", writer):
+            raise ValueError(f"writer must be letters, digits and _, got {writer!r}")
         self.directory = Path(directory)
         self.keep = keep
         self.prefix = prefix
-        self._pattern = re.compile(re.escape(prefix) + r"-(\d{12})\.sfm")
-        self._temp_pattern = re.compile(r"\." + re.escape(prefix) + r"-\d{12}\..*" + _TEMP_SUFFIX)
+        self.writer = writer
+        self.progress_key = progress_key
+        self._pattern = re.compile(re.escape(prefix) + r"-(\d{12})(?:-([A-Za-z0-9_]+))?\.sfm")
+        self._temp_pattern = re.compile(
+            r"\." + re.escape(prefix) + r"-\d{12}(?:-([A-Za-z0-9_]+))?\..*" + _TEMP_SUFFIX
+        )
+        self._progress_cache: dict[str, tuple[tuple[int, int], dict[str, int]]] = {}
+        # Test-only fault injection, called at each step of a checkpoint ("temp_written",
+        # "renamed"; the worker adds "committing" and "committed").
+        self.fault_hook: Callable[[str], None] | None = None
 
-    def path_for(self, generation: int) -> Path:
-        return self.directory / f"{self.prefix}-{generation:012d}.sfm"
+    def path_for(self, generation: int, writer: str | None = None) -> Path:
+        suffix = f"-{writer}" if writer else ""
+        return self.directory / f"{self.prefix}-{generation:012d}{suffix}.sfm"
 
-    def generations(self) -> list[int]:
-        """Generation numbers present on disk (valid or not), oldest first."""
+    def _entries(self) -> list[tuple[int, str, Path]]:
+        """(generation, writer, path) of every checkpoint file, oldest first."""
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        found = (self._pattern.fullmatch(name) for name in names)
-        return sorted(int(m.group(1)) for m in found if m)
+        entries = []
+        for name in names:
+            m = self._pattern.fullmatch(name)
+            if m:
+                entries.append((int(m.group(1)), m.group(2) or "", self.directory / name))
+        entries.sort()
+        return entries
+
+    def generations(self) -> list[int]:
+        """Generation numbers present on disk (valid or not), oldest first."""
+        return [generation for generation, _, _ in self._entries()]
 
     def generation_paths(self) -> list[Path]:
-        return [self.path_for(g) for g in self.generations()]
+        return [path for _, _, path in self._entries()]
 
     @property
     def latest_generation(self) -> int | None:
         """Newest generation number on disk, without checking that it is valid."""
         generations = self.generations()
         return generations[-1] if generations else None
+
+    def progress(self, path: Path) -> dict[str, int]:
+        """The ``progress_key`` mapping of one file, read from its header only (cached).
+
+        Unreadable or malformed headers give ``{}``; full verification happens at load.
+        """
+        if self.progress_key is None:
+            return {}
+        try:
+            stat = path.stat()
+        except OSError:
+            return {}
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        cached = self._progress_cache.get(path.name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        progress: dict[str, int] = {}
+        try:
+            with open(path, "rb") as file:
+                preamble = file.read(_PREAMBLE.size)
+                magic, _, header_len = _PREAMBLE.unpack(preamble)
+                if magic == MAGIC and header_len <= stat.st_size:
+                    tree = json.loads(file.read(header_len))["tree"]
+                    found = tree.get(self.progress_key, {}) if isinstance(tree, dict) else {}
+                    if isinstance(found, dict):
+                        progress = {k: v for k, v in found.items() if type(v) is int}
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+            log.debug("cannot index %s: %s", path, error)
+        self._progress_cache[path.name] = (stamp, progress)
+        return progress
+
+    def candidates(self, name: str) -> list[Path]:
+        """Files whose progress mapping holds ``name``: most progress first, then newest."""
+        ranked = []
+        for generation, writer, path in self._entries():
+            value = self.progress(path).get(name)
+            if value is not None:
+                ranked.append((value, generation, writer, path))
+        ranked.sort(reverse=True)
+        return [path for *_, path in ranked]
 
     def save(self, state: Mapping[str, Any]) -> Path:
         """Write ``state`` as the next generation, durably; then drop generations past ``keep``."""
@@ -274,26 +350,34 @@ class CheckpointStore:
             generation = (self.latest_generation or 0) + 1
             if generation > _MAX_GENERATION:
                 raise CheckpointError(f"{self.directory}: generation counter exhausted")
-            final = self.path_for(generation)
+            final = self.path_for(generation, self.writer)
+            name = final.name.removesuffix(".sfm")
             fd, temp_name = tempfile.mkstemp(
-                prefix=f".{self.prefix}-{generation:012d}.", suffix=_TEMP_SUFFIX, dir=self.directory
+                prefix=f".{name}.", suffix=_TEMP_SUFFIX, dir=self.directory
             )
             try:
                 with os.fdopen(fd, "wb") as file:
                     write_checkpoint(file, state)
                     file.flush()
                     os.fsync(file.fileno())
+                self.fault("temp_written")
                 os.replace(temp_name, final)
             except BaseException:
                 Path(temp_name).unlink(missing_ok=True)
                 raise
             _fsync_directory(self.directory)
+            self.fault("renamed")
         except OSError as error:
             raise CheckpointError(
                 f"cannot write checkpoint in {self.directory}: {error}"
             ) from error
         self._prune()
         return final
+
+    def fault(self, step: str) -> None:
+        """Test-only: a fault-injection point (see ``fault_hook``)."""
+        if self.fault_hook is not None:
+            self.fault_hook(step)
 
     def load(self, path: Path | str) -> dict[str, Any]:
         """Read and verify one checkpoint file.
@@ -348,23 +432,41 @@ class CheckpointStore:
         return None
 
     def _prune(self) -> None:
-        for generation in self.generations()[: -self.keep]:
+        entries = self._entries()
+        keep = {path for _, _, path in entries[-self.keep :]}
+        if self.progress_key is not None:
+            names = {name for _, _, path in entries for name in self.progress(path)}
+            for name in names:
+                keep.update(self.candidates(name)[: self.keep])
+        for _, _, path in entries:
+            if path in keep:
+                continue
             try:
-                self.path_for(generation).unlink()
+                path.unlink()
             except FileNotFoundError:
                 pass
             except OSError as error:  # keeping one file too many is not worth failing for
-                log.warning("cannot remove old checkpoint %s: %s", generation, error)
+                log.warning("cannot remove old checkpoint %s: %s", path.name, error)
+            self._progress_cache.pop(path.name, None)
 
     def _remove_temp_files(self) -> None:
-        # Left by a crash mid-write; only this prefix's, so stores sharing a directory coexist.
+        """Temporary files left by a crash mid-write: this writer's at once, others' when stale.
+
+        Another live writer's temporary file is its save in progress; one an hour old is not.
+        """
+        now = time.time()
         for name in os.listdir(self.directory):
-            if self._temp_pattern.fullmatch(name):
-                try:
-                    (self.directory / name).unlink()
-                    log.info("removed leftover temporary checkpoint %s", name)
-                except FileNotFoundError:
-                    pass
+            m = self._temp_pattern.fullmatch(name)
+            if not m:
+                continue
+            path = self.directory / name
+            try:
+                if (m.group(1) or None) != self.writer and now - path.stat().st_mtime < 3600:
+                    continue
+                path.unlink()
+                log.info("removed leftover temporary checkpoint %s", name)
+            except FileNotFoundError:
+                pass
 
 
 def _fsync_directory(directory: Path) -> None:

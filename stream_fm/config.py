@@ -130,6 +130,13 @@ class Settings:
         default=False,
         metadata=_help("start without a checkpoint even though the group has committed offsets"),
     )
+    apply_log_path: str = field(
+        default="",
+        metadata=_help(
+            "audit: append every applied batch's (topic, partition, offset) list, restore, "
+            "checkpoint and rollback to this JSON-lines file (off when empty)"
+        ),
+    )
     # Operations
     metrics_host: str = field(
         default="127.0.0.1",

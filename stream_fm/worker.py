@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -24,9 +27,17 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from stream_fm import __version__
+from stream_fm.audit import ApplyLog
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.config import Settings, describe
-from stream_fm.errors import BrokerError, MissingCheckpoint, ProduceError, StreamFMError
+from stream_fm.errors import (
+    BrokerError,
+    CheckpointCorrupt,
+    CheckpointError,
+    MissingCheckpoint,
+    ProduceError,
+    StreamFMError,
+)
 from stream_fm.evaluate import ProgressiveValidation
 from stream_fm.events import REASONS, EventDecoder
 from stream_fm.features import FeatureHasher
@@ -53,6 +64,12 @@ def _prediction_json(p: Prediction) -> bytes:
         p.ts_ms,
         p.model_version,
     )
+
+
+def writer_id() -> str:
+    """This process's name in the shared checkpoint store: host, pid and a random suffix."""
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}_{os.getpid()}_{os.urandom(3).hex()}"
 
 
 def _partition_key(partition: Partition) -> str:
@@ -82,15 +99,25 @@ class Worker:
             settings.max_pending_impressions,
             auc_window=settings.auc_window,
         )
-        self.store = CheckpointStore(Path(settings.checkpoint_dir), keep=settings.checkpoint_keep)
+        self.store = CheckpointStore(
+            Path(settings.checkpoint_dir),
+            keep=settings.checkpoint_keep,
+            writer=writer_id(),
+            progress_key="offsets",
+        )
+        self.apply_log = ApplyLog(settings.apply_log_path) if settings.apply_log_path else None
         self.offsets: dict[Partition, int] = {}  # next offset to process, per input partition
         self.io: KafkaIO | None = None
         self.server: MetricsServer | None = None
         self._stopping = threading.Event()
         self._fatal: BaseException | None = None
-        self._checkpoint: dict[str, Any] | None = (
-            None  # last durable state, for assignment/rollback
-        )
+        # The rollback target: the last durable state, plus partitions restored since.
+        self._checkpoint: dict[str, Any] | None = None
+        self._checkpoint_path: Path | None = None
+        self._checkpoint_problem: str | None = None
+        # Assigned partitions with no durable state yet: the first offset processed becomes
+        # their rollback point.
+        self._unanchored: set[Partition] = set()
         self._restored = False
         self._rollback_needed = False
         self._dirty = False
@@ -129,20 +156,25 @@ class Worker:
                     "input topic(s) %s not found yet; waiting for them to appear",
                     ", ".join(missing),
                 )
+            if self.apply_log is not None:
+                self.apply_log.write("start", writer=self.store.writer)
             self._restore_or_refuse()
             self.io.subscribe(settings.input_topics, self._on_assigned, self._on_revoked)
             while not self._stopping.is_set():
                 self.step()
             try:
                 self._checkpoint_and_commit(reason="shutdown")
-            except ProduceError as error:
+            except (ProduceError, CheckpointError) as error:
                 # Nothing is lost: the next start resumes from the last durable checkpoint.
                 log.error("%s: stopped without a final checkpoint", error)
-                self.metrics.produce_errors.inc()
+                if isinstance(error, ProduceError):
+                    self.metrics.produce_errors.inc()
                 code = 1
         finally:
             if self.io is not None:
                 self.io.close()
+            if self.apply_log is not None:
+                self.apply_log.close()
             self.server.stop()
         log.info(self.summary())
         print(self.summary(), flush=True)
@@ -163,7 +195,7 @@ class Worker:
             raise self._fatal
         try:
             if self._rollback_needed:
-                raise ProduceError("an output record was rejected during a rebalance")
+                raise ProduceError("no checkpoint could be written at a rebalance")
             if records:
                 self._process(records)
             now = time.monotonic()
@@ -171,7 +203,7 @@ class Worker:
             if self._dirty and (
                 due or self._events_since_checkpoint >= self.settings.checkpoint_every_events
             ):
-                self._checkpoint_and_commit(reason="periodic")
+                self._try_checkpoint(reason="periodic")
         except ProduceError as error:
             log.error("%s: rolling back to the last checkpoint", error)
             self.metrics.produce_errors.inc()
@@ -231,11 +263,25 @@ class Worker:
         # durable), not per batch: the loop never waits a network round trip per poll. A
         # rejection seen meanwhile rolls back at once rather than at the next checkpoint.
         self.io.check()
+        if self._unanchored:
+            self._anchor(records)
         for record in records:
             self.offsets[(record.topic, record.partition)] = record.offset + 1
+        if self.apply_log is not None:
+            self.apply_log.write(
+                "apply", records=[[r.topic, r.partition, r.offset] for r in records]
+            )
         self._dirty = True
         self._events_since_checkpoint += len(records)
         self._observe(result, records, time.perf_counter() - started)
+
+    def _anchor(self, records: Sequence[Record]) -> None:
+        for record in records:
+            tp = (record.topic, record.partition)
+            if tp in self._unanchored:
+                self._unanchored.discard(tp)
+                if self._checkpoint is not None:
+                    self._checkpoint["offsets"].setdefault(_partition_key(tp), record.offset)
 
     def _join_deltas(self) -> dict[str, int]:
         """Joiner counts since the last call, per counter (for Prometheus counters).
@@ -309,27 +355,58 @@ class Worker:
         }
 
     def _checkpoint_and_commit(self, reason: str, in_callback: bool = False) -> None:
+        """Await acknowledgements, write the state durably, then commit its offsets.
+
+        Raises ProduceError (an output was rejected) or CheckpointError (the disk failed);
+        either way nothing was committed.
+        """
         if self.io is None or not self._restored:
             return
         self.io.flush()
         state = self._state()
-        path = self.store.save(state)
-        self._checkpoint = state
+        try:
+            path = self.store.save(state)
+        except CheckpointError:
+            self.metrics.checkpoint_errors.inc()
+            self.totals["checkpoint_errors"] += 1
+            raise
+        if self._checkpoint_problem is not None:
+            log.info("checkpoints are written again")
+        self._checkpoint_problem = None
+        self._checkpoint, self._checkpoint_path = state, path
         self._dirty = False
         self._events_since_checkpoint = 0
         self._last_checkpoint_s = time.monotonic()
         self.metrics.mark_checkpoint()
         self.metrics.checkpoints.inc()
         self.totals["checkpoints"] += 1
+        if self.apply_log is not None:
+            self.apply_log.write("checkpoint", path=path.name, offsets=state["offsets"])
         log.debug("checkpoint %s (%s)", path.name, reason)
+        self.store.fault("committing")
         try:
             self.io.commit(self.offsets, wait=not in_callback)
         except BrokerError as error:
             # The checkpoint is the source of truth; a failed commit only delays lag reporting.
             log.warning("%s; offsets stay in the checkpoint", error)
+        self.store.fault("committed")
+
+    def _try_checkpoint(self, reason: str, in_callback: bool = False) -> bool:
+        """A checkpoint whose disk failure is survivable: counted, reported not-ready, retried
+        at the next interval. Offsets stay uncommitted meanwhile."""
+        try:
+            self._checkpoint_and_commit(reason, in_callback=in_callback)
+        except CheckpointError as error:
+            if self._checkpoint_problem is None:
+                log.error("%s; retrying every %gs", error, self.settings.checkpoint_interval_s)
+            self._checkpoint_problem = str(error)
+            self._last_checkpoint_s = time.monotonic()
+            return False
+        return True
 
     def _restore_or_refuse(self) -> None:
-        """Load the newest valid checkpoint, or refuse to start cold over committed offsets."""
+        """Warm-start from the freshest checkpoint in the store (any worker's), or refuse to
+        start cold over committed offsets."""
         assert self.io is not None
         loaded = self.store.load_latest()
         if loaded is not None:
@@ -342,8 +419,12 @@ class Worker:
             # (ModelStateMismatch names the difference and stops the start).
             self.engine.load_state(state["engine"], strict=False)
             self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
-            self._checkpoint = state
+            # Partitions are taken from the store at assignment, not from this snapshot.
+            self._checkpoint = {**state, "partitions": {}, "offsets": {}}
+            self._checkpoint_path = path
             self.metrics.mark_checkpoint(float(state["saved_at_s"]))
+            if self.apply_log is not None:
+                self.apply_log.write("restore", path=path.name, offsets=state["offsets"])
             log.info(
                 "restored %s: model_version=%d, %d examples evaluated",
                 path.name,
@@ -373,20 +454,55 @@ class Worker:
         except BaseException as error:  # kafka-python swallows listener errors: hand it to the loop
             self._fatal = error
 
+    def _partition_state(
+        self, tp: Partition, loaded: dict[Path, dict[str, Any]]
+    ) -> tuple[int, dict[str, Any] | None, str] | None:
+        """The most advanced durable state of one partition in the store, whichever worker
+        wrote it: (next offset, joiner state, file name), or None if no checkpoint holds it."""
+        key = _partition_key(tp)
+        for path in self.store.candidates(key):
+            state = loaded.get(path)
+            if state is None:
+                try:
+                    state = self.store.load(path)
+                except (CheckpointCorrupt, CheckpointError) as error:
+                    log.warning("skipping %s for %s: %s", path.name, key, error)
+                    continue
+                loaded[path] = state
+            offset = state.get("offsets", {}).get(key)
+            if offset is not None:
+                return int(offset), state.get("partitions", {}).get(str(tp[1])), path.name
+        return None
+
     def _assign(self, partitions: list[Partition]) -> None:
         assert self.io is not None
-        saved = self._checkpoint or {}
-        saved_offsets: dict[str, int] = saved.get("offsets", {})
-        saved_partitions: dict[str, Any] = saved.get("partitions", {})
+        loaded: dict[Path, dict[str, Any]] = {}
+        if self._checkpoint is not None and self._checkpoint_path is not None:
+            loaded[self._checkpoint_path] = self._checkpoint
         for tp in partitions:
-            offset = saved_offsets.get(_partition_key(tp))
-            if offset is not None:
-                self.io.seek(tp, int(offset))
-                self.offsets[tp] = int(offset)
+            found = self._partition_state(tp, loaded)
+            if found is None:
+                # Never checkpointed: the group's committed offset (or the reset) applies.
+                self._unanchored.add(tp)
+                if self.apply_log is not None:
+                    self.apply_log.write(
+                        "assign", partition=_partition_key(tp), offset=None, path=None
+                    )
+                continue
+            offset, joiner_state, source = found
+            self.io.seek(tp, offset)
+            self.offsets[tp] = offset
             partition = tp[1]
-            if partition not in self.pipeline.joiners and str(partition) in saved_partitions:
-                self.pipeline.joiners[partition] = AttributionJoiner.from_state(
-                    saved_partitions[str(partition)]
+            if partition not in self.pipeline.joiners and joiner_state is not None:
+                self.pipeline.joiners[partition] = AttributionJoiner.from_state(joiner_state)
+            if self._checkpoint is not None:
+                # A rollback must return this partition to where it was taken over.
+                self._checkpoint["offsets"][_partition_key(tp)] = offset
+                if joiner_state is not None:
+                    self._checkpoint["partitions"][str(partition)] = joiner_state
+            if self.apply_log is not None:
+                self.apply_log.write(
+                    "assign", partition=_partition_key(tp), offset=offset, path=source
                 )
         self._restored = True
         self._join_seen = self.pipeline.join_counters()
@@ -395,25 +511,28 @@ class Worker:
         if self._checkpoint is None:
             # A first generation at once, so a produce failure always has a state to roll back to.
             self._dirty = True
-            self._checkpoint_and_commit(reason="first assignment", in_callback=True)
+            self._try_checkpoint(reason="first assignment", in_callback=True)
 
     def _on_revoked(self, partitions: list[Partition]) -> None:
         try:
             if partitions and self._dirty:
                 try:
                     self._checkpoint_and_commit(reason="revocation", in_callback=True)
-                except ProduceError as error:
-                    # The partitions' new owner resumes from the last durable checkpoint; this
-                    # worker rolls back too, at its next step.
+                except (ProduceError, CheckpointError) as error:
+                    # The partitions' next owner resumes from their last durable state; this
+                    # worker's model learned past it, so it rolls back too, at its next step.
                     log.error("%s: no checkpoint at revocation", error)
                     self._rollback_needed = True
             for tp in partitions:
                 self.offsets.pop(tp, None)
+                self._unanchored.discard(tp)
                 self.metrics.forget_partition(*tp)
             still_owned = {p for _, p in self.offsets}
             for partition in list(self.pipeline.joiners):
                 if partition not in still_owned:
                     del self.pipeline.joiners[partition]
+            if self.apply_log is not None and partitions:
+                self.apply_log.write("revoke", partitions=[_partition_key(tp) for tp in partitions])
         except BaseException as error:
             self._fatal = error
 
@@ -443,6 +562,12 @@ class Worker:
                 self.offsets[tp] = int(offset)
         self._dirty = False
         self._join_seen = self.pipeline.join_counters()
+        if self.apply_log is not None:
+            self.apply_log.write(
+                "rollback",
+                path=self._checkpoint_path.name if self._checkpoint_path else None,
+                offsets={_partition_key(tp): offset for tp, offset in self.offsets.items()},
+            )
         self._publish_gauges()
 
     # operations
@@ -460,6 +585,8 @@ class Worker:
             return False, "no partitions assigned"
         if not self.io.reachable():
             return False, "broker unreachable"
+        if self._checkpoint_problem is not None:
+            return False, f"checkpoints failing: {self._checkpoint_problem}"
         return True, "ok"
 
     def summary(self) -> str:
