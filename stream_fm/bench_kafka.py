@@ -13,7 +13,18 @@ One run, one broker, the same simulated records (impressions and clicks, 20 fiel
    topic's high watermarks (acknowledged records) add up to the impression count; start-up
    (imports, numba cache load, group join) is excluded by measuring from the first processed
    batch; VmRSS of the process is sampled along the way; then SIGTERM and the exit code;
-4. **latency** at fixed offered rates: ``stream-fm simulate --rate R`` (the simulator's own
+4. **scale-out** (``scale_out_events`` > 0): its own input topic (``scale_out_partitions``
+   partitions, the same simulated records), consumed once by one worker in a fresh group and
+   once by two workers started together in one fresh group sharing one checkpoint directory,
+   each run with fresh output topics. A run is timed from the first processed batch of any of
+   its workers until the workers together processed the input and the predictions topic's
+   high watermarks hold a prediction per impression; if records were re-processed (the start
+   rebalance), until every input partition shows lag 0 in the workers'
+   ``stream_fm_consumer_lag`` series and the predictions topic holds all they produced.
+   Re-processed records are counted, not hidden (records processed in total vs the input);
+   every impression is checked for a prediction on the broker; each worker's partitions are
+   read from its lag series; SIGTERM and the exit codes;
+5. **latency** at fixed offered rates: ``stream-fm simulate --rate R`` (the simulator's own
    pacing: bursts of 256 records) into a fresh topic while a fresh worker runs; quantiles come
    from the worker's histogram ``stream_fm_impression_to_prediction_seconds`` (the difference
    between a snapshot taken after a warm-up and one after the drain), and per record from the
@@ -48,7 +59,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -101,6 +112,8 @@ class KafkaBenchOptions:
     poll_interval_s: float = 0.1
     py_spy: Path | None = None  # profile the worker phase with py-spy into this file
     work_dir: Path | None = None
+    scale_out_events: int = 1_000_000  # records of the scale-out phase; 0 = no such phase
+    scale_out_partitions: int = 4
 
     def __post_init__(self) -> None:
         if self.events < 1:
@@ -111,6 +124,10 @@ class KafkaBenchOptions:
             raise StreamFMError("bench kafka: every rate must be > 0")
         if self.latency_duration_s <= 0 or self.latency_warmup_s < 0:
             raise StreamFMError("bench kafka: latency duration must be > 0, warm-up >= 0")
+        if self.scale_out_events < 0:
+            raise StreamFMError("bench kafka: --scale-out-events must be >= 0 (0: no scale-out)")
+        if self.scale_out_partitions < 1:
+            raise StreamFMError("bench kafka: --scale-out-partitions must be >= 1")
 
 
 # --- results -------------------------------------------------------------------------------
@@ -195,6 +212,57 @@ class LatencyResult:
     exit_code: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class ScaleOutWorker:
+    name: str  # "single", "a", "b"
+    records: int  # events_total + invalid_events_total at the end, re-processed ones included
+    counted: int  # of those, processed inside the run's window (after its first batch)
+    events_per_s: float  # counted / the run's seconds
+    predictions: int  # stream_fm_predictions_total
+    checkpoints: int
+    startup_s: float | None  # process start -> its own first batch seen (None: none)
+    partitions: list[int]  # input partitions in its stream_fm_consumer_lag series after the run
+    exit_code: int | None
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleOutRun:
+    workers: list[ScaleOutWorker]
+    group_id: str
+    records: int  # processed by all its workers together (input + re-processed - lost)
+    counted: int  # of those, inside the window
+    count_at_first: int  # processed at the first batch seen, before the window
+    seconds: float  # first batch of any worker -> everything processed and on the broker
+    events_per_s: float  # counted / seconds
+    predictions_on_broker: int  # high watermarks of its predictions topic
+    impressions_without_prediction: int  # input impressions with no prediction on the broker
+    # how the end was established: "counts" (processed == input, one prediction per
+    # impression on the broker), "lag" (every partition seen at lag 0: re-processed records)
+    # or "timeout" (the counts reached the input but the lag series never all showed 0)
+    ended_by: str
+    # two workers: the stretch while both were processing (after the later one's first batch,
+    # until the first one had processed all it would), None for one worker
+    both_busy_seconds: float | None
+    both_busy_events_per_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleOutResult:
+    input_topic: str
+    partitions: int
+    input_records: int
+    impressions: int
+    preload_records_per_s: float
+    single: ScaleOutRun  # one worker, its own group
+    pair: ScaleOutRun  # two workers started together, one group, one checkpoint directory
+    ratio_pair_to_single: float | None  # pair.events_per_s / single.events_per_s
+    measures: str = (
+        "records processed after the first batch of any worker of the run / seconds from that "
+        "batch until every partition is consumed and every prediction is on the broker"
+    )
+
+
 @dataclass
 class KafkaBenchReport:
     kafka_version: str
@@ -206,6 +274,7 @@ class KafkaBenchReport:
     worker: WorkerResult | None = None
     ratio_worker_to_ceiling: float | None = None
     latency: list[LatencyResult] = field(default_factory=list)
+    scale_out: ScaleOutResult | None = None
     latency_measures: str = LATENCY_MEASURES
     exact_latency_measures: str = EXACT_LATENCY_MEASURES
 
@@ -236,6 +305,8 @@ class Scrape:
     latency_sum: float
     latency_count: float
     batch_buckets: list[tuple[float, float]]  # stream_fm_batch_seconds, the same way
+    # stream_fm_consumer_lag by (topic, partition): the partitions the worker owns (reported)
+    lags: dict[tuple[str, int], float] = field(default_factory=dict)
 
     def get(self, name: str) -> float:
         return self.totals.get(name, 0.0)
@@ -253,6 +324,7 @@ def scrape(url: str, timeout_s: float = 2.0) -> Scrape:
     totals: dict[str, float] = {}
     buckets: list[tuple[float, float]] = []
     batch_buckets: list[tuple[float, float]] = []
+    lags: dict[tuple[str, int], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
@@ -260,6 +332,9 @@ def scrape(url: str, timeout_s: float = 2.0) -> Scrape:
                 buckets.append((float(sample.labels["le"]), float(sample.value)))
             elif sample.name == BATCH_HISTOGRAM + "_bucket":
                 batch_buckets.append((float(sample.labels["le"]), float(sample.value)))
+            elif sample.name == "stream_fm_consumer_lag" and "partition" in sample.labels:
+                key = (sample.labels.get("topic", ""), int(sample.labels["partition"]))
+                lags[key] = float(sample.value)
     buckets.sort()
     batch_buckets.sort()
     return Scrape(
@@ -268,6 +343,7 @@ def scrape(url: str, timeout_s: float = 2.0) -> Scrape:
         totals.get(LATENCY_HISTOGRAM + "_sum", 0.0),
         totals.get(LATENCY_HISTOGRAM + "_count", 0.0),
         batch_buckets,
+        lags,
     )
 
 
@@ -330,8 +406,14 @@ class WorkerProcess:
         work: Path,
         name: str,
         attribution_window_s: float,
+        group_id: str | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> None:
+        """``group_id`` and ``checkpoint_dir`` default to ones of this worker alone (from
+        ``name``); pass the same ones to several workers to run them as one group."""
         self.name = name
+        self.group_id = group_id or f"bench-{name}-{uuid.uuid4().hex[:8]}"
+        self.checkpoint_dir = checkpoint_dir or work / f"{name}-checkpoints"
         self.port = free_ports()[0]
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -342,8 +424,8 @@ class WorkerProcess:
                 "STREAM_FM_INPUT_TOPICS": topics["input"],
                 "STREAM_FM_PREDICTIONS_TOPIC": topics["predictions"],
                 "STREAM_FM_DEAD_LETTER_TOPIC": topics["dead_letters"],
-                "STREAM_FM_GROUP_ID": f"bench-{name}-{uuid.uuid4().hex[:8]}",
-                "STREAM_FM_CHECKPOINT_DIR": str(work / f"{name}-checkpoints"),
+                "STREAM_FM_GROUP_ID": self.group_id,
+                "STREAM_FM_CHECKPOINT_DIR": str(self.checkpoint_dir),
                 "STREAM_FM_METRICS_HOST": "127.0.0.1",
                 "STREAM_FM_METRICS_PORT": str(self.port),
                 "STREAM_FM_ATTRIBUTION_WINDOW_S": str(attribution_window_s),
@@ -354,6 +436,7 @@ class WorkerProcess:
             env["STREAM_FM_LABELS_TOPIC"] = topics["labels"]
         self.log_path = work / f"{name}.log"
         self._log = self.log_path.open("wb")
+        self._terminated = False
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stream_fm", "run"],
@@ -405,10 +488,16 @@ class WorkerProcess:
     def peak_mib(self) -> float:
         return _status_kib(self.pid, "VmHWM") / MIB
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (``stop()`` then waits): several workers stop together."""
+        if self.process.poll() is None and not self._terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """SIGTERM (the worker drains, checkpoints, exits); kill after ``timeout_s``."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -494,7 +583,14 @@ def simulated_records(options: KafkaBenchOptions) -> Iterator[tuple[bytes, bytes
         yield event["id"].encode(), orjson.dumps(event)
 
 
-def preload(bootstrap_servers: str, topic: str, options: KafkaBenchOptions) -> PreloadResult:
+def preload(
+    bootstrap_servers: str,
+    topic: str,
+    options: KafkaBenchOptions,
+    impression_keys: set[bytes] | None = None,
+) -> PreloadResult:
+    """Produce ``options.events`` simulated records; collect the impressions' keys (ids) into
+    ``impression_keys`` if given."""
     producer = EventProducer(bootstrap_servers)
     records = impressions = size = 0
     started = time.monotonic()
@@ -505,6 +601,8 @@ def preload(bootstrap_servers: str, topic: str, options: KafkaBenchOptions) -> P
             size += len(value)
             if value.startswith(IMPRESSION_PREFIX):
                 impressions += 1
+                if impression_keys is not None:
+                    impression_keys.add(key)
         producer.flush(timeout_s=600)
     finally:
         producer.close()
@@ -883,6 +981,301 @@ def measure_latency(
     return result
 
 
+LAG_CONFIRM_S = 2 * LAG_REFRESH_WAIT_S  # how long a run waits for its lag series after the counts
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    first_s: float  # the first processed batch of any worker was seen
+    counts_at_first: list[int]
+    own_first_s: list[float | None]  # each worker's own first batch
+    ended_s: float
+    last: list[Scrape]  # each worker's final scrape
+    on_broker: int  # high watermarks of the predictions topic at the end
+    ended_by: str
+    both_busy: tuple[float, int] | None  # (seconds, records) while every worker was busy
+
+
+def _all_consumed(scrapes: Sequence[Scrape], topic: str, partitions: int) -> bool:
+    """Every partition of ``topic`` in some worker's lag series, and all of them at 0."""
+    lags = [(p, lag) for s in scrapes for (t, p), lag in s.lags.items() if t == topic]
+    return {p for p, _ in lags} == set(range(partitions)) and all(lag == 0 for _, lag in lags)
+
+
+def _both_busy(
+    samples: Sequence[tuple[float, list[int], int]], final: Sequence[int]
+) -> tuple[float, int] | None:
+    """(seconds, records) from the first scrape at which every worker had processed something
+    to the first at which one of them had processed all it would: the shared stretch, without
+    the start (one worker alone until the rebalance) and the tail (one worker left)."""
+    start = next((x for x in samples if all(c > 0 for c in x[1])), None)
+    end = next((x for x in samples if any(c >= f for c, f in zip(x[1], final, strict=True))), None)
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    return end[0] - start[0], sum(end[1]) - sum(start[1])
+
+
+def _watch_group(
+    workers: Sequence[WorkerProcess],
+    watermarks: HighWatermarks,
+    topic: str,
+    partitions: int,
+    expected: int,
+    impressions: int,
+    options: KafkaBenchOptions,
+    say: Say,
+    label: str,
+) -> _Window:
+    """Scrape ``workers`` (one group over ``topic``) until the input is processed.
+
+    Done ("counts") when the processed total is exactly the input and the predictions topic
+    holds exactly one record per impression, as many as the workers counted; otherwise
+    (records re-processed, or some never processed) done ("lag") when every partition is seen
+    at lag 0 in the workers' lag series and the predictions topic holds every prediction the
+    workers counted; failing that ("timeout"), ``LAG_CONFIRM_S`` after the counts reached the
+    input and stopped moving. The end is then the first scrape at which the processed total
+    and the watermarks had reached their final values, so waiting for the lag series (5 s
+    refresh) does not lengthen the window.
+    """
+    started = min(w.started for w in workers)
+    last: list[Scrape | None] = [None] * len(workers)
+    own_first: list[float | None] = [None] * len(workers)
+    first: tuple[float, list[int]] | None = None
+    samples: list[tuple[float, list[int], int]] = []  # (time, processed by each, watermarks)
+    changed = (time.monotonic(), -1, -1)  # last time the (processed, watermarks) pair moved
+    report_every_s, last_report = 10.0, time.monotonic()
+    while True:
+        time.sleep(options.poll_interval_s)
+        for i, worker in enumerate(workers):
+            s = worker.scrape()
+            if s is not None:
+                last[i] = s
+        now = time.monotonic()
+        scrapes = [s for s in last if s is not None]
+        if len(scrapes) < len(workers):
+            if now - started > START_TIMEOUT_S:
+                raise StreamFMError(f"bench kafka: {label}: a worker's /metrics never answered")
+            continue
+        counts = [s.processed for s in scrapes]
+        total = sum(counts)
+        for i, count in enumerate(counts):
+            if own_first[i] is None and count > 0:
+                own_first[i] = now
+        if first is None:
+            if total == 0:
+                if now - started > START_TIMEOUT_S:
+                    raise StreamFMError(
+                        f"bench kafka: {label}: nothing processed after {START_TIMEOUT_S:.0f}s:\n"
+                        + "\n".join(w.log_tail(5) for w in workers)
+                    )
+                continue
+            first = (now, counts)
+        on_broker = watermarks.total()
+        samples.append((now, counts, on_broker))
+        if (total, on_broker) != changed[1:]:
+            changed = (now, total, on_broker)
+        predicted = sum(round(s.get("stream_fm_predictions_total")) for s in scrapes)
+        reached = total >= expected and on_broker >= impressions
+        if total == expected and on_broker == predicted == impressions:
+            ended_by = "counts"
+            break
+        if _all_consumed(scrapes, topic, partitions) and on_broker >= predicted:
+            ended_by = "lag"
+            break
+        if reached and now - changed[0] > LAG_CONFIRM_S:
+            ended_by = "timeout"
+            break
+        if not reached and now - changed[0] > STALL_TIMEOUT_S:
+            raise StreamFMError(
+                f"bench kafka: {label}: stalled at {total:,} of {expected:,} records, "
+                f"{on_broker:,} of {impressions:,} predictions:\n"
+                + "\n".join(w.log_tail(5) for w in workers)
+            )
+        if now - last_report >= report_every_s:
+            last_report = now
+            rate = (total - sum(first[1])) / max(now - first[0], 1e-9)
+            say(
+                f"bench kafka: {label}: {total:,}/{expected:,} records "
+                f"({' + '.join(f'{c:,}' for c in counts)}), {rate:,.0f}/s"
+            )
+    assert first is not None
+    final_counts, final_on_broker = samples[-1][1], samples[-1][2]
+    ended = next(
+        t
+        for t, c, b in samples
+        if b >= final_on_broker and all(x >= f for x, f in zip(c, final_counts, strict=True))
+    )
+    return _Window(
+        first_s=first[0],
+        counts_at_first=first[1],
+        own_first_s=own_first,
+        ended_s=ended,
+        last=scrapes,
+        on_broker=final_on_broker,
+        ended_by=ended_by,
+        both_busy=_both_busy(samples, final_counts) if len(workers) > 1 else None,
+    )
+
+
+def _await_partitions(
+    workers: Sequence[WorkerProcess], topic: str, partitions: int
+) -> list[list[int]]:
+    """Each worker's partitions of ``topic``, from its lag series (refreshed every 5 s): waits
+    up to ``LAG_REFRESH_WAIT_S`` for the series to cover every partition exactly once, after
+    the measured window; else what they show then."""
+    deadline = time.monotonic() + LAG_REFRESH_WAIT_S
+    while True:
+        scrapes = [w.scrape() for w in workers]
+        owned = [
+            sorted(p for t, p in s.lags if t == topic) if s is not None else [] for s in scrapes
+        ]
+        flat = [p for ps in owned for p in ps]
+        if sorted(flat) == list(range(partitions)) or time.monotonic() > deadline:
+            return owned
+        time.sleep(0.25)
+
+
+def _scale_out_run(
+    bootstrap_servers: str,
+    topics: dict[str, str],
+    names: Sequence[str],
+    inputs: PreloadResult,
+    impression_keys: set[bytes],
+    work: Path,
+    options: KafkaBenchOptions,
+    say: Say,
+    label: str,
+) -> ScaleOutRun:
+    """``len(names)`` workers started together in one fresh group sharing one checkpoint dir."""
+    group_id = f"bench-{label}-{uuid.uuid4().hex[:8]}"
+    checkpoints = work / f"{label}-checkpoints"
+    workers: list[WorkerProcess] = []
+    watermarks = HighWatermarks(bootstrap_servers, topics["predictions"])
+    try:
+        for name in names:
+            workers.append(
+                WorkerProcess(
+                    bootstrap_servers,
+                    topics,
+                    work,
+                    f"{label}-{name}" if len(names) > 1 else label,
+                    options.attribution_window_s,
+                    group_id=group_id,
+                    checkpoint_dir=checkpoints,
+                )
+            )
+        window = _watch_group(
+            workers,
+            watermarks,
+            topics["input"],
+            options.scale_out_partitions,
+            inputs.records,
+            inputs.impressions,
+            options,
+            say,
+            label,
+        )
+        owned = _await_partitions(workers, topics["input"], options.scale_out_partitions)
+    finally:
+        watermarks.close()
+        for worker in workers:
+            worker.terminate()
+        exit_codes = [worker.stop() for worker in workers]
+    seconds = window.ended_s - window.first_s
+    predicted = read_timestamps(bootstrap_servers, topics["predictions"], window.on_broker)
+    missing = len(impression_keys - predicted.keys())
+    results = []
+    for i, (name, worker) in enumerate(zip(names, workers, strict=True)):
+        s = window.last[i]
+        counted = s.processed - window.counts_at_first[i]
+        own_first = window.own_first_s[i]
+        results.append(
+            ScaleOutWorker(
+                name=name,
+                records=s.processed,
+                counted=counted,
+                events_per_s=counted / seconds if seconds > 0 else math.nan,
+                predictions=round(s.get("stream_fm_predictions_total")),
+                checkpoints=round(s.get("stream_fm_checkpoints_total")),
+                startup_s=own_first - worker.started if own_first is not None else None,
+                partitions=owned[i],
+                exit_code=exit_codes[i],
+                summary=worker.summary(),
+            )
+        )
+    counted = sum(w.counted for w in results)
+    busy = window.both_busy
+    return ScaleOutRun(
+        workers=results,
+        group_id=group_id,
+        records=sum(w.records for w in results),
+        counted=counted,
+        count_at_first=sum(window.counts_at_first),
+        seconds=seconds,
+        events_per_s=counted / seconds if seconds > 0 else math.nan,
+        predictions_on_broker=window.on_broker,
+        impressions_without_prediction=missing,
+        ended_by=window.ended_by,
+        both_busy_seconds=busy[0] if busy is not None else None,
+        both_busy_events_per_s=busy[1] / busy[0] if busy is not None else None,
+    )
+
+
+def measure_scale_out(
+    broker: KafkaBroker, run_id: str, work: Path, options: KafkaBenchOptions, say: Say
+) -> ScaleOutResult:
+    """One worker over a topic, then two workers in one group over the same topic."""
+    bootstrap = broker.bootstrap_servers
+    n = options.scale_out_partitions
+    input_topic = _topics(run_id, "scale-out", False)["input"]
+    runs = {
+        label: {**_topics(run_id, label, options.labels), "input": input_topic}
+        for label in ("scale-out-1", "scale-out-2")
+    }
+    outputs = [t for topics in runs.values() for name, t in topics.items() if name != "input"]
+    broker.create_topics([input_topic, *outputs], partitions=n)
+    say(
+        f"bench kafka: scale-out: preloading {options.scale_out_events:,} simulated records "
+        f"into {input_topic} ({n} partitions) ..."
+    )
+    impression_keys: set[bytes] = set()
+    events = replace(options, events=options.scale_out_events)
+    inputs = preload(bootstrap, input_topic, events, impression_keys)
+    if len(impression_keys) != inputs.impressions:
+        raise StreamFMError(
+            f"bench kafka: scale-out: {len(impression_keys):,} distinct impression ids in "
+            f"{inputs.impressions:,} impressions"
+        )
+    say(f"bench kafka: scale-out: one worker over {inputs.records:,} records ...")
+    single = _scale_out_run(
+        bootstrap, runs["scale-out-1"], ["single"], inputs, impression_keys, work, options, say,
+        "scale-out-1",
+    )  # fmt: skip
+    say(f"bench kafka: scale-out: one worker {single.events_per_s:,.0f} events/s")
+    say("bench kafka: scale-out: two workers in one group, started together ...")
+    pair = _scale_out_run(
+        bootstrap, runs["scale-out-2"], ["a", "b"], inputs, impression_keys, work, options, say,
+        "scale-out-2",
+    )  # fmt: skip
+    say(
+        f"bench kafka: scale-out: two workers {pair.events_per_s:,.0f} events/s together "
+        f"({' + '.join(f'{w.events_per_s:,.0f}' for w in pair.workers)}), "
+        f"{pair.records:,} records processed for {inputs.records:,} input"
+    )
+    return ScaleOutResult(
+        input_topic=input_topic,
+        partitions=n,
+        input_records=inputs.records,
+        impressions=inputs.impressions,
+        preload_records_per_s=inputs.records_per_s,
+        single=single,
+        pair=pair,
+        ratio_pair_to_single=(
+            pair.events_per_s / single.events_per_s if single.events_per_s > 0 else None
+        ),
+    )
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -948,6 +1341,9 @@ def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) 
     if report.ceiling.events_per_s > 0:
         report.ratio_worker_to_ceiling = report.worker.events_per_s / report.ceiling.events_per_s
 
+    if options.scale_out_events > 0:
+        report.scale_out = measure_scale_out(broker, run_id, work, options, say)
+
     for rate in options.rates:
         say(f"bench kafka: latency at {rate:,.0f} events/s for {options.latency_duration_s:g}s ...")
         report.latency.append(measure_latency(broker, rate, run_id, work, options, say))
@@ -961,6 +1357,58 @@ def _f(value: float | None, fmt: str = ",.0f", unit: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:{fmt}}{unit}"
+
+
+def _format_scale_out(so: ScaleOutResult) -> list[str]:
+    single, pair = so.single, so.pair
+    lines = [
+        "",
+        f"scale-out: {so.input_records:,} records ({so.impressions:,} impressions) in "
+        f"{so.partitions} partitions; one worker in a group, then two started together in one "
+        "group sharing one checkpoint directory (fresh output topics each)",
+        f"{'':<24} {'events/s':>10} {'records':>10} {'seconds':>9} {'partitions':>11}",
+    ]
+
+    def row(label: str, rate: float, records: int, seconds: float, parts: str) -> None:
+        lines.append(f"{label:<24} {_f(rate):>10} {records:>10,} {seconds:>9.2f} {parts:>11}")
+
+    def parts(w: ScaleOutWorker) -> str:
+        return f"{len(w.partitions)}: " + ",".join(map(str, w.partitions)) if w.partitions else "0"
+
+    (s,) = single.workers
+    row("1 worker", single.events_per_s, single.records, single.seconds, parts(s))
+    for i, w in enumerate(pair.workers):
+        label = f"2 workers: worker {w.name}" if i == 0 else f"{'':<11}worker {w.name}"
+        row(label, w.events_per_s, w.records, pair.seconds, parts(w))
+    row("2 workers: combined", pair.events_per_s, pair.records, pair.seconds, "")
+    if pair.both_busy_seconds is not None and pair.both_busy_events_per_s is not None:
+        busy = round(pair.both_busy_events_per_s * pair.both_busy_seconds)
+        row("  while both were busy", pair.both_busy_events_per_s, busy, pair.both_busy_seconds, "")
+    lines.append(f"{'ratio combined / 1 worker':<24} {_f(so.ratio_pair_to_single, '.3f'):>10}")
+    lines.append(
+        f"(events/s = {so.measures}; records = processed by the end, all of them; while both "
+        "were busy = from the later worker's first batch until one of them had processed all "
+        "it would)"
+    )
+    for name, run in (("1 worker", single), ("2 workers", pair)):
+        extra = run.records - so.input_records
+        note = (
+            "exactly the input"
+            if extra == 0
+            else f"{extra:+,} vs the input ({'re-processed' if extra > 0 else 'NOT processed'})"
+        )
+        lines.append(
+            f"{name}: records processed in total {run.records:,} of {so.input_records:,} input "
+            f"({note}); predictions on the broker {run.predictions_on_broker:,} for "
+            f"{so.impressions:,} impressions, {run.impressions_without_prediction:,} without one; "
+            f"rate counted from {run.count_at_first:,} records; "
+            f"end established by {run.ended_by}; "
+            "start-up "
+            + " / ".join(_f(w.startup_s, ".1f", " s") for w in run.workers)
+            + "; exit codes after SIGTERM "
+            + " / ".join(str(w.exit_code) for w in run.workers)
+        )
+    return lines
 
 
 def format_report(report: KafkaBenchReport) -> str:
@@ -1004,6 +1452,8 @@ def format_report(report: KafkaBenchReport) -> str:
             f"predictions, {w.checkpoints} checkpoints; rate counted from {w.count_at_first:,} records; "
             f"exit code after SIGTERM: {w.exit_code}{' (profiled with py-spy)' if w.profiled else ''}"
         )
+    if report.scale_out is not None:
+        lines += _format_scale_out(report.scale_out)
     if report.latency:
         lines.append("")
         lines.append(f"latency: {LATENCY_MEASURES}")

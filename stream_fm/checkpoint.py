@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import re
+import socket
 import struct
 import tempfile
 import time
@@ -64,6 +65,8 @@ _ALIGN: Final = 64
 _ARRAY_KINDS: Final = "biufc"
 _TEMP_SUFFIX: Final = ".tmp"
 _MAX_GENERATION: Final = 10**12 - 1
+# Writer ids of stores in this process: alive even though they share our pid.
+_WRITERS_HERE: set[str] = set()
 
 
 def _encode(value: object, arrays: list[npt.NDArray[Any]], where: str) -> object:
@@ -261,6 +264,8 @@ class CheckpointStore:
         self.keep = keep
         self.prefix = prefix
         self.writer = writer
+        if writer is not None:
+            _WRITERS_HERE.add(writer)
         self.progress_key = progress_key
         self._pattern = re.compile(re.escape(prefix) + r"-(\d{12})(?:-([A-Za-z0-9_]+))?\.sfm")
         self._temp_pattern = re.compile(
@@ -450,9 +455,8 @@ class CheckpointStore:
             self._progress_cache.pop(path.name, None)
 
     def _remove_temp_files(self) -> None:
-        """Temporary files left by a crash mid-write: this writer's at once, others' when stale.
-
-        Another live writer's temporary file is its save in progress; one an hour old is not.
+        """Temporary files left by a crash mid-write: this writer's, a dead writer's on this
+        host, and any other an hour old. A live writer's temporary file is a save in progress.
         """
         now = time.time()
         for name in os.listdir(self.directory):
@@ -460,13 +464,44 @@ class CheckpointStore:
             if not m:
                 continue
             path = self.directory / name
+            writer = m.group(1) or None
             try:
-                if (m.group(1) or None) != self.writer and now - path.stat().st_mtime < 3600:
+                if (
+                    writer != self.writer
+                    and not _writer_gone(writer)
+                    and now - path.stat().st_mtime < 3600
+                ):
                     continue
                 path.unlink()
                 log.info("removed leftover temporary checkpoint %s", name)
             except FileNotFoundError:
                 pass
+
+
+def _writer_gone(writer: str | None) -> bool:
+    """Whether a writer named ``<host>_<pid>_<suffix>`` (the worker's) ran on this host and its
+    process is gone. In a container the new process often has the old one's pid: that pid
+    being ours also means the old writer is gone."""
+    if writer is None:
+        return True
+    host, _, rest = writer.rpartition("_")[0].rpartition("_")
+    pid_text = rest
+    if not pid_text.isdigit() or host != host_part():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return writer not in _WRITERS_HERE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def host_part() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 
 
 def _fsync_directory(directory: Path) -> None:

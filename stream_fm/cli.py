@@ -186,6 +186,19 @@ def _parser() -> argparse.ArgumentParser:
         "(.svg flame graph, .json speedscope, else raw collapsed stacks)",
     )
     bench_kafka.add_argument(
+        "--scale-out-events",
+        type=int,
+        default=1_000_000,
+        help="records of the scale-out phase (one worker vs two in one group over the same "
+        "topic); 0 = no scale-out phase",
+    )
+    bench_kafka.add_argument(
+        "--scale-out-partitions",
+        type=int,
+        default=4,
+        help="partitions of the scale-out phase's topics",
+    )
+    bench_kafka.add_argument(
         "--work-dir", type=Path, help="logs and checkpoints (default: a temp dir)"
     )
     bench_kafka.add_argument("--json", type=Path, help="write all figures as JSON here")
@@ -401,6 +414,8 @@ def _bench_kafka(args: argparse.Namespace) -> int:
         labels=args.labels,
         py_spy=args.py_spy,
         work_dir=args.work_dir,
+        scale_out_events=args.scale_out_events,
+        scale_out_partitions=args.scale_out_partitions,
     )
     report = run_kafka_bench(options)
     print(format_report(report), flush=True)
@@ -409,6 +424,9 @@ def _bench_kafka(args: argparse.Namespace) -> int:
     failed = [r.exit_code for r in report.latency] + [
         report.worker.exit_code if report.worker else 0
     ]
+    if report.scale_out is not None:
+        runs = (report.scale_out.single, report.scale_out.pair)
+        failed += [w.exit_code for run in runs for w in run.workers]
     return 0 if all(code == 0 for code in failed) else 1
 
 

@@ -82,6 +82,13 @@ class Settings:
         default=200, metadata=_help("longest wait for records in one poll")
     )
     max_poll_records: int = field(default=5000, metadata=_help("records per batch at most"))
+    session_timeout_ms: int = field(
+        default=45_000,
+        metadata=_help(
+            "a worker silent this long (crashed, killed) leaves the group and its partitions "
+            "move (Kafka's session.timeout.ms; the broker bounds it, 6000 at least by default)"
+        ),
+    )
     produce_timeout_s: float = field(
         default=30.0, metadata=_help("wait for output acknowledgements before failing the batch")
     )
@@ -197,6 +204,7 @@ def _validate(s: Settings) -> None:
         require(not path or Path(path).is_file(), name, f"file not found: {path}")
     require(s.poll_timeout_ms >= 0, "poll_timeout_ms", "must be >= 0")
     require(s.max_poll_records >= 1, "max_poll_records", "must be >= 1")
+    require(s.session_timeout_ms >= 1000, "session_timeout_ms", "must be >= 1000")
     require(s.produce_timeout_s > 0, "produce_timeout_s", "must be > 0")
     require(s.max_event_bytes >= 64, "max_event_bytes", "must be >= 64")
     require(1 <= s.hash_bits <= 30, "hash_bits", "must be between 1 and 30")

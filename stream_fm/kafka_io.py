@@ -95,6 +95,9 @@ class KafkaIO:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_poll_records=settings.max_poll_records,
+                session_timeout_ms=settings.session_timeout_ms,
+                # Kafka's advice: heartbeats at most a third of the session timeout.
+                heartbeat_interval_ms=min(3000, settings.session_timeout_ms // 3),
                 # Kafka's own default (5 min) outlives a broker restart; keep the group alive.
                 max_poll_interval_ms=300_000,
                 fetch_max_bytes=52_428_800,

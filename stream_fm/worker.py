@@ -11,9 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -28,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from stream_fm import __version__
 from stream_fm.audit import ApplyLog
-from stream_fm.checkpoint import CheckpointStore
+from stream_fm.checkpoint import CheckpointStore, host_part
 from stream_fm.config import Settings, describe
 from stream_fm.errors import (
     BrokerError,
@@ -68,8 +66,7 @@ def _prediction_json(p: Prediction) -> bytes:
 
 def writer_id() -> str:
     """This process's name in the shared checkpoint store: host, pid and a random suffix."""
-    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
-    return f"{host}_{os.getpid()}_{os.urandom(3).hex()}"
+    return f"{host_part()}_{os.getpid()}_{os.urandom(3).hex()}"
 
 
 def _partition_key(partition: Partition) -> str:
@@ -163,7 +160,8 @@ class Worker:
             while not self._stopping.is_set():
                 self.step()
             try:
-                self._checkpoint_and_commit(reason="shutdown")
+                if self._dirty:  # else the newest generation already holds this state
+                    self._checkpoint_and_commit(reason="shutdown")
             except (ProduceError, CheckpointError) as error:
                 # Nothing is lost: the next start resumes from the last durable checkpoint.
                 log.error("%s: stopped without a final checkpoint", error)
@@ -476,9 +474,9 @@ class Worker:
 
     def _assign(self, partitions: list[Partition]) -> None:
         assert self.io is not None
+        # Read from disk, not from memory: the rollback target in memory has partitions merged
+        # into it that its file does not hold.
         loaded: dict[Path, dict[str, Any]] = {}
-        if self._checkpoint is not None and self._checkpoint_path is not None:
-            loaded[self._checkpoint_path] = self._checkpoint
         for tp in partitions:
             found = self._partition_state(tp, loaded)
             if found is None:

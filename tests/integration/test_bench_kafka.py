@@ -11,6 +11,9 @@ from stream_fm.broker import KafkaBroker
 from stream_fm.cli import _parser
 
 EVENTS = 20_000
+# Large enough that the worker which joins the group first (and owns every partition until the
+# rebalance, a few seconds: heartbeats are 3 s apart) leaves work for the other one.
+SCALE_OUT_EVENTS = 200_000
 
 
 def test_bench_kafka_subcommand_leaves_the_model_bench_alone() -> None:
@@ -20,6 +23,9 @@ def test_bench_kafka_subcommand_leaves_the_model_bench_alone() -> None:
     kafka = _parser().parse_args(["bench", "kafka", "--events", "200000", "--json", "out.json"])
     assert kafka.bench_target == "kafka"
     assert (kafka.events, kafka.json, kafka.rates) == (200_000, Path("out.json"), "1000,10000")
+    assert (kafka.scale_out_events, kafka.scale_out_partitions) == (1_000_000, 4)
+    off = _parser().parse_args(["bench", "kafka", "--scale-out-events", "0"])
+    assert off.scale_out_events == 0
 
 
 def test_bench_kafka_tiny_run_reports_consistent_figures(
@@ -32,6 +38,8 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
         latency_duration_s=5.0,
         latency_warmup_s=1.0,
         work_dir=tmp_path,
+        scale_out_events=SCALE_OUT_EVENTS,
+        scale_out_partitions=4,
     )
     report = run_kafka_bench(options, broker=kafka_broker, say=lambda _line: None)
 
@@ -83,10 +91,46 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
     assert latency.kept_up
     assert latency.exit_code == 0
 
+    scale_out = report.scale_out
+    assert scale_out is not None
+    assert (scale_out.input_records, scale_out.partitions) == (SCALE_OUT_EVENTS, 4)
+    assert 0 < scale_out.impressions < SCALE_OUT_EVENTS
+    single, pair = scale_out.single, scale_out.pair
+    (alone,) = single.workers
+    assert single.records == alone.records == SCALE_OUT_EVENTS, "one worker: exactly the input"
+    assert alone.partitions == [0, 1, 2, 3]
+    assert [w.name for w in pair.workers] == ["a", "b"]
+    assert pair.group_id != single.group_id
+    assert all(w.records > 0 for w in pair.workers), "both workers of the group got work"
+    assert pair.records == sum(w.records for w in pair.workers)
+    assert pair.records >= SCALE_OUT_EVENTS, "re-processed records may add, none may be missing"
+    owned = [p for w in pair.workers for p in w.partitions]
+    assert sorted(owned) == [0, 1, 2, 3], "the group split the partitions"
+    for run in (single, pair):
+        assert run.impressions_without_prediction == 0, "every impression got a prediction"
+        assert run.predictions_on_broker >= scale_out.impressions
+        assert run.seconds > 0 and run.events_per_s > 0
+        assert 0 < run.counted <= run.records
+        assert run.ended_by in ("counts", "lag")
+        assert all(w.exit_code == 0 for w in run.workers), "SIGTERM drains and exits 0"
+        assert all("worker stopped" in w.summary for w in run.workers)
+        assert math.isclose(run.events_per_s, run.counted / run.seconds)
+    assert single.both_busy_seconds is None
+    for w in pair.workers:
+        assert 0 <= w.counted <= w.records
+        assert w.startup_s is not None and w.startup_s > 0
+        assert math.isclose(w.events_per_s, w.counted / pair.seconds)
+    assert math.isclose(pair.events_per_s, sum(w.events_per_s for w in pair.workers))
+    assert pair.events_per_s > 0 and any(w.events_per_s > 0 for w in pair.workers)
+    assert scale_out.ratio_pair_to_single is not None
+    assert math.isclose(scale_out.ratio_pair_to_single, pair.events_per_s / single.events_per_s)
+
     figures = json.loads(json.dumps(report.as_dict()))
     assert figures["worker"]["records"] == EVENTS
     assert figures["latency"][0]["p99_ms"] > 0
     assert "CreateTime" in figures["latency_measures"]
+    assert figures["scale_out"]["pair"]["workers"][1]["name"] == "b"
+    assert figures["options"]["scale_out_events"] == SCALE_OUT_EVENTS
     table = format_report(report)
     for heading in (
         "ceiling: bare consume",
@@ -94,5 +138,11 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
         "p99 ms",
         "VmRSS",
         "pending",
+        "1 worker",
+        "2 workers: worker a",
+        "worker b",
+        "2 workers: combined",
+        "ratio combined / 1 worker",
+        "records processed in total",
     ):
         assert heading in table

@@ -1,0 +1,166 @@
+"""Fault injection against the real broker, judged by the exact-state oracle (oracle.py).
+
+Each scenario prints its figures (runs, faults, duplicates, recovery times); run with ``-s``
+to see them. Issue 6 lists the scenarios; the numbers in the test names follow it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stream_fm.audit import read_apply_log
+from stream_fm.broker import KafkaBroker
+from stream_fm.checkpoint import CheckpointStore
+
+from .oracle import (
+    FaultRig,
+    applied_since_start,
+    check_invariant,
+    end_offsets,
+    last_checkpoint_offsets,
+    simulated,
+    wait_until,
+)
+
+
+@pytest.fixture
+def rig(kafka_broker: KafkaBroker, tmp_path: Path) -> Iterator[FaultRig]:
+    rig = FaultRig(kafka_broker, tmp_path)
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def drain_and_stop(rig: FaultRig, timeout_s: float = 120.0) -> float:
+    """Start a worker, wait until its checkpoint covers the whole input, SIGTERM it.
+
+    Returns the seconds from start to the first checkpoint covering everything.
+    """
+    ends = end_offsets(rig.broker, rig.topics["input"])
+    started = time.monotonic()
+    proc = rig.start()
+    wait_until(
+        lambda: last_checkpoint_offsets(rig.apply_log()) == ends,
+        timeout_s,
+        "a checkpoint covering the whole input",
+        proc,
+    )
+    drained = time.monotonic() - started
+    code, _ = proc.sigterm()
+    assert code == 0, proc.tail()
+    return drained
+
+
+def report(name: str, **figures: object) -> None:
+    print(f"\n[faults] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+@pytest.mark.slow
+def test_1_kill9_at_20_random_points_keeps_invariant_i(rig: FaultRig) -> None:
+    rng = random.Random(61)
+    rig.produce(simulated(30_000, seed=61))
+    log = rig.apply_log()
+    points = []
+    for _ in range(20):
+        proc = rig.start()
+        if rng.random() < 0.5:
+            # After a random number of records: mid-stream, often mid-checkpoint.
+            target = rng.randrange(1, 2_000)
+            wait_until(
+                lambda n=target: applied_since_start(log) >= n, 90, f"{target} records", proc
+            )
+        else:
+            # At a random time: during start-up, restore or assignment as well.
+            time.sleep(rng.uniform(0.2, 6.0))
+        points.append(applied_since_start(log))
+        proc.kill9()
+    drained_s = drain_and_stop(rig)
+    verdict = check_invariant(rig)
+    # A kill during Python's start-up comes before the worker's first log line.
+    assert 10 <= verdict.restarts <= 20
+    report(
+        "1 kill -9",
+        kills=20,
+        kills_before_worker_started=20 - verdict.restarts,
+        records_applied_at_kills=points,
+        records=verdict.records,
+        undone_records=verdict.undone_records,
+        duplicate_predictions=verdict.duplicate_predictions,
+        duplicate_bound=verdict.duplicate_bound,
+        final_drain_s=round(drained_s, 1),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["temp_written", "renamed", "committing", "committed"])
+def test_2_crash_at_each_checkpoint_step_keeps_invariant_i(rig: FaultRig, step: str) -> None:
+    rig.produce(simulated(8_000, seed=62))
+    proc = rig.start(fault_step=step, fault_nth=3)
+    code = proc.wait_exit(120)
+    assert code == -9, f"the fault at {step} did not fire:\n{proc.tail()}"
+    leftovers = sorted(p.name for p in rig.checkpoint_dir.iterdir() if p.name.endswith(".tmp"))
+    drained_s = drain_and_stop(rig)
+    verdict = check_invariant(rig)
+    assert verdict.restarts == 1
+    if step == "temp_written":
+        assert leftovers, "the crash left its temporary file"
+    assert not [p for p in rig.checkpoint_dir.iterdir() if p.name.endswith(".tmp")], (
+        "the restarted worker removed its predecessor's temporary file"
+    )
+    report(
+        f"2 crash at {step}",
+        records=verdict.records,
+        undone_records=verdict.undone_records,
+        duplicate_predictions=verdict.duplicate_predictions,
+        recovery_s=round(drained_s, 1),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_2_damaged_newest_checkpoint_falls_back_a_generation(rig: FaultRig, damage: str) -> None:
+    rig.produce(simulated(6_000, seed=63))
+    drain_and_stop(rig)
+    newest = CheckpointStore(rig.checkpoint_dir).generation_paths()[-1]
+    data = bytearray(newest.read_bytes())
+    if damage == "truncated":
+        newest.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(bytes(data))
+    rig.produce(simulated(9_000, seed=63)[6_000:])
+    drain_and_stop(rig)
+    restores = [e for e in read_apply_log(rig.apply_log()) if e["event"] == "restore"]
+    assert restores[-1]["path"] != newest.name, "the damaged file was not skipped"
+    verdict = check_invariant(rig)
+    assert verdict.undone_records > 0, "the damaged generation's work was redone"
+    report(
+        f"2 {damage} newest checkpoint",
+        records=verdict.records,
+        undone_records=verdict.undone_records,
+    )
+
+
+def test_3_sigterm_under_load_exits_0_within_10s_and_nothing_is_reprocessed(rig: FaultRig) -> None:
+    events = simulated(20_000, seed=64)
+    rig.produce(events[:2_000])
+    proc = rig.start()
+    log = rig.apply_log()
+    wait_until(lambda: applied_since_start(log) >= 1_000, 60, "processing", proc)
+    # Keep producing while the worker drains: it stops mid-stream, under load.
+    rig.produce(events[2_000:12_000])
+    code, seconds = proc.sigterm(timeout_s=10)
+    assert code == 0, proc.tail()
+    assert seconds <= 10
+    rig.produce(events[12_000:])
+    drain_and_stop(rig)
+    verdict = check_invariant(rig)
+    assert verdict.restarts == 1 and verdict.undone_records == 0, "a restart reprocessed records"
+    assert verdict.duplicate_predictions == 0
+    report("3 SIGTERM under load", exit_s=round(seconds, 2), records=verdict.records, reprocessed=0)
