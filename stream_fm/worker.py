@@ -103,7 +103,10 @@ class Worker:
             progress_key="offsets",
         )
         self.apply_log = ApplyLog(settings.apply_log_path) if settings.apply_log_path else None
-        self.offsets: dict[Partition, int] = {}  # next offset to process, per input partition
+        self.offsets: dict[Partition, int] = {}  # next offset to process, per owned partition
+        # What the model has learned from: next offset per partition ever applied, owned or
+        # not (a model snapshot carries partitions that moved away). Audits match on it.
+        self.applied: dict[str, int] = {}
         self.io: KafkaIO | None = None
         self.server: MetricsServer | None = None
         self._stopping = threading.Event()
@@ -263,8 +266,10 @@ class Worker:
         self.io.check()
         if self._unanchored:
             self._anchor(records)
+        applied = self.applied
         for record in records:
             self.offsets[(record.topic, record.partition)] = record.offset + 1
+            applied[f"{record.topic}:{record.partition}"] = record.offset + 1
         if self.apply_log is not None:
             self.apply_log.write(
                 "apply", records=[[r.topic, r.partition, r.offset] for r in records]
@@ -350,6 +355,7 @@ class Worker:
             "evaluator": self.pipeline.evaluator.state(),
             "partitions": {str(p): joiner.state() for p, joiner in self.pipeline.joiners.items()},
             "offsets": {_partition_key(tp): offset for tp, offset in self.offsets.items()},
+            "applied": dict(self.applied),
         }
 
     def _checkpoint_and_commit(self, reason: str, in_callback: bool = False) -> None:
@@ -379,7 +385,9 @@ class Worker:
         self.metrics.checkpoints.inc()
         self.totals["checkpoints"] += 1
         if self.apply_log is not None:
-            self.apply_log.write("checkpoint", path=path.name, offsets=state["offsets"])
+            self.apply_log.write(
+                "checkpoint", path=path.name, offsets=state["offsets"], applied=state["applied"]
+            )
         log.debug("checkpoint %s (%s)", path.name, reason)
         self.store.fault("committing")
         try:
@@ -418,11 +426,19 @@ class Worker:
             self.engine.load_state(state["engine"], strict=False)
             self.pipeline.evaluator = ProgressiveValidation.from_state(state["evaluator"])
             # Partitions are taken from the store at assignment, not from this snapshot.
-            self._checkpoint = {**state, "partitions": {}, "offsets": {}}
+            self.applied = dict(state.get("applied", state["offsets"]))
+            self._checkpoint = {
+                **state,
+                "partitions": {},
+                "offsets": {},
+                "applied": dict(self.applied),
+            }
             self._checkpoint_path = path
             self.metrics.mark_checkpoint(float(state["saved_at_s"]))
             if self.apply_log is not None:
-                self.apply_log.write("restore", path=path.name, offsets=state["offsets"])
+                self.apply_log.write(
+                    "restore", path=path.name, offsets=state["offsets"], applied=self.applied
+                )
             log.info(
                 "restored %s: model_version=%d, %d examples evaluated",
                 path.name,
@@ -552,6 +568,7 @@ class Worker:
             if int(p) in owned
         }
         self.offsets = {}
+        self.applied = dict(state.get("applied", state["offsets"]))
         for key, offset in state["offsets"].items():
             topic, _, partition = key.rpartition(":")
             tp = (topic, int(partition))
@@ -565,6 +582,7 @@ class Worker:
                 "rollback",
                 path=self._checkpoint_path.name if self._checkpoint_path else None,
                 offsets={_partition_key(tp): offset for tp, offset in self.offsets.items()},
+                applied=self.applied,
             )
         self._publish_gauges()
 

@@ -339,7 +339,8 @@ class History:
 
 
 def prefix_at(batches: list[list[RecordId]], offsets: Mapping[str, int]) -> int | None:
-    """How many of ``batches`` a state with these next-offsets reflects (None: no prefix does).
+    """How many of ``batches`` a model that learned up to these next-offsets reflects (None: no
+    prefix does).
 
     A checkpoint is taken between batches and every batch moves some partition on, so at most
     one prefix matches. Judged from the offsets alone, not from the log's checkpoint events:
@@ -376,7 +377,7 @@ def reconstruct(events: list[dict[str, Any]]) -> History:
         before_start = None
 
     def keep_for(batches: list[list[RecordId]], event: dict[str, Any]) -> int:
-        keep = prefix_at(batches, event["offsets"])
+        keep = prefix_at(batches, event["applied"])
         if keep is None:
             problems.append(f"{event['event']} to {event['path']}: offsets match no applied prefix")
             return 0
@@ -397,7 +398,7 @@ def reconstruct(events: list[dict[str, Any]]) -> History:
             effective.append([tuple(r) for r in event["records"]])  # type: ignore[misc]
             final = None
         elif kind == "checkpoint":
-            if prefix_at(effective, event["offsets"]) != len(effective):
+            if prefix_at(effective, event["applied"]) != len(effective):
                 problems.append(f"checkpoint {event['path']} does not cover what was applied")
             final = event
         elif kind == "rollback":
