@@ -115,6 +115,7 @@ class Worker:
         self._checkpoint: dict[str, Any] | None = None
         self._checkpoint_path: Path | None = None
         self._checkpoint_problem: str | None = None
+        self._output_problem: str | None = None  # set by a rejected output, cleared by a checkpoint
         # Assigned partitions with no durable state yet: the first offset processed becomes
         # their rollback point.
         self._unanchored: set[Partition] = set()
@@ -207,6 +208,7 @@ class Worker:
                 self._try_checkpoint(reason="periodic")
         except ProduceError as error:
             log.error("%s: rolling back to the last checkpoint", error)
+            self._output_problem = str(error)
             self.metrics.produce_errors.inc()
             self.totals["rollbacks"] += 1
             self._rollback()
@@ -376,7 +378,9 @@ class Worker:
             raise
         if self._checkpoint_problem is not None:
             log.info("checkpoints are written again")
-        self._checkpoint_problem = None
+        if self._output_problem is not None:
+            log.info("outputs are acknowledged again")
+        self._checkpoint_problem = self._output_problem = None
         self._checkpoint, self._checkpoint_path = state, path
         self._dirty = False
         self._events_since_checkpoint = 0
@@ -603,6 +607,8 @@ class Worker:
             return False, "broker unreachable"
         if self._checkpoint_problem is not None:
             return False, f"checkpoints failing: {self._checkpoint_problem}"
+        if self._output_problem is not None:
+            return False, f"outputs rejected: {self._output_problem}"
         return True, "ok"
 
     def summary(self) -> str:

@@ -37,6 +37,8 @@ from stream_fm.audit import read_apply_log
 from stream_fm.broker import KafkaBroker, free_ports
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.config import Settings, load_settings
+from stream_fm.errors import InvalidEvent
+from stream_fm.events import EventDecoder, Impression
 from stream_fm.worker import Worker
 
 FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
@@ -95,7 +97,7 @@ class WorkerProc:
             return False
 
     def metrics(self) -> dict[str, float]:
-        """The /metrics samples without labels (name -> value); {} if not answering."""
+        """The /metrics samples, keyed by name with labels as printed; {} if not answering."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
                 text = r.read().decode()
@@ -103,8 +105,8 @@ class WorkerProc:
             return {}
         out: dict[str, float] = {}
         for line in text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, _, value = line.partition(" ")
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
                 out[name] = float(value)
         return out
 
@@ -313,14 +315,13 @@ def simulated(n: int, seed: int = 1, impressions_per_s: float = 20.0) -> list[tu
     return [(e["id"].encode(), orjson.dumps(e)) for e in events]
 
 
-def _impression_id(value: bytes) -> str | None:
+def _impression_id(value: bytes | None, decoder: EventDecoder) -> str | None:
+    """The id if the worker's decoder takes ``value`` for a valid impression."""
     try:
-        event = orjson.loads(value)
-    except orjson.JSONDecodeError:
+        event = decoder.decode(value or b"")
+    except InvalidEvent:
         return None
-    if isinstance(event, dict) and event.get("type") == "impression":
-        return str(event.get("id"))
-    return None
+    return event.id if isinstance(event, Impression) else None
 
 
 # --- the oracle ----------------------------------------------------------------------------
@@ -460,7 +461,7 @@ def replay(
     """A fresh worker's engine fed ``batches`` exactly as the worker's loop feeds them."""
     fresh = Worker(settings)
     for batch in batches:
-        fresh.pipeline.process([(p, values[(t, p, o)]) for (t, p, o) in batch])
+        fresh.pipeline.process([(p, values[(t, p, o)] or b"") for (t, p, o) in batch])
     return fresh
 
 
@@ -506,7 +507,8 @@ def check_invariant(rig: FaultRig, apply_logs: list[Path] | None = None) -> Verd
     joiners = {str(p): j.state() for p, j in fresh.pipeline.joiners.items()}
     assert_states_equal(joiners, state["partitions"], "partitions")
 
-    impressions = {i for r in inputs if (i := _impression_id(r.value or b"")) is not None}
+    decoder = fresh.pipeline.decoder
+    impressions = {i for r in inputs if (i := _impression_id(r.value, decoder)) is not None}
     predicted = Counter(
         orjson.loads(r.value)["id"] for r in read_topic(rig.broker, rig.topics["predictions"])
     )
@@ -519,7 +521,7 @@ def check_invariant(rig: FaultRig, apply_logs: list[Path] | None = None) -> Verd
         for fault in history.undone
         for batch in fault
         for rid in batch
-        if _impression_id(values[rid]) is not None
+        if _impression_id(values[rid], decoder) is not None
     )
     duplicates = sum(predicted.values()) - len(predicted)
     assert duplicates <= undone_impressions, (

@@ -17,7 +17,7 @@ from stream_fm.audit import read_apply_log
 from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 
-from .oracle import (
+from tests.integration.oracle import (
     FaultRig,
     applied_since_start,
     check_invariant,
