@@ -16,7 +16,6 @@ import pytest
 from stream_fm.audit import read_apply_log
 from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
-
 from tests.integration.oracle import (
     FaultRig,
     applied_since_start,

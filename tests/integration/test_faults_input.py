@@ -81,7 +81,8 @@ def test_5_duplicate_events_are_counted_and_the_model_equals_the_deduplicated_or
     # The oracle on the deduplicated stream: the worker's own batches, repeats taken out.
     history = reconstruct(read_apply_log(rig.apply_log()))
     values = {
-        (r.topic, r.partition, r.offset): r.value for r in read_topic(rig.broker, rig.topics["input"])
+        (r.topic, r.partition, r.offset): r.value
+        for r in read_topic(rig.broker, rig.topics["input"])
     }
     seen: set[bytes] = set()
     deduplicated = []
@@ -118,7 +119,8 @@ def test_5_duplicate_events_are_counted_and_the_model_equals_the_deduplicated_or
 def bad_inputs() -> list[tuple[str, bytes | None]]:
     """(reason, value) of every malformed form the decoder knows, plus a Kafka tombstone."""
     kinds: list[tuple[str, bytes | None]] = [
-        (str(p.values[1]), bytes(p.values[0])) for p in MALFORMED  # type: ignore[call-overload]
+        (str(p.values[1]), bytes(p.values[0]))
+        for p in MALFORMED  # type: ignore[call-overload]
     ]
     kinds.append(("empty", None))  # a tombstone: no value at all
     return kinds
@@ -143,9 +145,7 @@ def test_6_bad_input_goes_to_the_dead_letter_topic_once_and_the_model_equals_the
 
     dead = read_topic(rig.broker, rig.topics["dead_letters"])
     assert len(dead) == len(bad), "each bad record exactly once"
-    inputs = {
-        (r.partition, r.offset): r for r in read_topic(rig.broker, rig.topics["input"])
-    }
+    inputs = {(r.partition, r.offset): r for r in read_topic(rig.broker, rig.topics["input"])}
     by_key = {}
     for record in dead:
         headers = {k: v.decode() for k, v in record.headers}
