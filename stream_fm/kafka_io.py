@@ -103,19 +103,7 @@ class KafkaIO:
                 fetch_max_bytes=52_428_800,
                 **common,
             )
-            produce_timeout_ms = round(settings.produce_timeout_s * 1000)
-            request_timeout_ms = min(30_000, produce_timeout_ms)
-            self._producer = KafkaProducer(
-                acks="all",
-                linger_ms=LINGER_MS,
-                batch_size=262_144,
-                retries=2**31 - 1,
-                max_block_ms=produce_timeout_ms,
-                request_timeout_ms=request_timeout_ms,
-                # kafka-python requires delivery > linger + request timeout.
-                delivery_timeout_ms=max(produce_timeout_ms, request_timeout_ms + LINGER_MS + 1000),
-                **common,
-            )
+            self._producer = self._new_producer()
         except kafka_errors.KafkaError as error:
             raise BrokerError(
                 f"cannot connect to Kafka at {settings.bootstrap_servers}: {error}"
@@ -124,6 +112,24 @@ class KafkaIO:
         self._send_failure: BaseException | None = None
         self._reachable_at_s = -REACHABLE_CACHE_S
         self._reachable = False
+
+    def _new_producer(self) -> KafkaProducer:
+        settings = self.settings
+        produce_timeout_ms = round(settings.produce_timeout_s * 1000)
+        request_timeout_ms = min(30_000, produce_timeout_ms)
+        return KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            client_id=settings.client_id,
+            acks="all",
+            linger_ms=LINGER_MS,
+            batch_size=262_144,
+            retries=2**31 - 1,
+            max_block_ms=produce_timeout_ms,
+            request_timeout_ms=request_timeout_ms,
+            # kafka-python requires delivery > linger + request timeout.
+            delivery_timeout_ms=max(produce_timeout_ms, request_timeout_ms + LINGER_MS + 1000),
+            **security_config(settings),
+        )
 
     # consumer
     def subscribe(
@@ -304,11 +310,22 @@ class KafkaIO:
         return queued
 
     def discard_unacknowledged(self) -> None:
-        """Before a rollback: let in-flight records finish (or fail) and forget the outcome."""
+        """Before a rollback: wait for in-flight records, forget the outcome, start a new
+        producer. kafka-python's idempotent producer stays failed after some errors (a record
+        over the topic's size limit aborts every later batch), so the old one is not reused.
+        """
         try:
             self._producer.flush(timeout=self.settings.produce_timeout_s)
         except kafka_errors.KafkaError as error:
             log.warning("in-flight records still unacknowledged at rollback: %s", error)
+        try:
+            self._producer.close(timeout=0)
+        except Exception as error:  # best effort: the replacement is what matters
+            log.warning("closing the failed producer: %s", error)
+        try:
+            self._producer = self._new_producer()
+        except kafka_errors.KafkaError as error:
+            raise ProduceError(f"cannot start a new producer: {error}") from error
         self._unflushed = 0
         self._send_failure = None
 
