@@ -410,7 +410,9 @@ class Worker:
             if self._checkpoint_problem is None:
                 log.error("%s; retrying every %gs", error, self.settings.checkpoint_interval_s)
             self._checkpoint_problem = str(error)
+            # Retry after the interval or the event count again, not at every batch.
             self._last_checkpoint_s = time.monotonic()
+            self._events_since_checkpoint = 0
             return False
         return True
 
