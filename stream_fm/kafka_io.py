@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -206,9 +207,9 @@ class KafkaIO:
         return out
 
     def reachable(self, timeout_s: float = 0.5) -> bool:
-        """Whether a bootstrap broker accepted a TCP connection within the last second (/readyz).
+        """Whether a bootstrap broker answered a request within the last second (/readyz).
 
-        A plain connect, not client internals: it answers from the HTTP thread without
+        Its own connection, not client internals: it answers from the HTTP thread without
         touching the consumer, which is not thread-safe.
         """
         now = time.monotonic()
@@ -221,8 +222,11 @@ class KafkaIO:
         for server in self.settings.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
             try:
-                with socket.create_connection(
-                    (host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s
+                if _broker_answers(
+                    host.strip("[]") or "127.0.0.1",
+                    int(port),
+                    timeout_s,
+                    probe=self.settings.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"),
                 ):
                     return True
             except (OSError, ValueError):
@@ -339,6 +343,35 @@ class KafkaIO:
             self._consumer.close()
         except Exception as error:
             log.warning("closing the Kafka consumer failed: %s", error)
+
+
+# ApiVersions v0 (api key 18), correlation id 1, client id "stream-fm-readyz": the one request
+# a broker answers before any authentication (KIP-35), so it also works on SASL listeners.
+_API_VERSIONS_REQUEST = (
+    struct.pack(">hhih", 18, 0, 1, len(b"stream-fm-readyz")) + b"stream-fm-readyz"
+)
+
+
+def _broker_answers(host: str, port: int, timeout_s: float, probe: bool = True) -> bool:
+    """Whether a broker process answers at ``host:port``.
+
+    A TCP connect alone is not enough: the kernel completes it for a frozen (SIGSTOP) or hung
+    broker. So an ApiVersions request must get a response. On TLS listeners (no handshake
+    here) only the connect is checked.
+    """
+    with socket.create_connection((host, port), timeout=timeout_s) as connection:
+        if not probe:
+            return True
+        connection.settimeout(timeout_s)
+        connection.sendall(struct.pack(">i", len(_API_VERSIONS_REQUEST)) + _API_VERSIONS_REQUEST)
+        header = b""
+        while len(header) < 8:
+            chunk = connection.recv(8 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+        _size, correlation_id = struct.unpack(">ii", header)
+        return bool(correlation_id == 1)
 
 
 def key_partitions(keys: Sequence[bytes], n_partitions: int) -> list[int]:
