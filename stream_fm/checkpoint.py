@@ -379,6 +379,17 @@ class CheckpointStore:
         self._prune()
         return final
 
+    def discard(self, path: Path) -> None:
+        """Remove a checkpoint that must never be restored (its commit failed)."""
+        try:
+            path.unlink()
+            _fsync_directory(self.directory)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("cannot remove %s: %s", path.name, error)
+        self._progress_cache.pop(path.name, None)
+
     def fault(self, step: str) -> None:
         """Test-only: a fault-injection point (see ``fault_hook``)."""
         if self.fault_hook is not None:
@@ -413,15 +424,20 @@ class CheckpointStore:
             raise CheckpointCorrupt(f"{path}: short read ({read} of {size} bytes)")
         return read_checkpoint(data, str(path))
 
-    def load_latest(self) -> tuple[dict[str, Any], Path] | None:
+    def load_latest(
+        self, accept: Callable[[Path], bool] | None = None
+    ) -> tuple[dict[str, Any], Path] | None:
         """The newest valid generation and its path; ``None`` if there is no checkpoint file.
 
-        Invalid newer files are skipped with a warning. Raises ``CheckpointCorrupt`` when
-        checkpoint files exist but none of them is valid.
+        Invalid newer files are skipped with a warning, and so are files ``accept`` refuses.
+        Raises ``CheckpointCorrupt`` when checkpoint files exist but none of them is valid.
         """
         paths = self.generation_paths()
         problems: list[str] = []
         for path in reversed(paths):
+            if accept is not None and not accept(path):
+                log.info("skipping checkpoint %s: not accepted", path.name)
+                continue
             try:
                 return self._read(path), path
             except FileNotFoundError:

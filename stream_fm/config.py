@@ -51,6 +51,15 @@ class Settings:
     )
     group_id: str = field(default="stream-fm", metadata=_help("consumer group id"))
     client_id: str = field(default="stream-fm", metadata=_help("Kafka client id"))
+    transactional_id: str = field(
+        default="",
+        metadata=_help(
+            "exactly-once output: outputs go out in Kafka transactions committed together with "
+            "the input offsets at each checkpoint (read_committed readers see each prediction "
+            "once). Unique per worker and stable across its restarts, e.g. the pod name; "
+            "empty = at-least-once"
+        ),
+    )
     input_topics: tuple[str, ...] = field(
         default=("ad-events",),
         metadata=_help(

@@ -114,11 +114,20 @@ class KafkaIO:
         self._reachable_at_s = -REACHABLE_CACHE_S
         self._reachable = False
 
+    @property
+    def transactional(self) -> bool:
+        return bool(self.settings.transactional_id)
+
     def _new_producer(self) -> KafkaProducer:
+        """A producer; in transactional mode with its transaction begun. Starting one fences
+        any earlier producer of the same transactional id and aborts its open transaction."""
         settings = self.settings
         produce_timeout_ms = round(settings.produce_timeout_s * 1000)
         request_timeout_ms = min(30_000, produce_timeout_ms)
-        return KafkaProducer(
+        extra: dict[str, Any] = {}
+        if settings.transactional_id:
+            extra["transactional_id"] = settings.transactional_id
+        producer = KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
             client_id=settings.client_id,
             acks="all",
@@ -130,7 +139,12 @@ class KafkaIO:
             # kafka-python requires delivery > linger + request timeout.
             delivery_timeout_ms=max(produce_timeout_ms, request_timeout_ms + LINGER_MS + 1000),
             **security_config(settings),
+            **extra,
         )
+        if settings.transactional_id:
+            producer.init_transactions()
+            producer.begin_transaction()
+        return producer
 
     # consumer
     def subscribe(
@@ -187,6 +201,20 @@ class KafkaIO:
                 self._consumer.commit_async(request)
         except kafka_errors.KafkaError as error:
             raise BrokerError(f"offset commit failed: {error}") from error
+
+    def commit_transaction(self, offsets: Mapping[Partition, int]) -> None:
+        """Transactional mode: commit the open transaction with the input offsets, begin the
+        next. Raises ProduceError if it did not commit (its outputs are then aborted)."""
+        request = {
+            TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()
+        }
+        try:
+            if request:
+                self._producer.send_offsets_to_transaction(request, self._consumer.group_metadata())
+            self._producer.commit_transaction()
+            self._producer.begin_transaction()
+        except kafka_errors.KafkaError as error:
+            raise ProduceError(f"transaction not committed: {error!r}") from error
 
     def assignment(self) -> list[Partition]:
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())

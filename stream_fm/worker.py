@@ -116,6 +116,8 @@ class Worker:
         self._checkpoint_path: Path | None = None
         self._checkpoint_problem: str | None = None
         self._output_problem: str | None = None  # set by a rejected output, cleared by a checkpoint
+        # Transactional mode: the group's committed offsets, which tell valid checkpoints.
+        self._committed: dict[str, int | None] = {}
         # Assigned partitions with no durable state yet: the first offset processed becomes
         # their rollback point.
         self._unanchored: set[Partition] = set()
@@ -363,8 +365,10 @@ class Worker:
     def _checkpoint_and_commit(self, reason: str, in_callback: bool = False) -> None:
         """Await acknowledgements, write the state durably, then commit its offsets.
 
-        Raises ProduceError (an output was rejected) or CheckpointError (the disk failed);
-        either way nothing was committed.
+        Transactional mode: the file is written first and counts only once the transaction
+        carrying its offsets commits (``_restore_or_refuse`` checks the group's offsets).
+        Raises ProduceError (an output was rejected, or the transaction failed) or
+        CheckpointError (the disk failed); either way nothing was committed.
         """
         if self.io is None or not self._restored:
             return
@@ -376,6 +380,25 @@ class Worker:
             self.metrics.checkpoint_errors.inc()
             self.totals["checkpoint_errors"] += 1
             raise
+        self.store.fault("committing")
+        if self.io.transactional:
+            try:
+                self.io.commit_transaction(self.offsets)
+            except ProduceError:
+                self.store.discard(path)  # its outputs were aborted: never restore it
+                raise
+            # Known without asking the broker (a blocking call is not allowed in a rebalance
+            # callback): partitions taken over later are judged by these offsets.
+            self._committed.update(
+                {_partition_key(tp): offset for tp, offset in self.offsets.items()}
+            )
+        else:
+            try:
+                self.io.commit(self.offsets, wait=not in_callback)
+            except BrokerError as error:
+                # The checkpoint is the truth; a failed commit only delays lag reporting.
+                log.warning("%s; offsets stay in the checkpoint", error)
+        self.store.fault("committed")
         if self._checkpoint_problem is not None:
             log.info("checkpoints are written again")
         if self._output_problem is not None:
@@ -393,13 +416,6 @@ class Worker:
                 "checkpoint", path=path.name, offsets=state["offsets"], applied=state["applied"]
             )
         log.debug("checkpoint %s (%s)", path.name, reason)
-        self.store.fault("committing")
-        try:
-            self.io.commit(self.offsets, wait=not in_callback)
-        except BrokerError as error:
-            # The checkpoint is the source of truth; a failed commit only delays lag reporting.
-            log.warning("%s; offsets stay in the checkpoint", error)
-        self.store.fault("committed")
 
     def _try_checkpoint(self, reason: str, in_callback: bool = False) -> bool:
         """A checkpoint whose disk failure is survivable: counted, reported not-ready, retried
@@ -420,7 +436,16 @@ class Worker:
         """Warm-start from the freshest checkpoint in the store (any worker's), or refuse to
         start cold over committed offsets."""
         assert self.io is not None
-        loaded = self.store.load_latest()
+        committed = {
+            _partition_key((topic, partition)): self.io.committed((topic, partition))
+            for topic in self.settings.input_topics
+            for partition in sorted(self.io.partitions_for(topic))
+        }
+        if self.io.transactional:
+            self._committed = committed
+            loaded = self.store.load_latest(accept=self._transaction_committed)
+        else:
+            loaded = self.store.load_latest()
         if loaded is not None:
             state, path = loaded
             if state.get("format") != CHECKPOINT_FORMAT:
@@ -453,11 +478,6 @@ class Worker:
             )
             self._publish_gauges()
             return
-        committed = {
-            (topic, partition): self.io.committed((topic, partition))
-            for topic in self.settings.input_topics
-            for partition in sorted(self.io.partitions_for(topic))
-        }
         found = {tp: offset for tp, offset in committed.items() if offset is not None}
         if found and not self.settings.cold_start:
             raise MissingCheckpoint(
@@ -467,6 +487,15 @@ class Worker:
             )
         if found:
             log.warning("--cold-start: a new model over the group's committed offsets")
+
+    def _transaction_committed(self, path: Path) -> bool:
+        """Transactional mode: a checkpoint counts only if the transaction that carried its
+        offsets committed, i.e. none of its offsets is past the group's committed offset."""
+        for key, offset in self.store.progress(path).items():
+            committed = self._committed.get(key)
+            if committed is None or offset > committed:
+                return False
+        return True
 
     def _on_assigned(self, partitions: list[Partition]) -> None:
         try:
@@ -481,6 +510,12 @@ class Worker:
         wrote it: (next offset, joiner state, file name), or None if no checkpoint holds it."""
         key = _partition_key(tp)
         for path in self.store.candidates(key):
+            if (
+                self.io is not None
+                and self.io.transactional
+                and not self._transaction_committed(path)
+            ):
+                continue
             state = loaded.get(path)
             if state is None:
                 try:
