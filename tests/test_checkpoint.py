@@ -245,3 +245,75 @@ def test_unwritable_directory_raises_checkpoint_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(CheckpointError):
         CheckpointStore(blocker / "sub").save({"x": 1})
+
+
+# --- a directory shared by several workers ---------------------------------------------------
+
+
+def shared(tmp_path: Path, writer: str, keep: int = 2) -> CheckpointStore:
+    return CheckpointStore(tmp_path, keep=keep, writer=writer, progress_key="offsets")
+
+
+def test_writers_sharing_a_directory_never_overwrite_each_other(tmp_path: Path) -> None:
+    a, b = shared(tmp_path, "a"), shared(tmp_path, "b")
+    pa = a.save({"offsets": {"t:0": 5}, "who": "a"})
+    pb = b.save({"offsets": {"t:1": 7}, "who": "b"})
+    assert (pa.name, pb.name) == ("ckpt-000000000001-a.sfm", "ckpt-000000000002-b.sfm")
+    assert a.load(pa)["who"] == "a" and b.load(pb)["who"] == "b"
+    assert a.load_latest() is not None and a.load_latest()[1] == pb  # type: ignore[index]
+
+
+def test_candidates_rank_by_progress_then_generation(tmp_path: Path) -> None:
+    a, b = shared(tmp_path, "a", keep=5), shared(tmp_path, "b", keep=5)
+    p1 = a.save({"offsets": {"t:0": 10, "t:1": 3}})
+    p2 = b.save({"offsets": {"t:1": 9}})
+    p3 = a.save({"offsets": {"t:0": 12}})
+    assert b.candidates("t:0") == [p3, p1]
+    assert a.candidates("t:1") == [p2, p1]
+    assert a.candidates("t:2") == []
+    assert a.progress(p1) == {"t:0": 10, "t:1": 3}
+
+
+def test_pruning_keeps_every_partitions_most_advanced_files(tmp_path: Path) -> None:
+    a, b = shared(tmp_path, "a", keep=1), shared(tmp_path, "b", keep=1)
+    moved = a.save({"offsets": {"t:0": 10, "t:1": 4}})  # t:1 then moves to b ...
+    for offset in range(11, 15):
+        a.save({"offsets": {"t:0": offset}})  # ... and a keeps checkpointing t:0 alone
+    kept = a.generation_paths()
+    assert moved in kept, "the only state of t:1 must survive pruning"
+    assert len(kept) == 2
+    b_path = b.save({"offsets": {"t:1": 6}})
+    a.save({"offsets": {"t:0": 15}})
+    assert moved not in a.generation_paths(), "superseded once b checkpointed t:1"
+    assert b_path in a.generation_paths()
+
+
+def test_load_latest_skips_files_not_accepted(tmp_path: Path) -> None:
+    store = shared(tmp_path, "a", keep=3)
+    older = store.save({"offsets": {"t:0": 5}})
+    store.save({"offsets": {"t:0": 9}})  # say its transaction never committed
+    loaded = store.load_latest(accept=lambda path: store.progress(path)["t:0"] <= 5)
+    assert loaded is not None and loaded[1] == older
+    store.discard(store.generation_paths()[-1])
+    assert store.generation_paths() == [older]
+
+
+def test_a_dead_writers_temporary_file_is_removed_a_live_ones_kept(tmp_path: Path) -> None:
+    from stream_fm.checkpoint import host_part
+
+    dead = tmp_path / f".ckpt-000000000004-{host_part()}_999999999_abcdef.x1.tmp"
+    alive = tmp_path / f".ckpt-000000000004-{host_part()}_{os.getppid()}_abcdef.x2.tmp"
+    elsewhere = tmp_path / ".ckpt-000000000004-otherhost_1_abcdef.x3.tmp"
+    for path in (dead, alive, elsewhere):
+        path.write_bytes(b"partial")
+    shared(tmp_path, f"{host_part()}_{os.getpid()}_000000").save({"offsets": {}})
+    assert not dead.exists()
+    assert alive.exists() and elsewhere.exists()
+
+
+def test_fault_hook_sees_each_step_of_a_save(tmp_path: Path) -> None:
+    store = shared(tmp_path, "a")
+    steps: list[str] = []
+    store.fault_hook = steps.append
+    store.save({"offsets": {}})
+    assert steps == ["temp_written", "renamed"]

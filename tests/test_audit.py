@@ -1,0 +1,31 @@
+"""The apply log: appended events read back; a torn last line (kill -9 mid-write) is dropped,
+damage anywhere else is an error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stream_fm.audit import ApplyLog, read_apply_log
+
+
+def test_events_append_across_processes_and_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "apply.jsonl"
+    first = ApplyLog(path)
+    first.write("start", writer="a")
+    first.write("apply", records=[["t", 0, 0]])
+    first.close()
+    second = ApplyLog(path)  # a restarted worker appends to the same file
+    second.write("start", writer="b")
+    second.close()
+    with path.open("ab") as file:
+        file.write(b'{"event":"apply","recor')  # killed mid-write
+    assert [e["event"] for e in read_apply_log(path)] == ["start", "apply", "start"]
+
+
+def test_damage_before_the_last_line_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "apply.jsonl"
+    path.write_bytes(b'{"event":"start"}\nnot json\n{"event":"apply","records":[]}\n')
+    with pytest.raises(ValueError, match="apply.jsonl:2"):
+        read_apply_log(path)
