@@ -27,5 +27,5 @@ def test_events_append_across_processes_and_a_torn_last_line_is_dropped(tmp_path
 def test_damage_before_the_last_line_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "apply.jsonl"
     path.write_bytes(b'{"event":"start"}\nnot json\n{"event":"apply","records":[]}\n')
-    with pytest.raises(ValueError, match="apply.jsonl:2"):
+    with pytest.raises(ValueError, match=r"apply\.jsonl:2"):
         read_apply_log(path)
