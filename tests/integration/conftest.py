@@ -15,6 +15,7 @@ import pytest
 
 from stream_fm.broker import KafkaBroker
 from stream_fm.errors import BrokerStartError
+from tests.integration.oracle import FaultRig
 
 _HERE = Path(__file__).parent
 
@@ -39,6 +40,16 @@ def kafka_broker() -> Iterator[KafkaBroker]:
         yield broker
     finally:
         broker.close()
+
+
+@pytest.fixture
+def rig(kafka_broker: KafkaBroker, tmp_path: Path) -> Iterator[FaultRig]:
+    """The fault suite's topics, group and directories, its workers stopped afterwards."""
+    rig = FaultRig(kafka_broker, tmp_path)
+    try:
+        yield rig
+    finally:
+        rig.close()
 
 
 UniqueTopic = Callable[..., str]

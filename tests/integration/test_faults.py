@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from stream_fm.audit import read_apply_log
-from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 from tests.integration.oracle import (
     FaultRig,
@@ -25,15 +22,6 @@ from tests.integration.oracle import (
     simulated,
     wait_until,
 )
-
-
-@pytest.fixture
-def rig(kafka_broker: KafkaBroker, tmp_path: Path) -> Iterator[FaultRig]:
-    rig = FaultRig(kafka_broker, tmp_path)
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 def drain_and_stop(rig: FaultRig, timeout_s: float = 120.0) -> float:

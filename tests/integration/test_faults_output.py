@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
 from stream_fm.broker import KafkaBroker
@@ -24,15 +22,6 @@ from tests.integration.oracle import (
     wait_until,
 )
 from tests.prometheus_helpers import missing_tool
-
-
-@pytest.fixture
-def rig(kafka_broker: KafkaBroker, tmp_path: Path) -> Iterator[FaultRig]:
-    rig = FaultRig(kafka_broker, tmp_path)
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 def set_topic_config(broker: KafkaBroker, topic: str, configs: dict[str, str]) -> None:
