@@ -81,12 +81,16 @@ class FastFM:
         self._hp = _hyper(p)
         shapes = _array_shapes(p)
         self._bias = np.zeros(kernel.N_BIAS)
-        # np.zeros maps zero pages lazily: state of unseen buckets costs no memory until used.
         self._lin = _aligned_zeros(shapes["lin"][0])
         self._v = _aligned_zeros(shapes["v"][0])
         np.random.default_rng(p.seed).standard_normal(out=self._v)
         self._v *= p.init_std
         self._v_acc = _aligned_zeros(shapes["v_acc"][0])
+        # np.zeros maps zero pages lazily, so memory would creep up for weeks as new buckets
+        # get touched. Written once now, the model is at its bound from the start: a memory
+        # limit that is too small fails at start-up, and resident memory stays flat.
+        self._lin.fill(0.0)
+        self._v_acc.fill(0.0)
         self._counters = np.zeros(kernel.N_COUNTERS, dtype=np.int64)
         self.set_intercept(prior_logit(p))
         # Reused one-op batch for the one-example methods.
