@@ -8,6 +8,7 @@ rolls the worker back to its last checkpoint, so nothing is learned twice or los
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from stream_fm.pipeline import BatchResult, Pipeline, Prediction
 log = logging.getLogger("stream_fm.worker")
 
 CHECKPOINT_FORMAT = 1
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 LAG_REFRESH_S = 5.0
 AUC_REFRESH_S = 1.0
 ROLLBACK_BACKOFF_S = 1.0
@@ -104,8 +106,9 @@ class Worker:
         )
         self.apply_log = ApplyLog(settings.apply_log_path) if settings.apply_log_path else None
         self.offsets: dict[Partition, int] = {}  # next offset to process, per owned partition
-        # What the model has learned from: next offset per partition ever applied, owned or
-        # not (a model snapshot carries partitions that moved away). Audits match on it.
+        # How far this model has moved through each partition it ever owned (a snapshot carries
+        # partitions that moved away since): the next offset, by learning or by taking the
+        # partition over there. Audits match restores and rollbacks on it.
         self.applied: dict[str, int] = {}
         self.io: KafkaIO | None = None
         self.server: MetricsServer | None = None
@@ -270,10 +273,10 @@ class Worker:
         self.io.check()
         if self._unanchored:
             self._anchor(records)
-        applied = self.applied
         for record in records:
             self.offsets[(record.topic, record.partition)] = record.offset + 1
-            applied[f"{record.topic}:{record.partition}"] = record.offset + 1
+        # Per batch, not per record: owned partitions' next offsets only grow.
+        self.applied.update({_partition_key(tp): offset for tp, offset in self.offsets.items()})
         if self.apply_log is not None:
             self.apply_log.write(
                 "apply", records=[[r.topic, r.partition, r.offset] for r in records]
@@ -661,8 +664,24 @@ class Worker:
         )
 
 
+def pin_malloc_mmap_threshold(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve every allocation above ``threshold_bytes`` from its own mapping (glibc only).
+
+    glibc raises its mmap threshold after freeing a large block, so the next blocks of that
+    size (a checkpoint's 16 MiB copy of the linear weights, say) come from the heap, which
+    fragments and never shrinks: resident memory then creeps up checkpoint after checkpoint.
+    A fixed threshold keeps large temporaries in mappings that are returned when freed.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_worker(settings: Settings) -> int:
     """The ``stream-fm run`` entry point: signals drain the loop, then exit 0."""
+    pin_malloc_mmap_threshold()
     logging.getLogger().setLevel(settings.log_level)
     if settings.log_level == "DEBUG":
         logging.getLogger("kafka").setLevel(logging.DEBUG)
