@@ -439,13 +439,8 @@ class Worker:
         """Warm-start from the freshest checkpoint in the store (any worker's), or refuse to
         start cold over committed offsets."""
         assert self.io is not None
-        committed = {
-            _partition_key((topic, partition)): self.io.committed((topic, partition))
-            for topic in self.settings.input_topics
-            for partition in sorted(self.io.partitions_for(topic))
-        }
         if self.io.transactional:
-            self._committed = committed
+            self._committed = self._group_offsets()
             loaded = self.store.load_latest(accept=self._transaction_committed)
         else:
             loaded = self.store.load_latest()
@@ -481,6 +476,7 @@ class Worker:
             )
             self._publish_gauges()
             return
+        committed = self._committed if self.io.transactional else self._group_offsets()
         found = {tp: offset for tp, offset in committed.items() if offset is not None}
         if found and not self.settings.cold_start:
             raise MissingCheckpoint(
@@ -490,6 +486,15 @@ class Worker:
             )
         if found:
             log.warning("--cold-start: a new model over the group's committed offsets")
+
+    def _group_offsets(self) -> dict[str, int | None]:
+        """The group's committed offset of every input partition (blocking: not in callbacks)."""
+        assert self.io is not None
+        return {
+            _partition_key((topic, partition)): self.io.committed((topic, partition))
+            for topic in self.settings.input_topics
+            for partition in sorted(self.io.partitions_for(topic))
+        }
 
     def _transaction_committed(self, path: Path) -> bool:
         """Transactional mode: a checkpoint counts only if the transaction that carried its
