@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench broker clean
+.PHONY: install demo test test-setup lint bench broker clean
 
 $(BIN)/stream-fm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ install: $(BIN)/stream-fm
 demo: install
 	$(BIN)/stream-fm demo
 
-test: install
+# What the tests need beyond Python (Debian packages, the Kafka jars, deploy/ validators).
+test-setup: install
+	scripts/setup-tests
+	$(BIN)/python -m stream_fm.broker --fetch-only
+
+test: test-setup
 	$(BIN)/python -m pytest
 
 lint: install

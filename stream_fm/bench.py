@@ -240,18 +240,19 @@ def simulated_stream(
         attribution_window_s=window_s,
         impressions_per_s=n_impressions / (1000 * window_s),
     )
-    traffic = Simulator(params).generate()
+    simulator = Simulator(params)
     decoder = EventDecoder(hasher)
     events: list[tuple[Any, Event | None]] = []
     batches: list[EventBatch] = []
-    for event in traffic.events():
+    for event in simulator.events():
         events.append((0, decoder.decode(orjson.dumps(event))))
         if len(events) >= 8192:
             batches.append((events, []))
             events = []
     if events:
         batches.append((events, []))
-    return batches, traffic.stats.bayes_logloss, traffic.stats.bayes_normalized_entropy
+    stats = simulator.stats()
+    return batches, stats.bayes_logloss, stats.bayes_normalized_entropy
 
 
 def file_stream(path: Path, fmt: str, hasher: FeatureHasher) -> list[EventBatch]:
@@ -322,6 +323,68 @@ def engine_only_throughput(n_examples: int = 2_000_000) -> float:
     return engine_throughput(n_examples, n_fields=20, k=8)
 
 
+STREAMS = ("simulated", "ipinyou", "talkingdata")
+
+
+def main_bench(
+    settings: Settings,
+    streams: Sequence[str],
+    *,
+    events: int,
+    river_events: int,
+    data_dir: Path,
+    sim_seed: int,
+    json_path: Path | None = None,
+) -> int:
+    """``stream-fm bench``: every engine on every stream, tables to stdout, progress to stderr."""
+    import json
+    import sys
+
+    unknown = set(streams) - set(STREAMS)
+    if unknown:
+        raise StreamFMError(f"unknown bench stream(s): {', '.join(sorted(unknown))}")
+    hasher = FeatureHasher(
+        settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features
+    )
+    results: list[StreamResult] = []
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    throughput = engine_only_throughput()
+    print(
+        f"engine only (compiled kernel, 20 fields, k={settings.model.k}, score+learn): "
+        f"{throughput:,.0f} examples/s"
+    )
+    for stream in streams:
+        if stream == "simulated":
+            batches, bayes_ll, bayes_ne = simulated_stream(
+                events, sim_seed, settings.attribution_window_s, hasher
+            )
+            outcome = compare(
+                "simulated", batches, settings, hasher, river_events, say, (bayes_ll, bayes_ne)
+            )
+        elif stream == "ipinyou":
+            folder = data_dir / "ipinyou_deepctr"
+            batches = file_stream(folder / "train.fm.txt", "libsvm", hasher)
+            batches += file_stream(folder / "test.fm.txt", "libsvm", hasher)
+            outcome = compare("ipinyou train+test", batches, settings, hasher, river_events, say)
+        else:
+            path = data_dir / "talkingdata" / "train_sample.sorted.csv"
+            batches = file_stream(path, "talkingdata", hasher)
+            outcome = compare("talkingdata", batches, settings, hasher, river_events, say)
+        for result in outcome:
+            print(format_table(result), flush=True)
+        results += outcome
+    if json_path:
+        payload = {
+            "engine_only_examples_per_second": throughput,
+            "streams": [r.as_dict() for r in results],
+        }
+        json_path.write_text(json.dumps(payload, indent=2, default=lambda v: None))
+    return 0
+
+
 __all__ = [
     "FMParams",
     "Rejected",
@@ -331,5 +394,6 @@ __all__ = [
     "engine_only_throughput",
     "file_stream",
     "format_table",
+    "main_bench",
     "simulated_stream",
 ]

@@ -68,11 +68,12 @@ import numpy as np
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_fm.broker import KafkaBroker, free_ports
+from stream_fm.broker import KafkaBroker
 from stream_fm.config import build_settings
 from stream_fm.errors import StreamFMError
 from stream_fm.kafka_io import EventProducer, KafkaIO
 from stream_fm.simulate import SimulationParams, Simulator
+from stream_fm.tools.process import free_ports
 
 LATENCY_HISTOGRAM = "stream_fm_impression_to_prediction_seconds"
 BATCH_HISTOGRAM = "stream_fm_batch_seconds"
@@ -572,14 +573,13 @@ def _topics(run_id: str, name: str, labels: bool) -> dict[str, str]:
 def simulated_records(options: KafkaBenchOptions) -> Iterator[tuple[bytes, bytes]]:
     """(key, value) of the first ``options.events`` simulated events, in event-time order."""
     params = SimulationParams(
-        n_impressions=options.events,  # >= events: clicks come on top
+        n_impressions=0,  # unbounded, streamed: the first ``events`` are taken
         n_fields=20,
         impressions_per_s=options.impressions_per_s,
         attribution_window_s=options.attribution_window_s,
         seed=options.seed,
     )
-    traffic = Simulator(params).generate()
-    for event in islice(traffic.events(), options.events):
+    for event in islice(Simulator(params).events(), options.events):
         yield event["id"].encode(), orjson.dumps(event)
 
 
@@ -1298,6 +1298,23 @@ def run_kafka_bench(
         return _run(options, broker, work, say)
     finally:
         selector_log.setLevel(level)
+
+
+def main_kafka_bench(options: KafkaBenchOptions, json_path: Path | None = None) -> int:
+    """``stream-fm bench kafka``: the report to stdout (and JSON); exit 1 if a worker failed."""
+    import json
+
+    report = run_kafka_bench(options)
+    print(format_report(report), flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(report.as_dict(), indent=2))
+    failed = [r.exit_code for r in report.latency] + [
+        report.worker.exit_code if report.worker else 0
+    ]
+    if report.scale_out is not None:
+        runs = (report.scale_out.single, report.scale_out.pair)
+        failed += [w.exit_code for run in runs for w in run.workers]
+    return 0 if all(code == 0 for code in failed) else 1
 
 
 def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) -> KafkaBenchReport:

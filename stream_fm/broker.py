@@ -13,13 +13,11 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import fcntl
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,14 @@ from types import TracebackType
 from typing import IO, Any
 
 from stream_fm.errors import BrokerError, BrokerStartError
+from stream_fm.tools.process import (
+    accepts,
+    free_ports,
+    parent_death_signal,
+    port_is_free,
+    tail_file,
+    tail_text,
+)
 
 __all__ = [
     "DOCKER_ALTERNATIVE",
@@ -189,7 +195,7 @@ def kafka_classpath(cache_dir: Path | None = None, version: str | None = None) -
                     f"{_MVN_TIMEOUT_S:.0f}s: {' '.join(cmd)}"
                 ) from exc
             if proc.returncode != 0:
-                tail = _tail_text(proc.stdout + proc.stderr, 30)
+                tail = tail_text(proc.stdout + proc.stderr, 30)
                 raise BrokerStartError(
                     f"fetching Apache Kafka {version} from Maven Central failed "
                     f"(mvn exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
@@ -254,95 +260,12 @@ def find_java() -> str:
 # helpers
 
 
-def free_ports(host: str = "127.0.0.1", n: int = 1) -> list[int]:
-    """``n`` distinct ports free on ``host`` right now (the OS picks them)."""
-    # Hold all sockets open until every port is chosen so the n ports differ.
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Same option the JVM acceptor uses, so a port in TIME_WAIT after restart() counts free.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def _tail_text(text: str, n: int) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
-def _tail_file(path: Path, n: int) -> str:
-    # Read from the end: the demo broker's log can grow for hours.
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            block = 64 * 1024
-            data = b""
-            while size > 0 and data.count(b"\n") <= n:
-                step = min(block, size)
-                size -= step
-                f.seek(size)
-                data = f.read(step) + data
-    except FileNotFoundError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-n:])
-
-
 def _cluster_id() -> str:
     # Kafka's Uuid string form (base64url, no padding); a leading "-" would be read as an option.
     while True:
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         if not cid.startswith("-"):
             return cid
-
-
-def _parent_death_signal() -> Any:
-    """A preexec_fn asking Linux to SIGTERM the JVM when this process dies (even by kill -9).
-
-    Only used from the main thread: the kernel ties the signal to the forking *thread*, so
-    starting from a short-lived worker thread would kill the broker when that thread ends.
-    """
-    if (
-        not sys.platform.startswith("linux")
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        pr_set_pdeathsig = 1
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 _LOG4J2 = """\
@@ -523,7 +446,7 @@ class KafkaBroker:
     def log_tail(self, n_lines: int = 40) -> str:
         """The last ``n_lines`` of the broker's log (stdout and stderr of the JVM)."""
         try:
-            return _tail_file(self.log_path, n_lines)
+            return tail_file(self.log_path, n_lines)
         except BrokerError:
             return ""
 
@@ -572,7 +495,7 @@ class KafkaBroker:
             self.port = self.port or next(free)
             self.controller_port = self.controller_port or next(free)
         for what, p in (("port", self.port), ("controller port", self.controller_port)):
-            if not _port_is_free(self.host, p):
+            if not port_is_free(self.host, p):
                 raise BrokerStartError(
                     f"cannot start Apache Kafka: {what} {self.host}:{p} is already in use"
                 )
@@ -661,7 +584,7 @@ class KafkaBroker:
         if out.returncode != 0:
             raise BrokerStartError(
                 f"formatting Kafka storage failed (exit {out.returncode}):\n"
-                f"{_tail_text(out.stdout + out.stderr, 30)}"
+                f"{tail_text(out.stdout + out.stderr, 30)}"
             )
 
     def _spawn(self) -> None:
@@ -681,7 +604,7 @@ class KafkaBroker:
                 # Own process group: stop() signals the group, and Ctrl-C in a terminal
                 # reaches only us, so the broker is stopped in order, after the worker.
                 start_new_session=True,
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=parent_death_signal(),
             )
         except OSError as exc:
             raise BrokerStartError(f"cannot run {cmd[0]}: {exc}") from exc
@@ -695,7 +618,7 @@ class KafkaBroker:
             if code is not None:
                 raise self._start_error(f"the broker process exited with code {code}")
             # TCP first: kafka-python logs loudly on refused connections.
-            if _accepts(self.host, self.port):
+            if accepts(self.host, self.port):
                 try:
                     if self._answers_metadata():
                         return

@@ -287,6 +287,21 @@ def setting_specs() -> Iterator[SettingSpec]:
 
 SPECS: Final = {spec.name: spec for spec in setting_specs()}
 
+#: What shapes learning and evaluation, and so all that ``replay`` and ``bench`` read.
+LEARNING_SETTINGS: Final = frozenset(
+    {
+        "max_event_bytes",
+        "hash_bits",
+        "hash_seed",
+        "numeric_transform",
+        "max_features",
+        "attribution_window_s",
+        "max_pending_impressions",
+        "auc_window",
+    }
+    | {spec.name for spec in SPECS.values() if spec.in_model}
+)
+
 
 def _coerce(spec: SettingSpec, raw: Any, source: str) -> Any:
     """Turn a TOML value or a string (env, flag) into the setting's type."""

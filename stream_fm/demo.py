@@ -1,9 +1,12 @@
 """``stream-fm demo``: a real Apache Kafka broker, the simulator and the worker together.
 
-The broker runs as a child process (KRaft mode, jars from Maven Central); the worker and the
-simulator are child processes of this one, exactly as an operator would run them. Every few
-seconds the demo reads the worker's own /metrics and prints progressive log loss, NE and
-throughput. Ctrl-C (or ``--duration-s``) stops every child cleanly.
+The broker runs as a child JVM (KRaft mode, jars from Maven Central); the worker and the
+simulator are child processes, exactly as an operator would run them, each writing to its own
+log file in the demo's directory. The demo supervises them: a child that exits is reported
+at once with its log's last lines, and the demo stops the others and exits 1. Every few
+seconds it reads the worker's own /metrics and prints progressive log loss and NE since start
+and over the recent window, AUC and throughput. Ctrl-C (or ``--duration-s``) stops every
+child in order; every child also dies with the demo if it is killed outright.
 
 ``--prometheus`` adds a real Prometheus server scraping the worker with the alert rules of
 deploy/prometheus/alerts.yml; ``--snapshot PNG`` then draws the dashboard's key panels from it.
@@ -12,21 +15,25 @@ deploy/prometheus/alerts.yml; ``--snapshot PNG`` then draws the dashboard's key 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_fm.broker import KafkaBroker, free_ports
+from stream_fm.broker import KafkaBroker
 from stream_fm.dashboard import render_snapshot
 from stream_fm.errors import StreamFMError
 from stream_fm.prometheus_server import JOB, PrometheusServer, repo_rule_files
+from stream_fm.tools.process import Child, free_ports, port_is_free
 
 TOPICS = {
     "events": "ad-events",
@@ -34,6 +41,27 @@ TOPICS = {
     "dead_letters": "ad-events-dlq",
     "labels": "ad-labels",
 }
+# Simulated event time runs at 1,000 impressions/s, so a 10 s window closes within seconds
+# of wall time: the demo shows labels, learning and NE moving within its first minute.
+EVENT_TIME_IMPRESSIONS_PER_S = 1000
+ATTRIBUTION_WINDOW_S = 10
+SUPERVISE_EVERY_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    rate: float = 5000.0
+    duration_s: float | None = None
+    metrics_port: int = 9464
+    partitions: int = 2
+    work_dir: Path | None = None
+    prometheus: bool = False
+    snapshot: Path | None = None
+    every_s: float = 5.0
+
+
+class ChildExited(StreamFMError):
+    """A child of the demo exited while it should have been running."""
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -47,159 +75,234 @@ def scrape(url: str) -> dict[str, float]:
     return totals
 
 
-def _stop(process: subprocess.Popen[bytes], name: str, timeout_s: float = 20.0) -> int | None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            print(f"demo: {name} did not stop in {timeout_s:.0f}s; killing it", file=sys.stderr)
-            process.kill()
-            process.wait()
-    return process.returncode
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
-def run_demo(
-    rate: float,
-    duration_s: float | None,
-    metrics_port: int,
-    partitions: int,
-    every_s: float = 5.0,
-    *,
-    prometheus: bool = False,
-    snapshot: Path | None = None,
-) -> int:
-    work = Path(tempfile.mkdtemp(prefix="stream-fm-demo-"))
-    print(
-        "demo: starting Apache Kafka (KRaft) - the first run downloads its jars with Maven ...",
-        flush=True,
+def _metrics_port(requested: int) -> int:
+    if requested and port_is_free("127.0.0.1", requested):
+        return requested
+    port = free_ports()[0]
+    if requested:
+        _say(f"demo: port {requested} is taken; the worker's metrics go to port {port} instead")
+    return port
+
+
+def _worker_env(broker: KafkaBroker, work: Path, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "STREAM_FM_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "STREAM_FM_INPUT_TOPICS": TOPICS["events"],
+            "STREAM_FM_PREDICTIONS_TOPIC": TOPICS["predictions"],
+            "STREAM_FM_DEAD_LETTER_TOPIC": TOPICS["dead_letters"],
+            "STREAM_FM_LABELS_TOPIC": TOPICS["labels"],
+            "STREAM_FM_GROUP_ID": "stream-fm-demo",
+            "STREAM_FM_CHECKPOINT_DIR": str(work / "checkpoints"),
+            "STREAM_FM_CHECKPOINT_INTERVAL_S": "10",
+            "STREAM_FM_METRICS_PORT": str(port),
+            "STREAM_FM_ATTRIBUTION_WINDOW_S": str(ATTRIBUTION_WINDOW_S),
+            "STREAM_FM_LOG_LEVEL": "WARNING",
+        }
     )
-    with KafkaBroker(log_path=work / "kafka.log", partitions=partitions) as broker:
-        print(
-            f"demo: Kafka {broker.kafka_version} on {broker.bootstrap_servers}; log {broker.log_path}",
-            flush=True,
+    return env
+
+
+def _simulator_command(broker: KafkaBroker, options: DemoOptions) -> list[str]:
+    command = [
+        sys.executable, "-m", "stream_fm", "simulate",
+        "--bootstrap-servers", broker.bootstrap_servers, "--topic", TOPICS["events"],
+        "--rate", str(options.rate),
+        "--impressions-per-s", str(EVENT_TIME_IMPRESSIONS_PER_S),
+        "--attribution-window-s", str(ATTRIBUTION_WINDOW_S),
+        "--click-delay-median-s", "2", "--fields", "20",
+    ]  # fmt: skip
+    if options.duration_s is not None:
+        return [*command, "--duration-s", str(options.duration_s)]
+    return [*command, "--impressions", "0"]  # no end: until the demo stops it
+
+
+class _Progress:
+    """The progress line from the worker's /metrics, and whether traffic flows yet."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.started = time.monotonic()
+        self.first_traffic_s: float | None = None
+        self.last: dict[str, float] = {}
+        self._previous: tuple[float, float] | None = None
+
+    def line(self) -> str | None:
+        try:
+            m = scrape(self.url)
+        except OSError:
+            return None
+        now = time.monotonic()
+        events = m.get("stream_fm_events_total", 0.0)
+        since, before = self._previous or (self.started, 0.0)
+        rate = (events - before) / max(now - since, 1e-9)
+        self._previous = (now, events)
+        self.last = m
+        if events > 0 and self.first_traffic_s is None:
+            self.first_traffic_s = now - self.started
+
+        def get(name: str) -> float:
+            return m.get(name, math.nan)
+
+        return (
+            f"t={now - self.started:5.0f}s events={events:,.0f} ({rate:,.0f}/s) "
+            f"predictions={m.get('stream_fm_predictions_total', 0):,.0f} "
+            f"learned={m.get('stream_fm_examples_learned_total', 0):,.0f} "
+            f"logloss={get('stream_fm_progressive_logloss'):.4f} "
+            f"(window {get('stream_fm_logloss_window'):.4f}) "
+            f"NE={get('stream_fm_normalized_entropy'):.4f} "
+            f"(window {get('stream_fm_normalized_entropy_window'):.4f}) "
+            f"AUC={get('stream_fm_auc_window'):.4f} "
+            f"pending={m.get('stream_fm_pending_impressions', 0):,.0f}"
         )
-        broker.create_topics(TOPICS.values(), partitions=partitions)
-        port = metrics_port or free_ports()[0]
-        env = dict(os.environ)
-        env.update(
-            {
-                "STREAM_FM_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-                "STREAM_FM_INPUT_TOPICS": TOPICS["events"],
-                "STREAM_FM_PREDICTIONS_TOPIC": TOPICS["predictions"],
-                "STREAM_FM_DEAD_LETTER_TOPIC": TOPICS["dead_letters"],
-                "STREAM_FM_LABELS_TOPIC": TOPICS["labels"],
-                "STREAM_FM_GROUP_ID": "stream-fm-demo",
-                "STREAM_FM_CHECKPOINT_DIR": str(work / "checkpoints"),
-                "STREAM_FM_CHECKPOINT_INTERVAL_S": "10",
-                "STREAM_FM_METRICS_PORT": str(port),
-                # Simulated time runs at event rate / impressions-per-s: a 10 s window closes fast.
-                "STREAM_FM_ATTRIBUTION_WINDOW_S": "10",
-                "STREAM_FM_LOG_LEVEL": "WARNING",
-            }
-        )
-        worker_log = (work / "worker.log").open("wb")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "stream_fm", "run"],
-            env=env,
-            stdout=worker_log,
-            stderr=subprocess.STDOUT,
-        )
-        simulate_args = [
-            sys.executable, "-m", "stream_fm", "simulate",
-            "--bootstrap-servers", broker.bootstrap_servers, "--topic", TOPICS["events"],
-            "--rate", str(rate), "--impressions-per-s", "1000", "--attribution-window-s", "10",
-            "--click-delay-median-s", "2", "--fields", "20",
-            "--duration-s", str(duration_s if duration_s is not None else 24 * 3600),
-        ]  # fmt: skip
-        simulator = subprocess.Popen(
-            simulate_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        url = f"http://127.0.0.1:{port}/metrics"
-        print(
-            f"demo: worker metrics on {url}; worker log {work / 'worker.log'}; Ctrl-C stops",
-            flush=True,
-        )
-        started = time.monotonic()
-        started_wall_s = time.time()
-        previous: tuple[float, float] | None = None
-        code = 0
+
+
+def _supervise(children: list[Child], broker: KafkaBroker) -> None:
+    """Raise ChildExited naming the first child that is gone, with its log's last lines."""
+    if not broker.is_running():
+        raise ChildExited(f"Apache Kafka exited; its log {broker.log_path}:\n{broker.log_tail(15)}")
+    for child in children:
+        code = child.exit_code()
+        if code is not None:
+            raise ChildExited(
+                f"the {child.name} exited with code {code}; its log {child.log_path}:\n"
+                f"{child.tail(15)}"
+            )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the demo the way Ctrl-C does: children are stopped in order."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(options: DemoOptions) -> int:
+    work = options.work_dir or Path(tempfile.mkdtemp(prefix="stream-fm-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    _say(
+        f"demo: logs in {work}: kafka.log, worker.log, simulator.log"
+        + (", prometheus/prometheus.log" if options.prometheus else "")
+    )
+    _say("demo: starting Apache Kafka (KRaft); the first run fetches its jars with Maven ...")
+    code = 0
+    with (
+        _sigterm_as_interrupt(),
+        KafkaBroker(log_path=work / "kafka.log", partitions=options.partitions) as broker,
+    ):
+        _say(f"demo: Kafka {broker.kafka_version} on {broker.bootstrap_servers} (pid {broker.pid})")
+        broker.create_topics(TOPICS.values(), partitions=options.partitions)
+        port = _metrics_port(options.metrics_port)
+        children: list[Child] = []
         prom: PrometheusServer | None = None
         try:
-            if prometheus or snapshot is not None:
+            worker = Child(
+                "worker",
+                [sys.executable, "-m", "stream_fm", "run"],
+                work / "worker.log",
+                env=_worker_env(broker, work, port),
+            )
+            children.append(worker)
+            simulator = Child(
+                "simulator", _simulator_command(broker, options), work / "simulator.log"
+            )
+            children.append(simulator)
+            url = f"http://127.0.0.1:{port}/metrics"
+            _say(
+                f"demo: worker (pid {worker.pid}) metrics on {url}; simulator (pid "
+                f"{simulator.pid}) at {options.rate:,.0f} events/s; Ctrl-C stops"
+            )
+            if options.prometheus:
                 prom = PrometheusServer(
                     work / "prometheus",
                     [f"127.0.0.1:{port}"],
                     scrape_interval_s=2.0,
                     rule_files=repo_rule_files(),
                 ).start()
-                print(
-                    f"demo: Prometheus on {prom.url} (job {JOB!r}, alert rules loaded); "
-                    f"try {prom.url}/graph?g0.expr=rate(stream_fm_events_total[1m])",
-                    flush=True,
+                _say(
+                    f"demo: Prometheus on {prom.url} (job {JOB!r}, alert rules loaded); try "
+                    f"{prom.url}/graph?g0.expr=rate(stream_fm_events_total[1m])"
                 )
-            while duration_s is None or time.monotonic() - started < duration_s:
-                time.sleep(every_s)
-                if worker.poll() is not None:
-                    print(
-                        f"demo: the worker exited with {worker.returncode}; see {work / 'worker.log'}",
-                        file=sys.stderr,
-                    )
-                    code = 1
-                    break
-                with contextlib.suppress(OSError):
-                    m = scrape(url)
-                    events = m.get("stream_fm_events_total", 0.0)
-                    now = time.monotonic()
-                    rate_now = (events - previous[1]) / (now - previous[0]) if previous else 0.0
-                    previous = (now, events)
-                    print(
-                        f"t={now - started:5.0f}s events={events:,.0f} ({rate_now:,.0f}/s) "
-                        f"predictions={m.get('stream_fm_predictions_total', 0):,.0f} "
-                        f"learned={m.get('stream_fm_examples_learned_total', 0):,.0f} "
-                        f"logloss={m.get('stream_fm_progressive_logloss', float('nan')):.4f} "
-                        f"NE={m.get('stream_fm_normalized_entropy', float('nan')):.4f} "
-                        f"AUC={m.get('stream_fm_auc_window', float('nan')):.4f} "
-                        f"pending={m.get('stream_fm_pending_impressions', 0):,.0f}",
-                        flush=True,
-                    )
-            if prom is not None and snapshot is not None and code == 0:
-                drawn = render_snapshot(prom, snapshot, start_s=started_wall_s)
-                print(f"demo: drew {drawn} series of the dashboard's panels into {snapshot}")
+            code = _watch(options, children, broker, _Progress(url), prom)
         except KeyboardInterrupt:
-            print("\ndemo: stopping", flush=True)
+            _say("\ndemo: stopping")
+        except ChildExited as error:
+            print(f"demo: {error}", file=sys.stderr, flush=True)
+            code = 1
         finally:
-            if prom is not None:
-                prom.stop()
-            _stop(simulator, "simulator")
-            worker_code = _stop(worker, "worker")
-            worker_log.close()
-            summary = [
-                line
-                for line in (work / "worker.log").read_text().splitlines()
-                if "worker stopped" in line
-            ]
-            if summary:
-                print(summary[-1])
-            if worker_code not in (0, None) and code == 0:
-                code = 1
-    print("demo: stopped the worker, the simulator and Kafka", flush=True)
+            code = _stop_children(children, prom, work, code)
+    _say(f"demo: stopped every child it started (Kafka included); logs are in {work}")
     return code
 
 
-def main_demo(
-    rate: float,
-    duration_s: float | None,
-    metrics_port: int,
-    partitions: int,
-    *,
-    prometheus: bool = False,
-    snapshot: Path | None = None,
+def _watch(
+    options: DemoOptions,
+    children: list[Child],
+    broker: KafkaBroker,
+    progress: _Progress,
+    prom: PrometheusServer | None,
 ) -> int:
+    """Supervise and print progress until the duration is over (or Ctrl-C)."""
+    started_wall_s = time.time()
+    next_line = time.monotonic() + options.every_s
+    while options.duration_s is None or time.monotonic() - progress.started < options.duration_s:
+        time.sleep(SUPERVISE_EVERY_S)
+        # A bounded simulator that finished is done, not dead.
+        running = [
+            c
+            for c in children
+            if not (c.name == "simulator" and options.duration_s and c.exit_code() == 0)
+        ]
+        _supervise(running, broker)
+        if time.monotonic() >= next_line:
+            next_line += options.every_s
+            had_traffic = progress.first_traffic_s is not None
+            line = progress.line()
+            if line is not None:
+                _say(line)
+            if not had_traffic and progress.first_traffic_s is not None:
+                _say(
+                    f"demo: events flowing {progress.first_traffic_s:.0f}s after the worker started"
+                )
+    if prom is not None and options.snapshot is not None:
+        drawn = render_snapshot(prom, options.snapshot, start_s=started_wall_s)
+        _say(f"demo: drew {drawn} series of the dashboard's panels into {options.snapshot}")
+    return 0
+
+
+def _stop_children(
+    children: list[Child], prom: PrometheusServer | None, work: Path, code: int
+) -> int:
+    """Simulator first, then the worker (it drains and checkpoints), then Prometheus."""
+    for child in reversed(children):
+        exit_code = child.stop()
+        if child.name == "worker":
+            summary = [line for line in child.tail(50).splitlines() if "worker stopped" in line]
+            if summary:
+                _say(summary[-1])
+            if exit_code != 0 and code == 0:
+                print(f"demo: the worker exited with {exit_code}; see {child.log_path}")
+                code = 1
+    if prom is not None:
+        prom.stop()
+    return code
+
+
+def main_demo(options: DemoOptions) -> int:
     try:
-        return run_demo(
-            rate, duration_s, metrics_port, partitions, prometheus=prometheus, snapshot=snapshot
-        )
+        return run_demo(options)
     except StreamFMError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1

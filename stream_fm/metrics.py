@@ -226,6 +226,16 @@ class WorkerMetrics:
         self.calibration = Gauge(
             "stream_fm_calibration", "Sum of served p / sum of labels, since start.", registry=r
         )
+        self.logloss_window = Gauge(
+            "stream_fm_logloss_window",
+            "Progressive log loss over the last auc_window examples (what a cold start reads).",
+            registry=r,
+        )
+        self.normalized_entropy_window = Gauge(
+            "stream_fm_normalized_entropy_window",
+            "Normalized entropy over the last auc_window examples.",
+            registry=r,
+        )
         self.auc_window = Gauge(
             "stream_fm_auc_window",
             "ROC AUC over the recent window of examples (NaN until both labels seen).",
@@ -298,6 +308,7 @@ class WorkerMetrics:
         self.build_info.labels(version=version).set(1)
         # Quality is undefined before the first example; 0 would read as a perfect log loss.
         self.set_quality(math.nan, math.nan, math.nan, None)
+        self.set_window_quality(math.nan, math.nan)
 
         # Age is computed at scrape time, so it keeps growing while the loop is stuck.
         self._last_checkpoint = clock()
@@ -360,6 +371,11 @@ class WorkerMetrics:
         self.normalized_entropy.set(ne)
         self.calibration.set(calibration)
         self.auc_window.set(math.nan if auc is None else auc)
+
+    def set_window_quality(self, logloss: float, ne: float) -> None:
+        """Quality over the recent window of examples; NaN = not yet defined."""
+        self.logloss_window.set(logloss)
+        self.normalized_entropy_window.set(ne)
 
     def set_pending(self, n: int) -> None:
         self.pending_impressions.set(n)

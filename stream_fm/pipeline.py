@@ -27,12 +27,14 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from stream_fm.config import Settings
 from stream_fm.errors import InvalidEvent
 from stream_fm.evaluate import ProgressiveValidation
 from stream_fm.events import Click, Event, EventDecoder, Impression, Labeled
 from stream_fm.features import FeatureHasher
 from stream_fm.join import AttributionJoiner, Outcome, PendingImpression
 from stream_fm.model.base import OP_LEARN, OP_SCORE, Engine, OpBatch, SparseExample
+from stream_fm.model.fast import FastFM
 
 __all__ = ["FeatureHasher", "Pipeline"]
 
@@ -154,6 +156,30 @@ class Pipeline:
         self.max_pending = max_pending
         self.evaluator = evaluator or ProgressiveValidation(window=auc_window)
         self.joiners: dict[Hashable, AttributionJoiner] = {}
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        engine: Engine | None = None,
+        evaluator: ProgressiveValidation | None = None,
+    ) -> Pipeline:
+        """The pipeline the settings describe: their hasher, decoder, window and bounds, and
+        the production engine unless another is given."""
+        hasher = FeatureHasher(
+            settings.hash_bits,
+            settings.hash_seed,
+            settings.numeric_transform,
+            settings.max_features,
+        )
+        return cls(
+            engine if engine is not None else FastFM(settings.model),
+            EventDecoder(hasher, settings.max_event_bytes),
+            settings.attribution_window_ms,
+            settings.max_pending_impressions,
+            auc_window=settings.auc_window,
+            evaluator=evaluator,
+        )
 
     def joiner(self, partition: Hashable) -> AttributionJoiner:
         joiner = self.joiners.get(partition)

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from stream_fm.broker import free_ports
 from stream_fm.errors import StreamFMError
+from stream_fm.tools.process import free_ports, parent_death_signal
 
 JOB = "stream_fm"
 REPO_DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -133,6 +133,7 @@ class PrometheusServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not it
+                preexec_fn=parent_death_signal(),  # and it dies with us, even by kill -9
             )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:

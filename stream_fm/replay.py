@@ -6,6 +6,8 @@ Formats:
   attribution window in event time;
 - ``libsvm``: ``label idx:val ...`` (also libffm ``label field:idx:val ...``), labeled rows;
 - ``criteo``: CSV ``Id,Label,I1..I13,C1..C26``, labeled rows;
+- ``criteo_tsv``: Criteo's own ``train.txt`` layout (tab-separated, no header: label, 13
+  integer counts, 26 hashed categoricals, empty when missing), labeled rows;
 - ``avazu``: CSV ``id,click,hour,...``, labeled rows;
 - ``talkingdata``: CSV ``ip,app,device,os,channel,click_time,attributed_time,is_attributed``;
   ``click_time`` is the impression, ``attributed_time`` the click, joined with real delays.
@@ -19,20 +21,24 @@ import csv
 import gzip
 import heapq
 import io
+import math
 import time
 import typing
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Final
 
+from stream_fm.config import Settings
 from stream_fm.errors import InvalidEvent, StreamFMError
+from stream_fm.evaluate import ProgressiveValidation
 from stream_fm.events import Click, Event, EventDecoder, Impression, Labeled
 from stream_fm.features import FeatureHasher
 from stream_fm.pipeline import BatchResult, Pipeline, Rejected
 
-FORMATS: Final = ("jsonl", "libsvm", "criteo", "avazu", "talkingdata")
+FORMATS: Final = ("jsonl", "libsvm", "criteo", "criteo_tsv", "avazu", "talkingdata")
+SERIES_EVERY: Final = 10_000  # examples between two points of the replay plot
 BATCH_EVENTS: Final = 8192
 
 EventBatch = tuple[list[tuple[Hashable, Event | None]], list[Rejected]]
@@ -107,6 +113,23 @@ def read_criteo(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
             yield _labeled(hasher, f"row-{number}", number, int(row["Label"]), features)
 
 
+def read_criteo_tsv(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
+    names = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    with open_text(path) as stream:
+        for number, line in enumerate(stream):
+            columns = line.rstrip("\r\n").split("\t")
+            if len(columns) != 40:
+                raise StreamFMError(
+                    f"{path}:{number + 1}: {len(columns)} tab-separated columns, expected 40"
+                )
+            features: dict[str, Any] = {
+                name: int(value) if name[0] == "I" else value
+                for name, value in zip(names, columns[1:], strict=True)
+                if value != ""
+            }
+            yield _labeled(hasher, f"row-{number}", number, int(columns[0]), features)
+
+
 def read_avazu(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
     with open_text(path) as stream:
         reader = csv.DictReader(stream)
@@ -170,6 +193,7 @@ def read_talkingdata(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
 ROW_READERS: Final[dict[str, Callable[[Path, FeatureHasher], Iterator[Event]]]] = {
     "libsvm": read_libsvm,
     "criteo": read_criteo,
+    "criteo_tsv": read_criteo_tsv,
     "avazu": read_avazu,
     "talkingdata": read_talkingdata,
 }
@@ -206,6 +230,13 @@ class ReplayReport:
     join: dict[str, int] = field(default_factory=dict)
     refused_updates: int = 0
     series: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: undefined figures (NaN) become null."""
+        return {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in asdict(self).items()
+        }
 
 
 def replay(
@@ -273,3 +304,36 @@ def plot_series(series: Sequence[tuple[int, float, float]], path: Path, title: s
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def run_replay(
+    settings: Settings,
+    path: Path,
+    fmt: str,
+    *,
+    report_path: Path | None = None,
+    plot_path: Path | None = None,
+    progress: bool = True,
+) -> int:
+    """``stream-fm replay``: print the report's figures; write the report and plot if asked."""
+    import json
+    import sys
+
+    from tqdm import tqdm
+
+    if not path.is_file():
+        raise StreamFMError(f"no such file: {path}")
+    pipeline = Pipeline.from_settings(
+        settings, evaluator=ProgressiveValidation(settings.auc_window, series_every=SERIES_EVERY)
+    )
+    with tqdm(
+        unit=" events", unit_scale=True, disable=not progress or None, file=sys.stderr
+    ) as bar:
+        report = replay(pipeline, read_batches(path, fmt, pipeline.decoder), progress=bar.update)
+    document = report.as_dict()
+    print(json.dumps({k: v for k, v in document.items() if k != "series"}, indent=2))
+    if report_path:
+        report_path.write_text(json.dumps(document, indent=2))
+    if plot_path:
+        plot_series(report.series, plot_path, f"stream-fm replay: {path.name}")
+    return 0

@@ -349,6 +349,9 @@ class Worker:
         self.metrics.set_quality(
             evaluator.logloss, evaluator.normalized_entropy, evaluator.calibration, self._auc
         )
+        self.metrics.set_window_quality(
+            evaluator.logloss_window, evaluator.normalized_entropy_window
+        )
         self.metrics.set_pending(self.pipeline.pending_count)
         self.metrics.set_model_version(self.engine.n_learned)
 

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 
+from stream_fm.errors import ConfigError
 from stream_fm.events import Click, EventDecoder, Impression
 from stream_fm.features import FeatureHasher
 from stream_fm.simulate import SimulationParams, Simulator, cardinalities
@@ -60,3 +68,73 @@ def test_same_seed_same_traffic() -> None:
     a = Simulator(SimulationParams(n_impressions=1000, seed=9)).generate()
     b = Simulator(SimulationParams(n_impressions=1000, seed=9)).generate()
     assert list(a.events()) == list(b.events())
+
+
+def test_same_seed_same_events_whatever_the_chunking() -> None:
+    simulator = Simulator(SimulationParams(n_impressions=3000, n_fields=4, seed=5))
+    reference = list(simulator.events(chunk_impressions=3000))
+    for chunk in (1, 7, 512, 2999, 10_000):
+        assert list(simulator.events(chunk_impressions=chunk)) == reference, chunk
+    assert list(simulator.generate().events()) == reference
+    # A longer stream of the same seed starts with the same impressions.
+    longer = Simulator(SimulationParams(n_impressions=6000, n_fields=4, seed=5))
+    first = [e for e in longer.events() if e["type"] == "impression"][:3000]
+    assert first == [e for e in reference if e["type"] == "impression"]
+
+
+def test_unbounded_stream_is_generated_lazily() -> None:
+    simulator = Simulator(SimulationParams(n_impressions=0, n_fields=3, seed=1))
+    events = simulator.events(chunk_impressions=1000)
+    head = [next(events) for _ in range(5000)]
+    assert sum(e["type"] == "impression" for e in head) >= 4500
+    assert simulator.stats().impressions <= 6000, "only what was asked for was generated"
+    with pytest.raises(ConfigError, match="n_impressions"):
+        simulator.generate()
+
+
+def test_drift_replaces_the_ground_truth_from_its_impression_on() -> None:
+    base = SimulationParams(n_impressions=4000, n_fields=5, seed=4)
+    steady = Simulator(base).generate()
+    drifting = Simulator(replace(base, drift_at=2500)).generate()
+    assert np.array_equal(steady.values, drifting.values), "popularity stays"
+    same = steady.label_probability[:2500] == drifting.label_probability[:2500]
+    assert same.all()
+    assert not np.allclose(steady.label_probability[2500:], drifting.label_probability[2500:])
+
+
+def test_simulate_streams_more_than_fits_in_memory_at_a_steady_rate_with_flat_memory() -> None:
+    """10^12 impressions would need 160 TB as one array: the command streams them instead."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stream_fm", "simulate", "--impressions", str(10**12), "--out", "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    block = 200_000
+    rss_mib: list[float] = []
+    seconds: list[float] = []
+    try:
+        for _ in range(8):
+            started = time.perf_counter()
+            for _ in range(block):
+                line = process.stdout.readline()
+                assert line.startswith(b'{"type":'), line[:200]
+            seconds.append(time.perf_counter() - started)
+            rss_mib.append(_rss_mib(process.pid))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert b"Bayes-optimal log loss" in stderr
+    # Flat: after the first block (imports, ground truth, buffers) memory no longer grows.
+    assert max(rss_mib[1:]) - rss_mib[1] < 32, rss_mib
+    # Steady: no block much slower than the typical one (a ratio, not a speed target).
+    typical = sorted(seconds)[len(seconds) // 2]
+    assert max(seconds[1:]) < 3 * typical, seconds
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")

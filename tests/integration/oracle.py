@@ -34,11 +34,12 @@ import orjson
 from kafka import KafkaConsumer, TopicPartition
 
 from stream_fm.audit import read_apply_log
-from stream_fm.broker import KafkaBroker, free_ports
+from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.config import Settings, load_settings
 from stream_fm.errors import InvalidEvent
 from stream_fm.events import EventDecoder, Impression
+from stream_fm.tools.process import free_ports
 from stream_fm.worker import Worker
 
 FAULT_WORKER = Path(__file__).with_name("fault_worker.py")

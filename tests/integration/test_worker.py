@@ -19,10 +19,11 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from stream_fm.broker import KafkaBroker, free_ports
+from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.demo import scrape
 from stream_fm.simulate import SimulationParams, Simulator
+from stream_fm.tools.process import free_ports
 from tests.integration.conftest import UniqueTopic
 from tests.integration.kafka_helpers import WorkerThread, consume_all, produce, worker_settings
 
