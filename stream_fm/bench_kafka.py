@@ -71,7 +71,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from stream_fm.broker import KafkaBroker
 from stream_fm.config import build_settings
 from stream_fm.errors import StreamFMError
-from stream_fm.kafka_io import EventProducer, KafkaIO
+from stream_fm.kafka.admin import EventProducer, TopicReader, read_topic
+from stream_fm.kafka.bare import IMPRESSION_PREFIX, consume_and_produce
 from stream_fm.simulate import SimulationParams, Simulator
 from stream_fm.tools.process import free_ports
 
@@ -86,7 +87,6 @@ EXACT_LATENCY_MEASURES = (
     "per record from the topics, end to end: the prediction's broker append time (its topic "
     "uses LogAppendTime) minus the input record's CreateTime; 1 ms resolution"
 )
-IMPRESSION_PREFIX = b'{"type":"impression"'
 LAG_REFRESH_WAIT_S = 8.0  # the worker refreshes its lag gauge every 5 s
 START_TIMEOUT_S = 300.0  # a first run compiles the numba kernels
 STALL_TIMEOUT_S = 120.0
@@ -615,11 +615,8 @@ def preload(
 def measure_ceiling(
     bootstrap_servers: str, input_topic: str, output_topic: str, expected: int, flush: str
 ) -> CeilingResult:
-    """Consume ``expected`` records from the beginning, produce one small record per impression.
-
-    The clients are the worker's own (``KafkaIO``), so every consumer and producer setting is
-    the worker's; the loop around them does nothing else.
-    """
+    """Consume ``expected`` records from the beginning, produce one small record per impression,
+    on the worker's own client settings (``stream_fm.kafka.bare``), nothing else."""
     settings = build_settings(
         {
             "bootstrap_servers": bootstrap_servers,
@@ -627,56 +624,23 @@ def measure_ceiling(
             "client_id": "stream-fm-bench-ceiling",
         }
     )
-    poll_timeout_ms, max_records = settings.poll_timeout_ms, settings.max_poll_records
-    started = time.monotonic()
-    io = KafkaIO(settings)
-    consumer, producer = io._consumer, io._producer  # the worker's clients, used bare
-    try:
-        io.wait_for_topics([input_topic], timeout_s=30)
-        consumer.subscribe([input_topic])
-        consumed = produced = 0
-        first: tuple[float, int] | None = None
-        last_progress = time.monotonic()
-        send = producer.send
-        prefix = IMPRESSION_PREFIX
-        while consumed < expected:
-            batches = consumer.poll(timeout_ms=poll_timeout_ms, max_records=max_records)
-            if not batches:
-                if time.monotonic() - last_progress > STALL_TIMEOUT_S:
-                    raise StreamFMError(
-                        f"bench kafka: ceiling stalled at {consumed:,} of {expected:,} records"
-                    )
-                continue
-            for records in batches.values():
-                for r in records:
-                    if r.value.startswith(prefix):
-                        key = r.key
-                        send(
-                            output_topic,
-                            key=key,
-                            value=b'{"id":"%s","p_click":0.5,"ts":0,"model_version":0}' % key,
-                        )
-                        produced += 1
-                consumed += len(records)
-            if first is None:
-                first = (time.monotonic(), consumed)
-            if flush == "every_poll":
-                producer.flush()
-            last_progress = time.monotonic()
-        producer.flush()
-        ended = time.monotonic()
-    finally:
-        io.close()
-    assert first is not None
-    seconds = ended - first[0]
+    run = consume_and_produce(
+        settings,
+        input_topic,
+        output_topic,
+        expected,
+        flush_every_poll=flush == "every_poll",
+        stall_timeout_s=STALL_TIMEOUT_S,
+    )
+    seconds = run.ended_s - run.first_s
     return CeilingResult(
         flush=flush,
-        records=consumed,
-        produced=produced,
+        records=run.consumed,
+        produced=run.produced,
         seconds=seconds,
-        seconds_with_join=ended - started,
-        counted_after_first_poll=first[1],
-        events_per_s=(consumed - first[1]) / seconds if seconds > 0 else math.nan,
+        seconds_with_join=run.ended_s - run.started_s,
+        counted_after_first_poll=run.first_count,
+        events_per_s=(run.consumed - run.first_count) / seconds if seconds > 0 else math.nan,
     )
 
 
@@ -701,7 +665,7 @@ def measure_worker(
         bootstrap_servers, topics, work, "throughput", options.attribution_window_s
     )
     profiler: PySpy | None = None
-    watermarks = HighWatermarks(bootstrap_servers, topics["predictions"])
+    watermarks = Watermarks(bootstrap_servers, topics["predictions"])
     try:
         first: tuple[float, int] | None = None
         samples: list[RssSample] = []
@@ -788,67 +752,34 @@ def measure_worker(
     )
 
 
-class HighWatermarks:
-    """Sum of a topic's high watermarks: records the broker has acknowledged (acks=all)."""
+class Watermarks:
+    """Records the broker acknowledged (acks=all) in one topic: its high watermarks' sum."""
 
     def __init__(self, bootstrap_servers: str, topic: str) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers.split(","), enable_auto_commit=False
-        )
+        self._reader = TopicReader(bootstrap_servers)
         self._topic = topic
-        self._partitions: list[Any] = []
-        self._tp = TopicPartition
 
     def total(self) -> int:
-        if not self._partitions:
-            ids = self._consumer.partitions_for_topic(self._topic) or ()
-            self._partitions = [self._tp(self._topic, p) for p in ids]
-        if not self._partitions:
-            return 0
-        return sum(int(v) for v in self._consumer.end_offsets(self._partitions).values())
+        return self._reader.total(self._topic)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._consumer.close()
+        self._reader.close()
 
 
 def read_timestamps(
     bootstrap_servers: str, topic: str, expected: int, impressions_only: bool = False
 ) -> dict[bytes, int]:
     """key -> record timestamp (ms) of a whole topic, read from the beginning."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers.split(","),
-        enable_auto_commit=False,
-        max_poll_records=10_000,
-        fetch_max_bytes=52_428_800,
-    )
-    out: dict[bytes, int] = {}
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        ends = consumer.end_offsets(partitions)
-        deadline = time.monotonic() + STALL_TIMEOUT_S
-        seen = 0
-        while any(consumer.position(tp) < ends[tp] for tp in partitions):
-            if time.monotonic() > deadline:
-                raise StreamFMError(f"bench kafka: could not read {topic} back")
-            for records in consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    seen += 1
-                    if not impressions_only or r.value.startswith(IMPRESSION_PREFIX):
-                        out[r.key] = int(r.timestamp)
-        if seen < expected:
-            raise StreamFMError(
-                f"bench kafka: {topic} holds {seen:,} records, {expected:,} expected"
-            )
-    finally:
-        consumer.close()
-    return out
+    records = read_topic(bootstrap_servers, topic, timeout_s=STALL_TIMEOUT_S)
+    if len(records) < expected:
+        raise StreamFMError(
+            f"bench kafka: {topic} holds {len(records):,} records, {expected:,} expected"
+        )
+    return {
+        r.key or b"": int(r.timestamp)
+        for r in records
+        if not impressions_only or (r.value or b"").startswith(IMPRESSION_PREFIX)
+    }
 
 
 def measure_latency(
@@ -1017,7 +948,7 @@ def _both_busy(
 
 def _watch_group(
     workers: Sequence[WorkerProcess],
-    watermarks: HighWatermarks,
+    watermarks: Watermarks,
     topic: str,
     partitions: int,
     expected: int,
@@ -1150,7 +1081,7 @@ def _scale_out_run(
     group_id = f"bench-{label}-{uuid.uuid4().hex[:8]}"
     checkpoints = work / f"{label}-checkpoints"
     workers: list[WorkerProcess] = []
-    watermarks = HighWatermarks(bootstrap_servers, topics["predictions"])
+    watermarks = Watermarks(bootstrap_servers, topics["predictions"])
     try:
         for name in names:
             workers.append(

@@ -27,9 +27,10 @@ import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO
 
 from stream_fm.errors import BrokerError, BrokerStartError
+from stream_fm.kafka.admin import Admin
 from stream_fm.tools.process import (
     accepts,
     free_ports,
@@ -452,13 +453,9 @@ class KafkaBroker:
 
     # -- admin ------------------------------------------------------------------------------
 
-    def admin(self, **configs: Any) -> Any:
-        """A kafka-python ``KafkaAdminClient`` for this broker; the caller closes it."""
-        from kafka.admin import KafkaAdminClient
-
-        return KafkaAdminClient(
-            bootstrap_servers=self.bootstrap_servers, client_id="stream-fm-broker", **configs
-        )
+    def admin(self, request_timeout_ms: int = 30_000) -> Admin:
+        """An admin client for this broker; the caller closes it (or uses ``with``)."""
+        return Admin(self.bootstrap_servers, request_timeout_ms=request_timeout_ms)
 
     def create_topics(
         self,
@@ -469,22 +466,9 @@ class KafkaBroker:
         timeout_s: float = 30.0,
     ) -> None:
         """Create the topics that do not exist yet and wait until every partition has a leader."""
-        from kafka.admin import NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
-        wanted = list(dict.fromkeys(names))
-        if not wanted:
-            return
         n = partitions if partitions is not None else self.partitions
-        admin = self.admin()
-        try:
-            for name in wanted:
-                topic = NewTopic(name, n, replication, topic_configs=dict(configs or {}))
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    admin.create_topics([topic], timeout_ms=int(timeout_s * 1000))
-            self._wait_for_leaders(admin, wanted, timeout_s)
-        finally:
-            admin.close()
+        with self.admin() as admin:
+            admin.create_topics(names, n, replication, configs, timeout_s)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -632,14 +616,9 @@ class KafkaBroker:
             time.sleep(0.2)
 
     def _answers_metadata(self) -> bool:
-        admin = self.admin(request_timeout_ms=5000)
-        try:
-            cluster = admin.describe_cluster()
-        finally:
-            admin.close()
         # Until the controller unfences it, the broker is absent (or flagged) in the metadata.
-        brokers = cluster.get("brokers") or []
-        return any(not b.get("is_fenced", False) for b in brokers)
+        with self.admin(request_timeout_ms=5000) as admin:
+            return admin.live_brokers() > 0
 
     def _start_error(self, reason: str) -> BrokerStartError:
         tail = self.log_tail(40)
@@ -655,27 +634,6 @@ class KafkaBroker:
     def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
-
-    @staticmethod
-    def _wait_for_leaders(admin: Any, names: list[str], timeout_s: float) -> None:
-        wait = getattr(admin, "wait_for_topics", None)
-        if wait is not None:  # kafka-python >= 3
-            wait(names, timeout_ms=int(timeout_s * 1000))
-            return
-        deadline = time.monotonic() + timeout_s
-        while True:
-            topics = {t["topic"]: t for t in admin.describe_topics(names)}
-            if all(
-                t is not None
-                and t["error_code"] == 0
-                and t["partitions"]
-                and all(p["leader"] >= 0 for p in t["partitions"])
-                for t in (topics.get(n) for n in names)
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise BrokerError(f"topics {names} have no leader after {timeout_s:.0f}s")
-            time.sleep(0.1)
 
 
 def _mib(heap: str) -> int:

@@ -17,6 +17,7 @@ stream_fm.errors.ConfigError: STREAM_FM_BATCH_SIZ: unknown setting (environment 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Iterator, Mapping
@@ -114,6 +115,14 @@ class Settings:
         metadata=_help(f"numeric feature transform: {', '.join(NUMERIC_TRANSFORMS)}"),
     )
     max_features: int = field(default=1000, metadata=_help("features per event at most"))
+    max_future_skew_s: float = field(
+        default=3600.0,
+        metadata=_help(
+            "a ts further than this ahead of the worker's clock is a dead letter (ts_in_future), "
+            "so one bad clock cannot close every open window; 0 = no check (Kafka's own "
+            "message.timestamp.after.max.ms defaults to one hour)"
+        ),
+    )
     # Join and evaluation
     attribution_window_s: float = field(
         default=3600.0,
@@ -223,6 +232,11 @@ def _validate(s: Settings) -> None:
         f"must be one of {', '.join(NUMERIC_TRANSFORMS)}",
     )
     require(s.max_features >= 1, "max_features", "must be >= 1")
+    require(
+        math.isfinite(s.max_future_skew_s) and s.max_future_skew_s >= 0,
+        "max_future_skew_s",
+        "must be >= 0 (0 turns the check off)",
+    )
     require(s.attribution_window_s > 0, "attribution_window_s", "must be > 0")
     require(s.max_pending_impressions >= 1, "max_pending_impressions", "must be >= 1")
     require(s.auc_window >= 10, "auc_window", "must be >= 10")

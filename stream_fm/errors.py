@@ -46,4 +46,22 @@ class BrokerStartError(BrokerError):
 
 
 class ProduceError(BrokerError):
-    """A record could not be published and acknowledged."""
+    """A record could not be published and acknowledged.
+
+    ``permanent``: the broker refused the record itself (too large, invalid, not authorized),
+    so sending it again as it is fails again; otherwise the failure may pass (broker away,
+    timeouts). ``topic`` and ``nbytes`` name the refused record where known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool = False,
+        topic: str | None = None,
+        nbytes: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.topic = topic
+        self.nbytes = nbytes

@@ -32,6 +32,7 @@ MAX_TS_MS: Final = 7_258_118_400_000
 MAX_ID_CHARS: Final = 256
 
 REASONS: Final = (
+    "unreadable_record",  # the Kafka client could not parse it (see kafka.UnreadableRecord)
     "too_large",
     "empty",
     "not_utf8",
@@ -45,6 +46,7 @@ REASONS: Final = (
     "missing_ts",
     "bad_ts",
     "ts_out_of_range",
+    "ts_in_future",
     "missing_label",
     "bad_label",
     "missing_features",
@@ -87,16 +89,34 @@ Event = Impression | Click | Labeled
 
 
 class EventDecoder:
-    """Decodes records; one instance per pipeline (it holds the hasher and its cache)."""
+    """Decodes records; one instance per pipeline (it holds the hasher and its cache).
 
-    __slots__ = ("hasher", "max_event_bytes")
+    With ``max_future_skew_ms`` > 0, ``decode(raw, now_ms)`` refuses a ``ts`` more than that
+    ahead of ``now_ms`` (reason ``ts_in_future``): one producer with a bad clock must not move
+    the watermark past every open window. Without ``now_ms`` (replay: files have no "now")
+    there is no such check.
+    """
 
-    def __init__(self, hasher: FeatureHasher, max_event_bytes: int = 65_536) -> None:
+    __slots__ = ("hasher", "max_event_bytes", "max_future_skew_ms")
+
+    def __init__(
+        self, hasher: FeatureHasher, max_event_bytes: int = 65_536, max_future_skew_ms: int = 0
+    ) -> None:
         self.hasher = hasher
         self.max_event_bytes = max_event_bytes
+        self.max_future_skew_ms = max_future_skew_ms
 
-    def decode(self, raw: bytes) -> Event:
-        """Decode one record value; raise ``InvalidEvent`` with a reason from ``REASONS``."""
+    def latest_ts_ms(self, now_ms: int | None) -> int:
+        """The largest ``ts`` accepted when the clock reads ``now_ms``."""
+        if now_ms is None or self.max_future_skew_ms <= 0:
+            return MAX_TS_MS
+        return min(MAX_TS_MS, now_ms + self.max_future_skew_ms)
+
+    def decode(self, raw: bytes, latest_ts_ms: int = MAX_TS_MS) -> Event:
+        """Decode one record value; raise ``InvalidEvent`` with a reason from ``REASONS``.
+
+        ``latest_ts_ms`` (from ``latest_ts_ms(now)``, once per batch) bounds ``ts``.
+        """
         if len(raw) > self.max_event_bytes:
             raise InvalidEvent("too_large", f"{len(raw)} bytes > {self.max_event_bytes}")
         try:
@@ -110,15 +130,15 @@ class EventDecoder:
             keys: list[str] = []
             values: list[float] = []
             self.hasher.add_features(_features(obj), keys, values)
-            return Impression(_id(obj), _ts(obj), keys, values)
+            return Impression(_id(obj), _ts(obj, latest_ts_ms), keys, values)
         if kind == "click":
-            return Click(_id(obj), _ts(obj))
+            return Click(_id(obj), _ts(obj, latest_ts_ms))
         if kind == "labeled":
             keys = []
             values = []
             label = _label(obj)
             self.hasher.add_features(_features(obj), keys, values)
-            return Labeled(_id(obj), _ts(obj), label, keys, values)
+            return Labeled(_id(obj), _ts(obj, latest_ts_ms), label, keys, values)
         if kind is None:
             raise InvalidEvent("missing_type")
         raise InvalidEvent("unknown_type", repr(kind)[:64])
@@ -144,11 +164,13 @@ def _id(obj: Mapping[str, Any]) -> str:
     raise InvalidEvent("bad_id", f"must be a non-empty string of at most {MAX_ID_CHARS} chars")
 
 
-def _ts(obj: Mapping[str, Any]) -> int:
+def _ts(obj: Mapping[str, Any], latest_ts_ms: int) -> int:
     value = obj.get("ts")
     if type(value) is int:
-        if 0 <= value <= MAX_TS_MS:
+        if 0 <= value <= latest_ts_ms:
             return value
+        if 0 <= value <= MAX_TS_MS:
+            raise InvalidEvent("ts_in_future", f"{value} is more than the allowed skew ahead")
         raise InvalidEvent("ts_out_of_range", f"{value} is not epoch milliseconds")
     if value is None:
         raise InvalidEvent("missing_ts")

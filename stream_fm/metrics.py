@@ -208,7 +208,15 @@ class WorkerMetrics:
         )
         self.produce_errors = Counter(
             "stream_fm_produce_errors",
-            "Records (predictions or dead letters) that failed to publish.",
+            "Produce failures, by kind: permanent (the broker refused a record as such: too "
+            "large, invalid, not authorized) or transient (broker away, timeouts).",
+            ["kind"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "stream_fm_rollbacks",
+            "Rollbacks to the last checkpoint after a produce failure (each redoes the batches "
+            "since, after a back-off that doubles until a checkpoint succeeds).",
             registry=r,
         )
 
@@ -305,6 +313,8 @@ class WorkerMetrics:
             self.examples_learned.labels(label=label)
         for kind in DUPLICATE_KINDS:
             self.duplicate_events.labels(kind=kind)
+        for kind in ("permanent", "transient"):
+            self.produce_errors.labels(kind=kind)
         self.build_info.labels(version=version).set(1)
         # Quality is undefined before the first example; 0 would read as a perfect log loss.
         self.set_quality(math.nan, math.nan, math.nan, None)

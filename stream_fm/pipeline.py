@@ -174,7 +174,9 @@ class Pipeline:
         )
         return cls(
             engine if engine is not None else FastFM(settings.model),
-            EventDecoder(hasher, settings.max_event_bytes),
+            EventDecoder(
+                hasher, settings.max_event_bytes, round(settings.max_future_skew_s * 1000)
+            ),
             settings.attribution_window_ms,
             settings.max_pending_impressions,
             auc_window=settings.auc_window,
@@ -203,14 +205,23 @@ class Pipeline:
             total.update(asdict(joiner.counters))
         return dict(total)
 
-    def process(self, records: Sequence[tuple[Hashable, bytes]]) -> BatchResult:
-        """Decode, join, score and learn one batch; return what to publish and observe."""
+    def process(
+        self, records: Sequence[tuple[Hashable, bytes | InvalidEvent]], now_ms: int | None = None
+    ) -> BatchResult:
+        """Decode, join, score and learn one batch; return what to publish and observe.
+
+        A record given as an ``InvalidEvent`` was rejected before decoding (the client could
+        not read it). ``now_ms`` is the worker's clock, for the decoder's future-timestamp
+        bound (a replay passes none: a file has no "now")."""
         decode = self.decoder.decode
+        latest = self.decoder.latest_ts_ms(now_ms)
         events: list[tuple[Hashable, Event | None]] = []
         invalid: list[Rejected] = []
         for position, (partition, raw) in enumerate(records):
             try:
-                events.append((partition, decode(raw)))
+                if type(raw) is InvalidEvent:
+                    raise raw
+                events.append((partition, decode(raw, latest)))  # type: ignore[arg-type]
             except InvalidEvent as error:
                 invalid.append(Rejected(position, error.reason, error.detail))
                 events.append((partition, None))

@@ -460,7 +460,7 @@ def _file_sink(stack: contextlib.ExitStack, out: str) -> Callable[[str, str, byt
 def _kafka_sink(
     stack: contextlib.ExitStack, bootstrap_servers: str, topic: str, clicks_topic: str | None
 ) -> Callable[[str, str, bytes], None]:
-    from stream_fm.kafka_io import EventProducer
+    from stream_fm.kafka.admin import EventProducer
 
     producer = EventProducer(bootstrap_servers)
     stack.callback(producer.close)

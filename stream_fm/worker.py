@@ -22,7 +22,6 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
-import orjson
 from prometheus_client import CollectorRegistry
 
 from stream_fm import __version__
@@ -33,18 +32,19 @@ from stream_fm.errors import (
     BrokerError,
     CheckpointCorrupt,
     CheckpointError,
+    InvalidEvent,
     MissingCheckpoint,
     ProduceError,
     StreamFMError,
 )
 from stream_fm.evaluate import ProgressiveValidation
-from stream_fm.events import REASONS, EventDecoder
-from stream_fm.features import FeatureHasher
+from stream_fm.events import REASONS
 from stream_fm.join import AttributionJoiner
-from stream_fm.kafka_io import KafkaIO, Partition, Record
+from stream_fm.kafka import KafkaIO, Partition, Record, UnreadableRecord, connect
 from stream_fm.metrics import MetricsServer, WorkerMetrics
 from stream_fm.model import FastFM
-from stream_fm.pipeline import BatchResult, Pipeline, Prediction
+from stream_fm.outputs import dead_letter, label_json, prediction_json
+from stream_fm.pipeline import BatchResult, Pipeline
 
 log = logging.getLogger("stream_fm.worker")
 
@@ -52,18 +52,15 @@ CHECKPOINT_FORMAT = 1
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 LAG_REFRESH_S = 5.0
 AUC_REFRESH_S = 1.0
-ROLLBACK_BACKOFF_S = 1.0
+BROKER_RETRY_S = 1.0
+# After a produce failure the worker waits before it redoes anything, doubling the wait at
+# each failure until a checkpoint succeeds: a refusal that repeats is never a hot loop.
+RETRY_BACKOFF_S = (1.0, 30.0)
 
 
-def _prediction_json(p: Prediction) -> bytes:
-    """DESIGN's prediction record. A bytes template: a quarter of the cost of a dict through
-    orjson, once per impression (the id still goes through orjson for its escaping)."""
-    return b'{"id":%b,"p_click":%r,"ts":%d,"model_version":%d}' % (
-        orjson.dumps(p.id),
-        p.p_click,
-        p.ts_ms,
-        p.model_version,
-    )
+def _unreadable(record: Record) -> InvalidEvent:
+    assert isinstance(record, UnreadableRecord)
+    return InvalidEvent("unreadable_record", record.error)
 
 
 def writer_id() -> str:
@@ -84,20 +81,8 @@ class Worker:
         self.metrics = WorkerMetrics(self.registry, invalid_reasons=REASONS, version=__version__)
         self.metrics.pending_impressions_limit.set(settings.max_pending_impressions)
         self.metrics.watch_readiness(self.ready)
-        hasher = FeatureHasher(
-            settings.hash_bits,
-            settings.hash_seed,
-            settings.numeric_transform,
-            settings.max_features,
-        )
         self.engine = FastFM(settings.model)
-        self.pipeline = Pipeline(
-            self.engine,
-            EventDecoder(hasher, settings.max_event_bytes),
-            settings.attribution_window_ms,
-            settings.max_pending_impressions,
-            auc_window=settings.auc_window,
-        )
+        self.pipeline = Pipeline.from_settings(settings, self.engine)
         self.store = CheckpointStore(
             Path(settings.checkpoint_dir),
             keep=settings.checkpoint_keep,
@@ -119,6 +104,10 @@ class Worker:
         self._checkpoint_path: Path | None = None
         self._checkpoint_problem: str | None = None
         self._output_problem: str | None = None  # set by a rejected output, cleared by a checkpoint
+        self._backoff_s = (
+            0.0  # the wait after the last produce failure; 0 once a checkpoint made it
+        )
+        self._retry_at_s = 0.0
         # Transactional mode: the group's committed offsets, which tell valid checkpoints.
         self._committed: dict[str, int | None] = {}
         # Assigned partitions with no durable state yet: the first offset processed becomes
@@ -155,7 +144,10 @@ class Worker:
         log.info("metrics, /healthz and /readyz on %s", self.server.url)
         code = 0
         try:
-            self.io = KafkaIO(settings)
+            outputs = [settings.predictions_topic, settings.dead_letter_topic]
+            self.io = connect(
+                settings, outputs + ([settings.labels_topic] if settings.labels_topic else [])
+            )
             missing = self.io.wait_for_topics(settings.input_topics, timeout_s=30)
             if missing:
                 log.warning(
@@ -175,7 +167,8 @@ class Worker:
                 # Nothing is lost: the next start resumes from the last durable checkpoint.
                 log.error("%s: stopped without a final checkpoint", error)
                 if isinstance(error, ProduceError):
-                    self.metrics.produce_errors.inc()
+                    kind = "permanent" if error.permanent else "transient"
+                    self.metrics.produce_errors.labels(kind=kind).inc()
                 code = 1
         finally:
             if self.io is not None:
@@ -192,11 +185,17 @@ class Worker:
         assert self.io is not None
         if self._fatal is not None:
             raise self._fatal
+        now = time.monotonic()
+        if now < self._retry_at_s:
+            # Backing off after a produce failure: nothing is redone before the wait is over.
+            time.sleep(min(self._retry_at_s - now, 0.2))
+            self._last_loop_s = time.monotonic()
+            return
         try:
             records = self.io.poll(self.settings.poll_timeout_ms, self.settings.max_poll_records)
         except BrokerError as error:
             log.warning("%s; retrying", error)
-            time.sleep(ROLLBACK_BACKOFF_S)
+            time.sleep(BROKER_RETRY_S)
             records = []
         if self._fatal is not None:
             raise self._fatal
@@ -212,12 +211,7 @@ class Worker:
             ):
                 self._try_checkpoint(reason="periodic")
         except ProduceError as error:
-            log.error("%s: rolling back to the last checkpoint", error)
-            self._output_problem = str(error)
-            self.metrics.produce_errors.inc()
-            self.totals["rollbacks"] += 1
-            self._rollback()
-            time.sleep(ROLLBACK_BACKOFF_S)
+            self._produce_failed(error)
         now = time.monotonic()
         self._last_loop_s = now
         if now - self._last_lag_s >= LAG_REFRESH_S:
@@ -225,52 +219,39 @@ class Worker:
             for (topic, partition), lag in self.io.lag().items():
                 self.metrics.set_lag(topic, partition, lag)
 
+    def _produce_failed(self, error: ProduceError) -> None:
+        """Roll back to the last checkpoint, then wait before redoing anything: 1 s, doubling
+        up to 30 s until a checkpoint succeeds, so a refusal that repeats (an ACL, a topic
+        limit below every record) costs one redo per wait, never a hot loop of duplicates.
+        Until then every batch is flushed before the next, so a repeat is seen at once."""
+        assert self.io is not None
+        if error.permanent and error.topic is not None and error.nbytes is not None:
+            self.io.record_rejected(error.topic, error.nbytes)  # the next copy is cut to fit
+        low, high = RETRY_BACKOFF_S
+        self._backoff_s = min(high, self._backoff_s * 2) if self._backoff_s else low
+        self._retry_at_s = time.monotonic() + self._backoff_s
+        kind = "permanent" if error.permanent else "transient"
+        self._output_problem = f"{error}; retrying in {self._backoff_s:g}s"
+        log.error(
+            "%s: rolling back to the last checkpoint, retrying in %gs", error, self._backoff_s
+        )
+        self.metrics.produce_errors.labels(kind=kind).inc()
+        self.metrics.rollbacks.inc()
+        self.totals["rollbacks"] += 1
+        self._rollback()
+
     # the batch
     def _process(self, records: Sequence[Record]) -> None:
         assert self.io is not None
         started = time.perf_counter()
-        settings = self.settings
-        result = self.pipeline.process([(r.partition, r.value or b"") for r in records])
-        predictions = result.predictions
-        self.io.send_keyed(
-            settings.predictions_topic,
-            [p.id.encode() for p in predictions],
-            [_prediction_json(p) for p in predictions],
+        result = self.pipeline.process(
+            [
+                (r.partition, _unreadable(r) if type(r) is UnreadableRecord else r.value or b"")
+                for r in records
+            ],
+            now_ms=int(time.time() * 1000),
         )
-        send = self.io.send
-        for rejected in result.invalid:
-            record = records[rejected.position]
-            headers = [
-                ("reason", rejected.reason.encode()),
-                ("detail", rejected.detail.encode()[:512]),
-                ("source_topic", record.topic.encode()),
-                ("source_partition", str(record.partition).encode()),
-                ("source_offset", str(record.offset).encode()),
-            ]
-            send(settings.dead_letter_topic, record.key, record.value or b"", headers)
-        if settings.labels_topic:
-            learned = result.learned
-            self.io.send_keyed(
-                settings.labels_topic,
-                [x.id.encode() for x in learned],
-                [
-                    orjson.dumps(
-                        {
-                            "id": x.id,
-                            "label": x.label,
-                            "p_served": x.p_served,
-                            "impression_ts": x.impression_ts_ms,
-                            "label_ts": x.label_ts_ms,
-                            "cause": x.cause,
-                        }
-                    )
-                    for x in learned
-                ],
-            )
-        # Acknowledgements are awaited only before a checkpoint (the one place offsets become
-        # durable), not per batch: the loop never waits a network round trip per poll. A
-        # rejection seen meanwhile rolls back at once rather than at the next checkpoint.
-        self.io.check()
+        self._publish(result, records)
         if self._unanchored:
             self._anchor(records)
         for record in records:
@@ -284,6 +265,47 @@ class Worker:
         self._dirty = True
         self._events_since_checkpoint += len(records)
         self._observe(result, records, time.perf_counter() - started)
+
+    def _publish(self, result: BatchResult, records: Sequence[Record]) -> None:
+        """Hand the batch's outputs to the producer; raise ProduceError if one was refused."""
+        assert self.io is not None
+        settings, io = self.settings, self.io
+        predictions = result.predictions
+        io.send_keyed(
+            settings.predictions_topic,
+            [p.id.encode() for p in predictions],
+            [prediction_json(p) for p in predictions],
+        )
+        limit = io.record_limit_bytes(settings.dead_letter_topic)
+        for rejected in result.invalid:
+            record = records[rejected.position]
+            key, value, headers = dead_letter(
+                record.key,
+                record.value,
+                rejected.reason,
+                rejected.detail,
+                record.topic,
+                record.partition,
+                record.offset,
+                limit_bytes=limit,
+            )
+            io.send(settings.dead_letter_topic, key, value, headers)
+        if settings.labels_topic:
+            learned = result.learned
+            io.send_keyed(
+                settings.labels_topic,
+                [x.id.encode() for x in learned],
+                [label_json(x) for x in learned],
+            )
+        if self._backoff_s:
+            # Recovering from a produce failure: acknowledged before the next batch, so a
+            # repeat of the failure is met with the least to redo.
+            io.flush()
+        else:
+            # Acknowledgements are awaited only before a checkpoint (the one place offsets
+            # become durable), not per batch: the loop never waits a round trip per poll. A
+            # refusal seen meanwhile rolls back at once rather than at the next checkpoint.
+            io.check()
 
     def _anchor(self, records: Sequence[Record]) -> None:
         for record in records:
@@ -410,6 +432,7 @@ class Worker:
         if self._output_problem is not None:
             log.info("outputs are acknowledged again")
         self._checkpoint_problem = self._output_problem = None
+        self._backoff_s = 0.0
         self._checkpoint, self._checkpoint_path = state, path
         self._dirty = False
         self._events_since_checkpoint = 0

@@ -182,3 +182,22 @@ def test_hash_is_stable_across_processes() -> None:
     assert FeatureHasher(bits=20, seed=0).bucket("site_id=a1b2") == 702688
     assert FeatureHasher(bits=20, seed=1).bucket("site_id=a1b2") == 816025
     assert FeatureHasher(bits=30, seed=42).bucket("hour") == 243892351
+
+
+def test_a_ts_too_far_ahead_of_the_clock_is_refused_only_when_a_clock_is_given() -> None:
+    hour_ms = 3_600_000
+    decoder = EventDecoder(FeatureHasher(bits=16), max_future_skew_ms=hour_ms)
+    now = 1_732_406_400_000
+    latest = decoder.latest_ts_ms(now)
+    ok = b'{"type":"click","id":"a","ts":%d}' % (now + hour_ms)
+    ahead = b'{"type":"click","id":"a","ts":%d}' % (now + hour_ms + 1)
+    assert decoder.decode(ok, latest).ts_ms == now + hour_ms
+    with pytest.raises(InvalidEvent) as refused:
+        decoder.decode(ahead, latest)
+    assert refused.value.reason == "ts_in_future"
+    # A file replayed has no "now": years-old and far-future files alike are read as they are.
+    assert decoder.decode(ahead, decoder.latest_ts_ms(None)).ts_ms == now + hour_ms + 1
+    # 0 turns the check off.
+    off = EventDecoder(FeatureHasher(bits=16), max_future_skew_ms=0)
+    assert off.decode(ahead, off.latest_ts_ms(now)).ts_ms == now + hour_ms + 1
+    assert "ts_in_future" in REASONS

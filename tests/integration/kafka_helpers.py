@@ -9,10 +9,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
 from stream_fm.broker import KafkaBroker
 from stream_fm.config import Settings, build_settings
+from stream_fm.kafka.admin import EventProducer, TopicReader
 from stream_fm.worker import Worker
 
 
@@ -81,15 +80,12 @@ def produce(
     records: Iterable[tuple[bytes | None, bytes]],
     partition: int | None = None,
 ) -> int:
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5, acks="all")
     n = 0
-    try:
+    with EventProducer(broker.bootstrap_servers) as producer:
         for key, value in records:
-            producer.send(topic, key=key, value=value, partition=partition)
+            producer.send(topic, key, value, partition=partition)
             n += 1
         producer.flush(30)
-    finally:
-        producer.close(5)
     return n
 
 
@@ -97,25 +93,11 @@ def consume_all(
     broker: KafkaBroker, topic: str, at_least: int, timeout_s: float = 60.0, settle_s: float = 1.0
 ) -> list[Any]:
     """Every record of ``topic`` from the start: waits for ``at_least``, then ``settle_s`` more."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False, group_id=None
-    )
-    try:
-        partitions = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        settled_at: float | None = None
-        while time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-            if len(records) >= at_least:
-                settled_at = settled_at or time.monotonic()
-                if time.monotonic() - settled_at >= settle_s:
-                    break
-        return records
-    finally:
-        consumer.close()
+    deadline = time.monotonic() + timeout_s
+    with TopicReader(broker.bootstrap_servers) as reader:
+        while True:
+            if reader.total(topic) >= at_least or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        time.sleep(settle_s)
+        return reader.read(topic, timeout_s=timeout_s)

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from kafka import KafkaConsumer, TopicPartition
 
 from stream_fm.audit import read_apply_log
 from stream_fm.broker import KafkaBroker
@@ -39,6 +38,8 @@ from stream_fm.checkpoint import CheckpointStore
 from stream_fm.config import Settings, load_settings
 from stream_fm.errors import InvalidEvent
 from stream_fm.events import EventDecoder, Impression
+from stream_fm.kafka import admin as kafka_admin
+from stream_fm.kafka.admin import EventProducer
 from stream_fm.tools.process import free_ports
 from stream_fm.worker import Worker
 
@@ -127,6 +128,7 @@ class FaultRig:
     partitions: int = 3
     overrides: dict[str, str] = field(default_factory=dict)
     name: str = "w"
+    input_configs: dict[str, str] = field(default_factory=dict)  # e.g. a larger size limit
 
     def __post_init__(self) -> None:
         run = uuid.uuid4().hex[:8]
@@ -135,7 +137,9 @@ class FaultRig:
             "predictions": f"faults-{run}-predictions",
             "dead_letters": f"faults-{run}-dead",
         }
-        self.broker.create_topics([self.topics["input"]], partitions=self.partitions)
+        self.broker.create_topics(
+            [self.topics["input"]], partitions=self.partitions, configs=self.input_configs
+        )
         self.broker.create_topics([self.topics["predictions"], self.topics["dead_letters"]])
         self.group_id = f"faults-{run}"
         self.checkpoint_dir = self.work / "checkpoints"
@@ -186,20 +190,19 @@ class FaultRig:
         self.processes.append(proc)
         return proc
 
-    def produce(self, records: Iterable[tuple[bytes | None, bytes]]) -> int:
-        from kafka import KafkaProducer
-
-        producer = KafkaProducer(
-            bootstrap_servers=self.broker.bootstrap_servers, linger_ms=5, acks="all"
-        )
+    def produce(
+        self,
+        records: Iterable[tuple[bytes | None, bytes | None]],
+        max_request_size_bytes: int | None = None,
+    ) -> int:
         n = 0
-        try:
+        with EventProducer(
+            self.broker.bootstrap_servers, max_request_size_bytes=max_request_size_bytes
+        ) as producer:
             for key, value in records:
-                producer.send(self.topics["input"], key=key, value=value)
+                producer.send(self.topics["input"], key, value)
                 n += 1
             producer.flush(60)
-        finally:
-            producer.close(5)
         return n
 
     def close(self) -> None:
@@ -253,50 +256,15 @@ def wait_until(condition: Any, timeout_s: float, what: str, proc: WorkerProc | N
 
 def read_topic(broker: KafkaBroker, topic: str) -> list[Any]:
     """Every record of ``topic`` up to its current end offsets."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False, group_id=None
-    )
-    try:
-        parts = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
-        records: list[Any] = []
-        deadline = time.monotonic() + 60
-        while any(consumer.position(tp) < ends[tp] for tp in parts):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"cannot read {topic} to its end")
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
+    return kafka_admin.read_topic(broker.bootstrap_servers, topic)
 
 
 def end_offsets(broker: KafkaBroker, topic: str) -> dict[str, int]:
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=None)
-    try:
-        parts = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        return {
-            f"{tp.topic}:{tp.partition}": int(o) for tp, o in consumer.end_offsets(parts).items()
-        }
-    finally:
-        consumer.close()
+    return kafka_admin.end_offsets(broker.bootstrap_servers, topic)
 
 
 def committed_offsets(broker: KafkaBroker, group_id: str, topic: str) -> dict[str, int | None]:
-    consumer = KafkaConsumer(
-        bootstrap_servers=broker.bootstrap_servers, group_id=group_id, enable_auto_commit=False
-    )
-    try:
-        parts = sorted(consumer.partitions_for_topic(topic) or ())
-        return {f"{topic}:{p}": consumer.committed(TopicPartition(topic, p)) for p in parts}
-    finally:
-        consumer.close()
+    return kafka_admin.committed_offsets(broker.bootstrap_servers, group_id, topic)
 
 
 def simulated(n: int, seed: int = 1, impressions_per_s: float = 20.0) -> list[tuple[bytes, bytes]]:
@@ -317,9 +285,9 @@ def simulated(n: int, seed: int = 1, impressions_per_s: float = 20.0) -> list[tu
 
 
 def _impression_id(value: bytes | None, decoder: EventDecoder) -> str | None:
-    """The id if the worker's decoder takes ``value`` for a valid impression."""
+    """The id if the worker's decoder takes ``value`` for a valid impression (now)."""
     try:
-        event = decoder.decode(value or b"")
+        event = decoder.decode(value or b"", decoder.latest_ts_ms(int(time.time() * 1000)))
     except InvalidEvent:
         return None
     return event.id if isinstance(event, Impression) else None
@@ -461,8 +429,9 @@ def replay(
 ) -> Worker:
     """A fresh worker's engine fed ``batches`` exactly as the worker's loop feeds them."""
     fresh = Worker(settings)
+    now_ms = int(time.time() * 1000)  # far-future records are refused now as they were then
     for batch in batches:
-        fresh.pipeline.process([(p, values[(t, p, o)] or b"") for (t, p, o) in batch])
+        fresh.pipeline.process([(p, values[(t, p, o)] or b"") for (t, p, o) in batch], now_ms)
     return fresh
 
 

@@ -6,14 +6,15 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from stream_fm.broker import DOCKER_ALTERNATIVE, KafkaBroker, find_java, kafka_classpath
 from stream_fm.errors import BrokerStartError
+from stream_fm.kafka.admin import EventProducer, TopicReader
 
 UniqueTopic = Callable[..., str]  # the `unique_topic` fixture of conftest.py
 
@@ -23,34 +24,18 @@ KCAT = shutil.which("kcat") or "/usr/bin/kcat"
 
 
 def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    try:
+    with EventProducer(bootstrap) as producer:
         for key, value in records:
-            producer.send(topic, key=key, value=value).get(timeout=30)
-    finally:
-        producer.close()
+            producer.send_and_wait(topic, key, value)
 
 
 def consume_all(bootstrap: str, topic: str, expected: int) -> list[tuple[bytes, bytes]]:
     """Read a topic from the beginning (no group) until `expected` records or 30 s."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        consumer_timeout_ms=30_000,
-    )
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        out: list[tuple[bytes, bytes]] = []
-        for msg in consumer:
-            out.append((msg.key, msg.value))
-            if len(out) >= expected:
-                break
-        return out
-    finally:
-        consumer.close()
+    deadline = time.monotonic() + 30
+    with TopicReader(bootstrap) as reader:
+        while reader.total(topic) < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [(r.key or b"", r.value or b"") for r in reader.read(topic)]
 
 
 def test_broker_answers(kafka_broker: KafkaBroker) -> None:
@@ -58,12 +43,8 @@ def test_broker_answers(kafka_broker: KafkaBroker) -> None:
     assert kafka_broker.kafka_version.startswith("4.")
     host, port = kafka_broker.bootstrap_servers.rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0
-    admin = kafka_broker.admin()
-    try:
-        cluster = admin.describe_cluster()
-    finally:
-        admin.close()
-    assert [b["broker_id"] for b in cluster["brokers"]] == [1]
+    with kafka_broker.admin() as admin:
+        assert admin.live_brokers() == 1
     assert "Kafka Server started" in kafka_broker.log_tail(10_000)
 
 
@@ -71,11 +52,8 @@ def test_create_topics_is_idempotent(kafka_broker: KafkaBroker, unique_topic: Un
     name = unique_topic("idem", partitions=2)
     kafka_broker.create_topics([name], partitions=2)
     kafka_broker.create_topics([name, name])
-    consumer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap_servers)
-    try:
-        assert consumer.partitions_for_topic(name) == {0, 1}
-    finally:
-        consumer.close()
+    with TopicReader(kafka_broker.bootstrap_servers) as reader:
+        assert reader.partitions(name) == [0, 1]
 
 
 def test_kafka_python_round_trip(kafka_broker: KafkaBroker, unique_topic: UniqueTopic) -> None:

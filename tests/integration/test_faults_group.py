@@ -7,11 +7,10 @@ import threading
 import time
 from pathlib import Path
 
-from kafka import KafkaProducer
-
 from stream_fm.audit import read_apply_log
 from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
+from stream_fm.kafka.admin import EventProducer
 from tests.integration.oracle import (
     FaultRig,
     applied_since_start,
@@ -45,16 +44,15 @@ def assignments(log: Path) -> int:
 
 def produce_at(rig: FaultRig, records: list[tuple[bytes, bytes]], per_s: float) -> threading.Thread:
     def run() -> None:
-        producer = KafkaProducer(bootstrap_servers=rig.broker.bootstrap_servers, linger_ms=5)
-        started = time.monotonic()
-        for i, (key, value) in enumerate(records):
-            producer.send(rig.topics["input"], key=key, value=value)
-            if i % 100 == 0:
-                ahead = i / per_s - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-        producer.flush(60)
-        producer.close(5)
+        with EventProducer(rig.broker.bootstrap_servers) as producer:
+            started = time.monotonic()
+            for i, (key, value) in enumerate(records):
+                producer.send(rig.topics["input"], key, value)
+                if i % 100 == 0:
+                    ahead = i / per_s - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            producer.flush(60)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import time
 from pathlib import Path
-
-from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
 from stream_fm.broker import KafkaBroker
 from tests.integration.oracle import (
@@ -25,11 +24,8 @@ from tests.prometheus_helpers import missing_tool
 
 
 def set_topic_config(broker: KafkaBroker, topic: str, configs: dict[str, str]) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
-    try:
-        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
-    finally:
-        admin.close()
+    with broker.admin() as admin:
+        admin.alter_topic_config(topic, configs)
 
 
 def test_10_rejected_predictions_hold_back_offsets_and_readiness_until_fixed(
@@ -58,8 +54,13 @@ def test_10_rejected_predictions_hold_back_offsets_and_readiness_until_fixed(
         f"input offsets were committed past rejected predictions: {committed_during}"
     )
     assert not proc.readyz()
-    rollbacks = proc.metrics().get("stream_fm_produce_errors_total", 0.0)
-    assert rollbacks >= 1
+    metrics = proc.metrics()
+    broken_s = time.monotonic() - broken_at
+    rollbacks_while_broken = metrics.get("stream_fm_rollbacks_total", 0.0)
+    assert rollbacks_while_broken >= 1
+    # The wait before each retry doubles (1, 2, 4 s ...): no rollback loop every second.
+    assert rollbacks_while_broken <= 1 + math.log2(1 + broken_s), (rollbacks_while_broken, broken_s)
+    assert metrics.get('stream_fm_produce_errors_total{kind="permanent"}', 0.0) >= 1
 
     set_topic_config(rig.broker, rig.topics["predictions"], {"max.message.bytes": "1048588"})
     fixed_at = time.monotonic()
@@ -73,7 +74,8 @@ def test_10_rejected_predictions_hold_back_offsets_and_readiness_until_fixed(
     verdict = check_invariant(rig)
     assert verdict.rollbacks >= 1
     print(
-        f"\n[faults] 10 rejected outputs: rollbacks={verdict.rollbacks}, "
+        f"\n[faults] 10 rejected outputs: rollbacks={verdict.rollbacks} "
+        f"({rollbacks_while_broken:.0f} in {broken_s:.1f}s broken), "
         f"not_ready_after_s={not_ready_after_s:.1f}, ready_after_fix_s={ready_after_fix_s:.1f}, "
         f"records={verdict.records}, predictions={verdict.predictions} for "
         f"{verdict.impressions} impressions, duplicates={verdict.duplicate_predictions} "

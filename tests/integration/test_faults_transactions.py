@@ -4,15 +4,14 @@ impression for read_committed readers across kill -9."""
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from pathlib import Path
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from stream_fm.broker import KafkaBroker
+from stream_fm.kafka.admin import TopicReader
 from tests.integration.oracle import (
     FaultRig,
     applied_since_start,
@@ -25,28 +24,8 @@ from tests.integration.oracle import (
 
 
 def read_committed(broker: KafkaBroker, topic: str) -> list[bytes]:
-    consumer = KafkaConsumer(
-        bootstrap_servers=broker.bootstrap_servers,
-        enable_auto_commit=False,
-        group_id=None,
-        isolation_level="read_committed",
-    )
-    try:
-        parts = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        values: list[bytes] = []
-        idle_since = time.monotonic()
-        while time.monotonic() - idle_since < 3.0:
-            batches = consumer.poll(timeout_ms=200)
-            for batch in batches.values():
-                values += [r.value for r in batch]
-                idle_since = time.monotonic()
-        return values
-    finally:
-        consumer.close()
+    with TopicReader(broker.bootstrap_servers, isolation_level="read_committed") as reader:
+        return [r.value or b"" for r in reader.read_until_idle(topic, idle_s=3.0)]
 
 
 @pytest.mark.slow

@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
-from kafka.structs import OffsetAndMetadata
 
 from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.demo import scrape
+from stream_fm.kafka.admin import commit_offsets
 from stream_fm.simulate import SimulationParams, Simulator
 from stream_fm.tools.process import free_ports
 from tests.integration.conftest import UniqueTopic
@@ -341,13 +340,7 @@ def test_committed_offsets_without_checkpoint_are_refused_unless_cold_start(
 ) -> None:
     topics = _topics(unique_topic, partitions=1)
     group = "refuse-group"
-    consumer = KafkaConsumer(
-        bootstrap_servers=kafka_broker.bootstrap_servers, group_id=group, enable_auto_commit=False
-    )
-    tp = TopicPartition(topics["input"][0], 0)
-    consumer.assign([tp])
-    consumer.commit({tp: OffsetAndMetadata(0, "", -1)})
-    consumer.close()
+    commit_offsets(kafka_broker.bootstrap_servers, group, {(topics["input"][0], 0): 0})
     port = free_ports()[0]
     env = _env(kafka_broker, topics, tmp_path / "empty-ckpt", group, port)
     log = tmp_path / "refused.log"

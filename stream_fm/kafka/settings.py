@@ -1,0 +1,153 @@
+"""Every setting stream_fm passes to its Kafka clients, in one table (units in the names).
+
+``CLIENT_SETTINGS`` is the table: each entry names the setting, its value, and why it is
+that value. ``consumer_config``, ``producer_config`` and ``security_config`` turn it, together
+with the worker's ``Settings``, into the keyword arguments of the client library. A name that
+is not in the table fails loudly, so a typo can never silently fall back to a client default.
+
+>>> producer_config(produce_timeout_s=30.0)["acks"]
+'all'
+>>> client_setting("linger_ms")
+5
+>>> client_setting("lingr_ms")
+Traceback (most recent call last):
+...
+KeyError: "unknown Kafka client setting 'lingr_ms'"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from stream_fm.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSetting:
+    name: str
+    value: Any
+    why: str
+
+
+CLIENT_SETTINGS: Final = {
+    s.name: s
+    for s in (
+        # consumer
+        ClientSetting(
+            "enable_auto_commit",
+            False,
+            "offsets are committed only after the checkpoint that covers them is durable",
+        ),
+        ClientSetting(
+            "auto_offset_reset", "earliest", "a new group reads its input from the start"
+        ),
+        ClientSetting(
+            "max_poll_interval_ms",
+            300_000,
+            "Kafka's default; outlives a broker restart, so the group survives it",
+        ),
+        ClientSetting("fetch_max_bytes", 52_428_800, "Kafka's default: 50 MiB per fetch"),
+        ClientSetting(
+            "max_heartbeat_interval_ms",
+            3_000,
+            "heartbeats every min(this, session_timeout_ms / 3), Kafka's advice",
+        ),
+        # producer
+        ClientSetting("acks", "all", "a prediction counts once every in-sync replica has it"),
+        ClientSetting("linger_ms", 5, "waits 5 ms to fill batches: far below the latency target"),
+        ClientSetting(
+            "batch_size_bytes",
+            262_144,
+            "per-partition batch; lowered to the smallest output topic limit at start-up",
+        ),
+        ClientSetting(
+            "max_request_size_bytes",
+            1_048_576,
+            "Kafka's default; bounds every record, dead letters are truncated below it",
+        ),
+        ClientSetting(
+            "retries", 2**31 - 1, "retry until delivery_timeout; the checkpoint decides what counts"
+        ),
+        ClientSetting(
+            "max_request_timeout_ms", 30_000, "one request waits at most this (or less, see below)"
+        ),
+        # tools (simulator, benchmarks, tests)
+        ClientSetting("tool_linger_ms", 5, "the simulator's and tools' producers batch likewise"),
+    )
+}
+
+
+def client_setting(name: str) -> Any:
+    """The value of one entry of the table; unknown names raise ``KeyError``."""
+    try:
+        return CLIENT_SETTINGS[name].value
+    except KeyError:
+        raise KeyError(f"unknown Kafka client setting {name!r}") from None
+
+
+def security_config(settings: Settings | None) -> dict[str, Any]:
+    """TLS and SASL settings in the client's names; secrets are passed, never logged."""
+    if settings is None:
+        return {}
+    config: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.sasl_mechanism:
+        config["sasl_mechanism"] = settings.sasl_mechanism
+        config["sasl_plain_username"] = settings.sasl_username or None
+        config["sasl_plain_password"] = settings.sasl_password or None
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if getattr(settings, name):
+            config[name] = getattr(settings, name)
+    return config
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    """kafka-python ``KafkaConsumer`` arguments for the worker."""
+    return {
+        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "client_id": settings.client_id,
+        "group_id": settings.group_id,
+        "enable_auto_commit": client_setting("enable_auto_commit"),
+        "auto_offset_reset": client_setting("auto_offset_reset"),
+        "max_poll_records": settings.max_poll_records,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": min(
+            client_setting("max_heartbeat_interval_ms"), settings.session_timeout_ms // 3
+        ),
+        "max_poll_interval_ms": client_setting("max_poll_interval_ms"),
+        "fetch_max_bytes": client_setting("fetch_max_bytes"),
+        **security_config(settings),
+    }
+
+
+def producer_config(
+    settings: Settings | None = None,
+    *,
+    produce_timeout_s: float | None = None,
+    batch_size_bytes: int | None = None,
+) -> dict[str, Any]:
+    """kafka-python ``KafkaProducer`` arguments (the worker's with ``settings``)."""
+    timeout_s = produce_timeout_s if produce_timeout_s is not None else 30.0
+    if settings is not None:
+        timeout_s = settings.produce_timeout_s
+    produce_timeout_ms = round(timeout_s * 1000)
+    request_timeout_ms = min(client_setting("max_request_timeout_ms"), produce_timeout_ms)
+    linger_ms = client_setting("linger_ms")
+    config: dict[str, Any] = {
+        "acks": client_setting("acks"),
+        "linger_ms": linger_ms,
+        "batch_size": batch_size_bytes or client_setting("batch_size_bytes"),
+        "max_request_size": client_setting("max_request_size_bytes"),
+        "retries": client_setting("retries"),
+        "max_block_ms": produce_timeout_ms,
+        "request_timeout_ms": request_timeout_ms,
+        # kafka-python requires delivery > linger + request timeout.
+        "delivery_timeout_ms": max(produce_timeout_ms, request_timeout_ms + linger_ms + 1000),
+    }
+    if settings is not None:
+        config["bootstrap_servers"] = settings.bootstrap_servers.split(",")
+        config["client_id"] = settings.client_id
+        config |= security_config(settings)
+        if settings.transactional_id:
+            config["transactional_id"] = settings.transactional_id
+    return config
