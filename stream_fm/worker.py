@@ -108,6 +108,8 @@ class Worker:
             0.0  # the wait after the last produce failure; 0 once a checkpoint made it
         )
         self._retry_at_s = 0.0
+        self._backoff_permanent = False  # the last failure was the broker refusing records
+        self._broker_seen_away = False  # the broker failed a probe since the last failure
         # Transactional mode: the group's committed offsets, which tell valid checkpoints.
         self._committed: dict[str, int | None] = {}
         # Assigned partitions with no durable state yet: the first offset processed becomes
@@ -186,7 +188,7 @@ class Worker:
         if self._fatal is not None:
             raise self._fatal
         now = time.monotonic()
-        if now < self._retry_at_s:
+        if now < self._retry_at_s and not self._broker_came_back():
             # Backing off after a produce failure: nothing is redone before the wait is over.
             time.sleep(min(self._retry_at_s - now, 0.2))
             self._last_loop_s = time.monotonic()
@@ -219,6 +221,17 @@ class Worker:
             for (topic, partition), lag in self.io.lag().items():
                 self.metrics.set_lag(topic, partition, lag)
 
+    def _broker_came_back(self) -> bool:
+        """While backing off from a transient failure: the broker, seen away, answers again.
+        Then the wait ends at once, so an outage costs its own length and not a doubled wait."""
+        assert self.io is not None
+        if self._backoff_permanent:
+            return False
+        if not self.io.reachable():
+            self._broker_seen_away = True
+            return False
+        return self._broker_seen_away
+
     def _produce_failed(self, error: ProduceError) -> None:
         """Roll back to the last checkpoint, then wait before redoing anything: 1 s, doubling
         up to 30 s until a checkpoint succeeds, so a refusal that repeats (an ACL, a topic
@@ -230,6 +243,7 @@ class Worker:
         low, high = RETRY_BACKOFF_S
         self._backoff_s = min(high, self._backoff_s * 2) if self._backoff_s else low
         self._retry_at_s = time.monotonic() + self._backoff_s
+        self._backoff_permanent, self._broker_seen_away = error.permanent, False
         kind = "permanent" if error.permanent else "transient"
         self._output_problem = f"{error}; retrying in {self._backoff_s:g}s"
         log.error(
