@@ -19,7 +19,7 @@ demo: install
 # What the tests need beyond Python (Debian packages, the Kafka jars, deploy/ validators).
 test-setup: install
 	scripts/setup-tests
-	$(BIN)/python -m stream_fm.broker --fetch-only
+	$(BIN)/python -m stream_fm.tools.broker --fetch-only
 
 test: test-setup
 	$(BIN)/python -m pytest
@@ -33,7 +33,7 @@ bench: install
 	$(BIN)/stream-fm bench --json bench-results.json
 
 broker: install
-	$(BIN)/python -m stream_fm.broker
+	$(BIN)/python -m stream_fm.tools.broker
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache checkpoints

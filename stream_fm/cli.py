@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "--format",
         required=True,
         choices=REPLAY_FORMATS,
-        help="jsonl: DESIGN events (impressions/clicks joined in event time); libsvm/libffm, "
+        help="jsonl: the design's events (impressions/clicks joined in event time); libsvm/libffm, "
         "criteo (CSV with header), criteo_tsv (Kaggle train.txt), avazu: labeled rows; "
         "talkingdata: impressions with their real conversion delays",
     )
@@ -293,7 +293,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from stream_fm.simulate import SimulationParams, run_simulation
+    from stream_fm.tools.simulate import SimulationParams, run_simulation
 
     n_impressions = args.impressions
     if args.duration_s is not None:
@@ -324,7 +324,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from stream_fm.demo import DemoOptions, main_demo
+    from stream_fm.tools.demo import DemoOptions, main_demo
 
     if args.snapshot is not None and args.duration_s is None:
         raise StreamFMError("demo: --snapshot needs --duration-s")
@@ -343,7 +343,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if getattr(args, "bench_target", None) == "kafka":
-        from stream_fm.bench_kafka import KafkaBenchOptions, main_kafka_bench
+        from stream_fm.tools.bench.kafka import KafkaBenchOptions, main_kafka_bench
 
         try:
             rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
@@ -365,7 +365,7 @@ def _bench(args: argparse.Namespace) -> int:
             scale_out_partitions=args.scale_out_partitions,
         )
         return main_kafka_bench(options, args.json)
-    from stream_fm.bench import main_bench
+    from stream_fm.tools.bench.model import main_bench
 
     streams = [s.strip() for s in args.streams.split(",") if s.strip()]
     return main_bench(

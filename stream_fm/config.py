@@ -28,8 +28,8 @@ from typing import Any, Final
 import tomllib
 
 from stream_fm.errors import ConfigError
-from stream_fm.features import NUMERIC_TRANSFORMS
-from stream_fm.model.params import FMParams
+from stream_fm.features import NUMERIC_TRANSFORMS, check_hashing
+from stream_fm.model.params import FMParams, help_text
 
 ENV_PREFIX: Final = "STREAM_FM_"
 # Variables with the prefix that are read elsewhere and are not settings.
@@ -38,23 +38,19 @@ SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS: Final = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting of the worker, replay and simulator; see ``stream-fm run --help``."""
 
     # Kafka
     bootstrap_servers: str = field(
-        default="127.0.0.1:9092", metadata=_help("Kafka bootstrap servers, comma-separated")
+        default="127.0.0.1:9092", metadata=help_text("Kafka bootstrap servers, comma-separated")
     )
-    group_id: str = field(default="stream-fm", metadata=_help("consumer group id"))
-    client_id: str = field(default="stream-fm", metadata=_help("Kafka client id"))
+    group_id: str = field(default="stream-fm", metadata=help_text("consumer group id"))
+    client_id: str = field(default="stream-fm", metadata=help_text("Kafka client id"))
     transactional_id: str = field(
         default="",
-        metadata=_help(
+        metadata=help_text(
             "exactly-once output: outputs go out in Kafka transactions committed together with "
             "the input offsets at each checkpoint (read_committed readers see each prediction "
             "once). Unique per worker and stable across its restarts, e.g. the pod name; "
@@ -63,61 +59,62 @@ class Settings:
     )
     input_topics: tuple[str, ...] = field(
         default=("ad-events",),
-        metadata=_help(
+        metadata=help_text(
             "one topic with impressions and clicks, or two (impressions,clicks) with equal partition counts"
         ),
     )
     predictions_topic: str = field(
-        default="ad-predictions", metadata=_help("output topic for served probabilities")
+        default="ad-predictions", metadata=help_text("output topic for served probabilities")
     )
     dead_letter_topic: str = field(
-        default="ad-events-dlq", metadata=_help("topic for records that could not be decoded")
+        default="ad-events-dlq", metadata=help_text("topic for records that could not be decoded")
     )
     labels_topic: str = field(
         default="",
-        metadata=_help("optional training-log topic (id, label, served p, times); empty = off"),
+        metadata=help_text("optional training-log topic (id, label, served p, times); empty = off"),
     )
     security_protocol: str = field(
-        default="PLAINTEXT", metadata=_help("PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+        default="PLAINTEXT", metadata=help_text("PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
     )
     sasl_mechanism: str = field(
-        default="", metadata=_help("PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI")
+        default="", metadata=help_text("PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI")
     )
-    sasl_username: str = field(default="", metadata=_help("SASL user name"))
-    sasl_password: str = field(default="", metadata=_help("SASL password"))
-    ssl_cafile: str = field(default="", metadata=_help("CA bundle for SSL"))
-    ssl_certfile: str = field(default="", metadata=_help("client certificate for SSL"))
-    ssl_keyfile: str = field(default="", metadata=_help("client key for SSL"))
+    sasl_username: str = field(default="", metadata=help_text("SASL user name"))
+    sasl_password: str = field(default="", metadata=help_text("SASL password"))
+    ssl_cafile: str = field(default="", metadata=help_text("CA bundle for SSL"))
+    ssl_certfile: str = field(default="", metadata=help_text("client certificate for SSL"))
+    ssl_keyfile: str = field(default="", metadata=help_text("client key for SSL"))
     poll_timeout_ms: int = field(
-        default=200, metadata=_help("longest wait for records in one poll")
+        default=200, metadata=help_text("longest wait for records in one poll")
     )
-    max_poll_records: int = field(default=5000, metadata=_help("records per batch at most"))
+    max_poll_records: int = field(default=5000, metadata=help_text("records per batch at most"))
     session_timeout_ms: int = field(
         default=45_000,
-        metadata=_help(
+        metadata=help_text(
             "a worker silent this long (crashed, killed) leaves the group and its partitions "
             "move (Kafka's session.timeout.ms; the broker bounds it, 6000 at least by default)"
         ),
     )
     produce_timeout_s: float = field(
-        default=30.0, metadata=_help("wait for output acknowledgements before failing the batch")
+        default=30.0,
+        metadata=help_text("wait for output acknowledgements before failing the batch"),
     )
     # Events and features
     max_event_bytes: int = field(
-        default=65_536, metadata=_help("records larger than this go to the dead-letter topic")
+        default=65_536, metadata=help_text("records larger than this go to the dead-letter topic")
     )
     hash_bits: int = field(
-        default=20, metadata=_help("features are hashed into 2^hash_bits buckets")
+        default=20, metadata=help_text("features are hashed into 2^hash_bits buckets")
     )
-    hash_seed: int = field(default=0, metadata=_help("MurmurHash3 seed of the feature hasher"))
+    hash_seed: int = field(default=0, metadata=help_text("MurmurHash3 seed of the feature hasher"))
     numeric_transform: str = field(
         default="signed_log1p",
-        metadata=_help(f"numeric feature transform: {', '.join(NUMERIC_TRANSFORMS)}"),
+        metadata=help_text(f"numeric feature transform: {', '.join(NUMERIC_TRANSFORMS)}"),
     )
-    max_features: int = field(default=1000, metadata=_help("features per event at most"))
+    max_features: int = field(default=1000, metadata=help_text("features per event at most"))
     max_future_skew_s: float = field(
         default=3600.0,
-        metadata=_help(
+        metadata=help_text(
             "a ts further than this ahead of the worker's clock is a dead letter (ts_in_future), "
             "so one bad clock cannot close every open window; 0 = no check (Kafka's own "
             "message.timestamp.after.max.ms defaults to one hour)"
@@ -126,38 +123,40 @@ class Settings:
     # Join and evaluation
     attribution_window_s: float = field(
         default=3600.0,
-        metadata=_help("a click within this many seconds of its impression makes it positive"),
+        metadata=help_text("a click within this many seconds of its impression makes it positive"),
     )
     max_pending_impressions: int = field(
         default=2_000_000,
-        metadata=_help(
+        metadata=help_text(
             "pending-impression buffer bound; the oldest are learned as negatives when full"
         ),
     )
     auc_window: int = field(
         default=100_000,
-        metadata=_help("examples in the rolling window for AUC and windowed log loss"),
+        metadata=help_text("examples in the rolling window for AUC and windowed log loss"),
     )
     # Checkpoints
     checkpoint_dir: str = field(
         default="checkpoints",
-        metadata=_help("directory of checkpoint generations (may be a shared volume)"),
+        metadata=help_text("directory of checkpoint generations (may be a shared volume)"),
     )
     checkpoint_interval_s: float = field(
-        default=30.0, metadata=_help("checkpoint at least this often")
+        default=30.0, metadata=help_text("checkpoint at least this often")
     )
     checkpoint_every_events: int = field(
         default=1_000_000,
-        metadata=_help("checkpoint after this many events even if the interval has not passed"),
+        metadata=help_text("checkpoint after this many events even if the interval has not passed"),
     )
-    checkpoint_keep: int = field(default=3, metadata=_help("checkpoint generations kept"))
+    checkpoint_keep: int = field(default=3, metadata=help_text("checkpoint generations kept"))
     cold_start: bool = field(
         default=False,
-        metadata=_help("start without a checkpoint even though the group has committed offsets"),
+        metadata=help_text(
+            "start without a checkpoint even though the group has committed offsets"
+        ),
     )
     apply_log_path: str = field(
         default="",
-        metadata=_help(
+        metadata=help_text(
             "audit: append every applied batch's (topic, partition, offset) list, restore, "
             "checkpoint and rollback to this JSON-lines file (off when empty)"
         ),
@@ -165,15 +164,15 @@ class Settings:
     # Operations
     metrics_host: str = field(
         default="127.0.0.1",
-        metadata=_help(
+        metadata=help_text(
             "address of the /metrics, /healthz, /readyz server (0.0.0.0 in a container)"
         ),
     )
     metrics_port: int = field(
-        default=9464, metadata=_help("port of the metrics server; 0 picks a free one")
+        default=9464, metadata=help_text("port of the metrics server; 0 picks a free one")
     )
-    log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
-    model: FMParams = field(default_factory=FMParams, metadata=_help("FM hyperparameters"))
+    log_level: str = field(default="INFO", metadata=help_text("DEBUG, INFO, WARNING or ERROR"))
+    model: FMParams = field(default_factory=FMParams, metadata=help_text("FM hyperparameters"))
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -181,6 +180,12 @@ class Settings:
     @property
     def attribution_window_ms(self) -> int:
         return round(self.attribution_window_s * 1000)
+
+    @property
+    def output_topics(self) -> list[str]:
+        """Predictions, dead letters and (when on) labels."""
+        topics = [self.predictions_topic, self.dead_letter_topic]
+        return topics + ([self.labels_topic] if self.labels_topic else [])
 
 
 def _validate(s: Settings) -> None:
@@ -225,13 +230,7 @@ def _validate(s: Settings) -> None:
     require(s.session_timeout_ms >= 1000, "session_timeout_ms", "must be >= 1000")
     require(s.produce_timeout_s > 0, "produce_timeout_s", "must be > 0")
     require(s.max_event_bytes >= 64, "max_event_bytes", "must be >= 64")
-    require(1 <= s.hash_bits <= 30, "hash_bits", "must be between 1 and 30")
-    require(
-        s.numeric_transform in NUMERIC_TRANSFORMS,
-        "numeric_transform",
-        f"must be one of {', '.join(NUMERIC_TRANSFORMS)}",
-    )
-    require(s.max_features >= 1, "max_features", "must be >= 1")
+    check_hashing(s.hash_bits, s.hash_seed, s.numeric_transform, s.max_features)
     require(
         math.isfinite(s.max_future_skew_s) and s.max_future_skew_s >= 0,
         "max_future_skew_s",

@@ -32,7 +32,6 @@ import numpy.typing as npt
 from numba import njit
 
 from stream_fm.errors import ConfigError, InvalidEvent
-from stream_fm.model.base import SparseExample
 
 NUMERIC_TRANSFORMS: Final = ("signed_log1p", "identity", "log_bucket")
 
@@ -43,6 +42,21 @@ def _signed_log1p(value: float) -> float:
 
 def _identity(value: float) -> float:
     return value
+
+
+def check_hashing(bits: int, seed: int, numeric_transform: str, max_features: int) -> None:
+    """The hashing settings' one check; ``ConfigError`` names the setting."""
+    if not 1 <= bits <= 30:
+        raise ConfigError("hash_bits", f"must be between 1 and 30, got {bits}")
+    if numeric_transform not in NUMERIC_TRANSFORMS:
+        raise ConfigError(
+            "numeric_transform",
+            f"must be one of {', '.join(NUMERIC_TRANSFORMS)}, got {numeric_transform!r}",
+        )
+    if max_features < 1:
+        raise ConfigError("max_features", f"must be at least 1, got {max_features}")
+    if not 0 <= seed < 2**32:
+        raise ConfigError("hash_seed", f"must be between 0 and 2^32-1, got {seed}")
 
 
 class FeatureHasher:
@@ -62,17 +76,7 @@ class FeatureHasher:
         numeric_transform: str = "signed_log1p",
         max_features: int = 1000,
     ) -> None:
-        if not 1 <= bits <= 30:
-            raise ConfigError("hash_bits", f"must be between 1 and 30, got {bits}")
-        if numeric_transform not in NUMERIC_TRANSFORMS:
-            raise ConfigError(
-                "numeric_transform",
-                f"must be one of {', '.join(NUMERIC_TRANSFORMS)}, got {numeric_transform!r}",
-            )
-        if max_features < 1:
-            raise ConfigError("max_features", f"must be at least 1, got {max_features}")
-        if not 0 <= seed < 2**32:
-            raise ConfigError("hash_seed", f"must be between 0 and 2^32-1, got {seed}")
+        check_hashing(bits, seed, numeric_transform, max_features)
         self.bits = bits
         self.seed = seed
         self.numeric_transform = numeric_transform
@@ -170,13 +174,6 @@ class FeatureHasher:
                 raise InvalidEvent(
                     "bad_feature_value", f"feature {name!r} has type {kind.__name__}"
                 )
-
-    def hash_one(self, features: Mapping[str, Any]) -> SparseExample:
-        """Hash one feature mapping into a ``SparseExample``."""
-        keys: list[str] = []
-        values: list[float] = []
-        self.add_features(features, keys, values)
-        return SparseExample(self.buckets(keys), np.array(values, dtype=np.float64))
 
 
 _join = "=".join

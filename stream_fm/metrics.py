@@ -131,7 +131,7 @@ class BulkHistogram:
 
 
 class WorkerMetrics:
-    """Every metric of the DESIGN contract, plus a few operational ones, on one registry."""
+    """Every metric of docs/design.md, plus a few operational ones, on one registry."""
 
     def __init__(
         self,
@@ -188,7 +188,7 @@ class WorkerMetrics:
             "Pending impressions evicted from the full buffer and learned as negative.",
             registry=r,
         )
-        # Operational extras (not in DESIGN): what an operator asks next.
+        # Operational extras (not in docs/design.md): what an operator asks next.
         self.duplicate_events = Counter(
             "stream_fm_duplicate_events",
             "Duplicate impressions or clicks ignored, by kind.",
@@ -198,6 +198,11 @@ class WorkerMetrics:
         self.refused_updates = Counter(
             "stream_fm_refused_updates",
             "Model updates refused because they were not finite.",
+            registry=r,
+        )
+        self.nonfinite_predictions = Counter(
+            "stream_fm_nonfinite_predictions",
+            "Scores whose raw output was not a number (served as p = 0.5).",
             registry=r,
         )
         self.checkpoints = Counter(
@@ -343,6 +348,7 @@ class WorkerMetrics:
         orphan: int = 0,
         evicted: int = 0,
         refused: int = 0,
+        nonfinite: int = 0,
         batch_seconds: float | None = None,
         impression_to_prediction_s: FloatArray = (),
         click_delays_s: FloatArray = (),
@@ -367,6 +373,7 @@ class WorkerMetrics:
             (self.orphan_clicks, orphan),
             (self.evicted_impressions, evicted),
             (self.refused_updates, refused),
+            (self.nonfinite_predictions, nonfinite),
         ):
             if amount:
                 counter.inc(amount)

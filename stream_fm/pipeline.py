@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -86,10 +86,13 @@ class BatchResult:
         "click_delays_ms",
         "events_by_type",
         "invalid",
+        "join_counts",
         "learned_negatives",
         "learned_positives",
         "logloss_sum",
+        "nonfinite_outputs",
         "prediction_sum",
+        "refused_updates",
     )
 
     def __init__(self, invalid: list[Rejected] | None = None) -> None:
@@ -100,6 +103,11 @@ class BatchResult:
         self.logloss_sum = 0.0
         self.prediction_sum = 0.0
         self.click_delays_ms: list[int] = []
+        #: What the joiners counted during this batch (late, orphan, duplicate, evicted, ...).
+        self.join_counts: dict[str, int] = {}
+        #: Learn steps the numeric guard refused, and non-finite scores, in this batch.
+        self.refused_updates = 0
+        self.nonfinite_outputs = 0
         self._scored: list[PendingImpression] = []
         self._scored_positions: list[int] = []
         self._learned_items: list[Outcome | Labeled] = []
@@ -131,6 +139,14 @@ class BatchResult:
                     )
             self._learned = out
         return self._learned
+
+
+def decoder_for(settings: Settings) -> EventDecoder:
+    """The decoder (and its feature hasher) the settings describe."""
+    hasher = FeatureHasher(
+        settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features
+    )
+    return EventDecoder(hasher, settings.max_event_bytes, round(settings.max_future_skew_s * 1000))
 
 
 class Pipeline:
@@ -166,17 +182,9 @@ class Pipeline:
     ) -> Pipeline:
         """The pipeline the settings describe: their hasher, decoder, window and bounds, and
         the production engine unless another is given."""
-        hasher = FeatureHasher(
-            settings.hash_bits,
-            settings.hash_seed,
-            settings.numeric_transform,
-            settings.max_features,
-        )
         return cls(
             engine if engine is not None else FastFM(settings.model),
-            EventDecoder(
-                hasher, settings.max_event_bytes, round(settings.max_future_skew_s * 1000)
-            ),
+            decoder_for(settings),
             settings.attribution_window_ms,
             settings.max_pending_impressions,
             auc_window=settings.auc_window,
@@ -199,11 +207,42 @@ class Pipeline:
         return self.process_events([], closing=closing)
 
     def join_counters(self) -> dict[str, int]:
-        """Joiner counters summed over partitions."""
+        """Joiner counters summed over partitions (totals since each joiner began)."""
         total: Counter[str] = Counter()
         for joiner in self.joiners.values():
             total.update(asdict(joiner.counters))
         return dict(total)
+
+    # state: what a checkpoint holds of the pipeline, and what it is restored from
+    def state(self) -> dict[str, Any]:
+        """The model, the accumulators and every partition's joiner: arrays and plain data."""
+        return {
+            "engine": self.engine.state(),
+            "evaluator": self.evaluator.state(),
+            "partitions": {str(p): joiner.state() for p, joiner in self.joiners.items()},
+        }
+
+    def restore(self, state: Mapping[str, Any], partitions: Collection[Hashable] = ()) -> None:
+        """Back to ``state``: the model (step sizes may be retuned since), the accumulators,
+        and the joiners of ``partitions`` (the others are dropped: another worker may hold
+        them by now)."""
+        self.engine.load_state(state["engine"], strict=False)
+        self.evaluator = ProgressiveValidation.from_state(state["evaluator"])
+        self.joiners = {
+            int(key): AttributionJoiner.from_state(joiner)
+            for key, joiner in state["partitions"].items()
+            if int(key) in partitions
+        }
+
+    def restore_partition(self, partition: Hashable, joiner_state: Mapping[str, Any]) -> None:
+        """A partition taken over with its pending impressions (unless it is already here)."""
+        if partition not in self.joiners:
+            self.joiners[partition] = AttributionJoiner.from_state(joiner_state)
+
+    def drop_partitions(self, keep: Collection[Hashable]) -> None:
+        """Forget every partition's joiner but those of ``keep``."""
+        for partition in [p for p in self.joiners if p not in keep]:
+            del self.joiners[partition]
 
     def process(
         self, records: Sequence[tuple[Hashable, bytes | InvalidEvent]], now_ms: int | None = None
@@ -235,10 +274,27 @@ class Pipeline:
     ) -> BatchResult:
         """Join, score and learn decoded events (None marks a rejected record's position).
 
-        ``closing`` outcomes are learned after the events (``flush`` uses it). This is the
-        hot path of the product: per event it only appends to flat lists; hashing, the model
-        and the evaluation run once per batch on arrays.
+        ``closing`` outcomes are learned after the events (``flush`` uses it). The result
+        carries what the joiners and the numeric guard counted in this batch.
         """
+        joins_before = self.join_counters()
+        refused, nonfinite = self.engine.refused_updates, self.engine.nonfinite_outputs
+        result = self._process_events(events, invalid, closing)
+        result.join_counts = {
+            key: n - joins_before.get(key, 0) for key, n in self.join_counters().items()
+        }
+        result.refused_updates = self.engine.refused_updates - refused
+        result.nonfinite_outputs = self.engine.nonfinite_outputs - nonfinite
+        return result
+
+    def _process_events(
+        self,
+        events: Sequence[tuple[Hashable, Event | None]],
+        invalid: list[Rejected] | None,
+        closing: Sequence[Outcome],
+    ) -> BatchResult:
+        """The hot path of the product: per event it only appends to flat lists; hashing,
+        the model and the evaluation run once per batch on arrays."""
         result = BatchResult(invalid)
         flat_keys: list[str] = []
         flat_values: list[float] = []

@@ -2,7 +2,7 @@
 
 Formats:
 
-- ``jsonl``: one DESIGN.md event per line (impressions, clicks, labeled), joined with the
+- ``jsonl``: one event of docs/design.md per line (impressions, clicks, labeled), joined with the
   attribution window in event time;
 - ``libsvm``: ``label idx:val ...`` (also libffm ``label field:idx:val ...``), labeled rows;
 - ``criteo``: CSV ``Id,Label,I1..I13,C1..C26``, labeled rows;
@@ -213,7 +213,7 @@ def read_batches(
 
 @dataclass(slots=True)
 class ReplayReport:
-    """What ``stream-fm replay --report`` writes (DESIGN.md names the first fields)."""
+    """What ``stream-fm replay --report`` writes (docs/design.md names the first fields)."""
 
     examples: int = 0
     logloss: float = float("nan")

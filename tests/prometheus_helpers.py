@@ -1,4 +1,4 @@
-"""Shared by the metric, rule and dashboard tests: the DESIGN metric names and the real tools."""
+"""Shared by the metric, rule and dashboard tests: the metric names of docs/design.md and the real tools."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from stream_fm.errors import StreamFMError
-from stream_fm.prometheus_server import find_binary
+from stream_fm.tools.prometheus import find_binary
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "stream_fm.json"
 
-# DESIGN.md, "Metrics".
+# docs/design.md, "Metrics".
 DESIGN_COUNTERS = (
     "stream_fm_events_total",
     "stream_fm_invalid_events_total",

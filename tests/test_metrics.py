@@ -22,7 +22,7 @@ from stream_fm.metrics import (
     MetricsServer,
     WorkerMetrics,
 )
-from stream_fm.prometheus_server import PrometheusServer
+from stream_fm.tools.prometheus import PrometheusServer
 from tests.prometheus_helpers import (
     DESIGN_COUNTERS,
     DESIGN_GAUGES,

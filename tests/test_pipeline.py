@@ -12,7 +12,7 @@ from stream_fm.events import EventDecoder
 from stream_fm.features import FeatureHasher
 from stream_fm.model import FastFM, FMParams
 from stream_fm.pipeline import Pipeline
-from stream_fm.simulate import SimulationParams, Simulator
+from stream_fm.tools.simulate import SimulationParams, Simulator
 
 BITS = 14
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
-from stream_fm.dashboard import load_dashboard, panel_queries
 from stream_fm.metrics import WorkerMetrics
+from stream_fm.tools.dashboard import load_dashboard, panel_queries
 from tests.prometheus_helpers import (
     ALERTS,
     DASHBOARD,
@@ -114,7 +114,9 @@ def test_dashboard_and_rules_name_only_exported_metrics() -> None:
     exprs += [rule["expr"] for group in groups for rule in group["rules"]]
     referenced = referenced_metrics("\n".join(exprs))
     for name in DESIGN_COUNTERS + DESIGN_GAUGES:
-        assert name in referenced, f"{name} (DESIGN.md) is on neither the dashboard nor an alert"
+        assert name in referenced, (
+            f"{name} (docs/design.md) is on neither the dashboard nor an alert"
+        )
     for name in DESIGN_HISTOGRAMS:
         assert f"{name}_bucket" in referenced, name
     assert referenced <= exposed, referenced - exposed

@@ -55,6 +55,16 @@ class Engine(Protocol):
         """Examples learned so far: the ``model_version`` served with predictions."""
         ...
 
+    @property
+    def refused_updates(self) -> int:
+        """Learn steps the numeric guard refused (they would have made the model non-finite)."""
+        ...
+
+    @property
+    def nonfinite_outputs(self) -> int:
+        """Scores whose raw output was not a number (served as p = 0.5)."""
+        ...
+
     def predict_proba_one(self, x: SparseExample) -> float:
         """P(click) for one example; never changes the model."""
         ...
@@ -71,6 +81,8 @@ class Engine(Protocol):
         """Everything needed to restore the engine: arrays and plain values only."""
         ...
 
-    def load_state(self, state: dict[str, StateValue]) -> None:
-        """Restore what ``state`` returned, bit for bit."""
+    def load_state(self, state: dict[str, StateValue], *, strict: bool = True) -> None:
+        """Restore what ``state`` returned, bit for bit. Not ``strict``: step sizes and
+        regularisation may differ from the saved ones (an operator retuning across a
+        restart); the structure (buckets, k, optimizer) must match."""
         ...

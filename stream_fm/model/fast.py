@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from stream_fm.model import kernel
 from stream_fm.model.base import OP_LEARN, OP_SCORE, OpBatch, SparseExample, StateValue
-from stream_fm.model.params import STRUCTURAL_PARAMS, FMParams, ModelStateMismatch, prior_logit
+from stream_fm.model.params import FMParams, ModelStateMismatch, prior_logit
 
 ENGINE_NAME: Final = "FastFM"
 STATE_FORMAT: Final = 1
@@ -163,14 +163,7 @@ class FastFM:
             raise ModelStateMismatch(
                 f"model state format {state.get('format')!r} is not {STATE_FORMAT}"
             )
-        saved = FMParams.from_state(state)
-        diffs = saved.differences(self._params)
-        if not strict:
-            diffs = [d for d in diffs if d.split(":")[0] in STRUCTURAL_PARAMS]
-        if diffs:
-            raise ModelStateMismatch(
-                "model state was saved with other params (saved != configured): " + "; ".join(diffs)
-            )
+        self._params.check_restorable(FMParams.from_state(state), strict=strict)
         loaded: dict[str, npt.NDArray[np.generic]] = {}
         for name, (shape, dtype) in _array_shapes(self._params).items():
             value = state.get(name)

@@ -33,7 +33,8 @@ class ModelStateMismatch(CheckpointError):
     """A saved model state does not fit this engine (other engine, params or array shapes)."""
 
 
-def _help(text: str) -> dict[str, str]:
+def help_text(text: str) -> dict[str, str]:
+    """A setting's one-line help, as dataclass field metadata (the CLI shows it)."""
     return {"help": text}
 
 
@@ -48,43 +49,51 @@ class FMParams:
     (eps ~ 1e-8) would move by a full learning rate on their first sight.
     """
 
-    n_buckets: int = field(default=1 << 20, metadata=_help("hashed feature buckets (power of two)"))
+    n_buckets: int = field(
+        default=1 << 20, metadata=help_text("hashed feature buckets (power of two)")
+    )
     k: int = field(
-        default=8, metadata=_help("latent dimension of the FM (0 = logistic regression)")
+        default=8, metadata=help_text("latent dimension of the FM (0 = logistic regression)")
     )
     optimizer: str = field(
         default="adagrad",
-        metadata=_help("sgd | adagrad | ftrl (FTRL-Proximal for linear part, AdaGrad for latents)"),
+        metadata=help_text(
+            "sgd | adagrad | ftrl (FTRL-Proximal for linear part, AdaGrad for latents)"
+        ),
     )
     learning_rate: float = field(
-        default=0.1, metadata=_help("step size of the linear weights (sgd, adagrad)")
+        default=0.1, metadata=help_text("step size of the linear weights (sgd, adagrad)")
     )
     latent_learning_rate: float = field(
-        default=0.05, metadata=_help("step size of the latent vectors")
+        default=0.05, metadata=help_text("step size of the latent vectors")
     )
     intercept_learning_rate: float = field(
-        default=0.05, metadata=_help("step size of the intercept (ftrl: its alpha); 0 freezes it")
+        default=0.05,
+        metadata=help_text("step size of the intercept (ftrl: its alpha); 0 freezes it"),
     )
-    l1_w: float = field(default=0.0, metadata=_help("L1 on linear weights (ftrl only)"))
-    l2_w: float = field(default=1e-5, metadata=_help("L2 on linear weights"))
-    l2_v: float = field(default=1e-5, metadata=_help("L2 on latent vectors"))
-    ftrl_alpha: float = field(default=0.1, metadata=_help("FTRL-Proximal alpha (linear weights)"))
-    ftrl_beta: float = field(default=1.0, metadata=_help("FTRL-Proximal beta (linear weights)"))
+    l1_w: float = field(default=0.0, metadata=help_text("L1 on linear weights (ftrl only)"))
+    l2_w: float = field(default=1e-5, metadata=help_text("L2 on linear weights"))
+    l2_v: float = field(default=1e-5, metadata=help_text("L2 on latent vectors"))
+    ftrl_alpha: float = field(
+        default=0.1, metadata=help_text("FTRL-Proximal alpha (linear weights)")
+    )
+    ftrl_beta: float = field(default=1.0, metadata=help_text("FTRL-Proximal beta (linear weights)"))
     adagrad_eps: float = field(
         default=0.1,
-        metadata=_help("added to every AdaGrad squared-gradient sum (= initial accumulator)"),
+        metadata=help_text("added to every AdaGrad squared-gradient sum (= initial accumulator)"),
     )
-    init_std: float = field(default=0.01, metadata=_help("std of the normal latent init"))
+    init_std: float = field(default=0.01, metadata=help_text("std of the normal latent init"))
     prior_ctr: float = field(
         default=0.02,
-        metadata=_help(
+        metadata=help_text(
             "the intercept starts at logit(prior_ctr): a new model serves a plausible CTR "
             "instead of 0.5 while its first windows (positives only) are open"
         ),
     )
-    seed: int = field(default=0, metadata=_help("seed of the latent init"))
+    seed: int = field(default=0, metadata=help_text("seed of the latent init"))
     clip_gradient: float = field(
-        default=1e12, metadata=_help("clip |dloss/dy| to this (logistic |g| <= 1, so >= 1 is off)")
+        default=1e12,
+        metadata=help_text("clip |dloss/dy| to this (logistic |g| <= 1, so >= 1 is off)"),
     )
 
     def __post_init__(self) -> None:
@@ -152,6 +161,17 @@ class FMParams:
             return cls(**values)
         except ConfigError as error:
             raise ModelStateMismatch(f"model state has invalid params: {error}") from None
+
+    def check_restorable(self, saved: FMParams, *, strict: bool) -> None:
+        """Raise ``ModelStateMismatch`` unless a state saved with ``saved`` fits these params:
+        all of them equal, or (not ``strict``) the structural ones (``STRUCTURAL_PARAMS``)."""
+        diffs = saved.differences(self)
+        if not strict:
+            diffs = [d for d in diffs if d.split(":")[0] in STRUCTURAL_PARAMS]
+        if diffs:
+            raise ModelStateMismatch(
+                "model state was saved with other params (saved != configured): " + "; ".join(diffs)
+            )
 
     def differences(self, other: FMParams) -> list[str]:
         """Names of the fields whose values differ (``"k: 8 != 4"``)."""

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from river import facto, optim
 
 from stream_fm.model.base import OP_SCORE, OpBatch, SparseExample, StateValue
-from stream_fm.model.params import STRUCTURAL_PARAMS, FMParams, ModelStateMismatch, prior_logit
+from stream_fm.model.params import FMParams, ModelStateMismatch, prior_logit
 
 ENGINE_NAME: Final = "RiverFM"
 # river's sigmoid returns exactly 0 or 1 beyond |y| > 30; p is kept inside FastFM's range
@@ -113,6 +113,10 @@ class RiverFM:
     def refused_updates(self) -> int:
         return self._refused
 
+    @property
+    def nonfinite_outputs(self) -> int:
+        return 0  # river clamps its raw output itself
+
     def predict_proba_one(self, x: SparseExample) -> float:
         return self._predict(_features(x.indices, x.values))
 
@@ -169,14 +173,7 @@ class RiverFM:
                 f"model state is for engine {state.get('engine')!r} format "
                 f"{state.get('format')!r}, not {ENGINE_NAME!r} format {STATE_FORMAT}"
             )
-        saved = FMParams.from_state(state)
-        diffs = saved.differences(self._params)
-        if not strict:
-            diffs = [d for d in diffs if d.split(":")[0] in STRUCTURAL_PARAMS]
-        if diffs:
-            raise ModelStateMismatch(
-                "model state was saved with other params (saved != configured): " + "; ".join(diffs)
-            )
+        self._params.check_restorable(FMParams.from_state(state), strict=strict)
         try:
             model = self._build(self._params)
             model.intercept = float(self._scalar(state, "intercept"))

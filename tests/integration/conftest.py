@@ -1,4 +1,4 @@
-"""Fixtures for tests that talk to a real Apache Kafka broker (see stream_fm.broker).
+"""Fixtures for tests that talk to a real Apache Kafka broker (see stream_fm.tools.broker).
 
 The broker is never skipped: if it cannot start, every integration test errors with the
 reason and the broker's log tail, locally as on CI, so a broken setup cannot pass silently.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_fm.broker import KafkaBroker
 from stream_fm.errors import BrokerStartError
+from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import FaultRig
 
 _HERE = Path(__file__).parent

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from stream_fm.broker import KafkaBroker
 from stream_fm.config import Settings, build_settings
 from stream_fm.kafka.admin import EventProducer, TopicReader
+from stream_fm.tools.broker import KafkaBroker
 from stream_fm.worker import Worker
 
 

@@ -33,13 +33,13 @@ import numpy as np
 import orjson
 
 from stream_fm.audit import read_apply_log
-from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.config import Settings, load_settings
 from stream_fm.errors import InvalidEvent
 from stream_fm.events import EventDecoder, Impression
 from stream_fm.kafka import admin as kafka_admin
 from stream_fm.kafka.admin import EventProducer
+from stream_fm.tools.broker import KafkaBroker
 from stream_fm.tools.process import free_ports
 from stream_fm.worker import Worker
 
@@ -271,7 +271,7 @@ def simulated(n: int, seed: int = 1, impressions_per_s: float = 20.0) -> list[tu
     """(key, value) of ``n`` simulated events, 20 fields, with 60 s attribution windows."""
     from itertools import islice
 
-    from stream_fm.simulate import SimulationParams, Simulator
+    from stream_fm.tools.simulate import SimulationParams, Simulator
 
     params = SimulationParams(
         n_impressions=n,

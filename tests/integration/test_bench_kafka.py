@@ -6,9 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from stream_fm.bench_kafka import KafkaBenchOptions, format_report, run_kafka_bench
-from stream_fm.broker import KafkaBroker
 from stream_fm.cli import _parser
+from stream_fm.tools.bench.kafka import KafkaBenchOptions, format_report, run_kafka_bench
+from stream_fm.tools.broker import KafkaBroker
 
 EVENTS = 20_000
 # Large enough that the worker which joins the group first (and owns every partition until the

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_fm.broker import DOCKER_ALTERNATIVE, KafkaBroker, find_java, kafka_classpath
 from stream_fm.errors import BrokerStartError
 from stream_fm.kafka.admin import EventProducer, TopicReader
+from stream_fm.tools.broker import DOCKER_ALTERNATIVE, KafkaBroker, find_java, kafka_classpath
 
 UniqueTopic = Callable[..., str]  # the `unique_topic` fixture of conftest.py
 

@@ -21,9 +21,9 @@ import orjson
 import yaml
 from prometheus_client import CollectorRegistry
 
-from stream_fm.broker import KafkaBroker
-from stream_fm.dashboard import load_dashboard, panel_queries
-from stream_fm.prometheus_server import PrometheusServer
+from stream_fm.tools.broker import KafkaBroker
+from stream_fm.tools.dashboard import load_dashboard, panel_queries
+from stream_fm.tools.prometheus import PrometheusServer
 from tests.integration.conftest import UniqueTopic
 from tests.integration.kafka_helpers import WorkerThread, produce, worker_settings
 from tests.prometheus_helpers import (
@@ -167,7 +167,7 @@ def test_every_panel_and_rule_evaluates_on_live_data(
         if line and not line.startswith("#")
     }
     for name in DESIGN_COUNTERS + DESIGN_GAUGES:
-        assert name in exported, f"{name} (DESIGN.md) is not exported"
+        assert name in exported, f"{name} (docs/design.md) is not exported"
     for name in DESIGN_HISTOGRAMS:
         assert f"{name}_bucket" in exported, name
     dashboard_exprs = [q.expr for q in panel_queries(load_dashboard(DASHBOARD))]

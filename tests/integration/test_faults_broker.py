@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_fm.broker import KafkaBroker
 from stream_fm.errors import BrokerStartError
+from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import (
     FaultRig,
     check_invariant,

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from stream_fm.audit import read_apply_log
-from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.kafka.admin import EventProducer
+from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import (
     FaultRig,
     applied_since_start,

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from stream_fm.audit import read_apply_log
-from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.errors import ProduceError
 from stream_fm.kafka.admin import EventProducer
+from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import (
     FaultRig,
     assert_states_equal,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import orjson
 
-from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.join import PendingImpression
+from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import (
     FaultRig,
     check_invariant,

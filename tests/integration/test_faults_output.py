@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stream_fm.broker import KafkaBroker
+from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import (
     FaultRig,
     applied_since_start,

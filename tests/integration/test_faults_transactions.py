@@ -10,8 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream_fm.broker import KafkaBroker
 from stream_fm.kafka.admin import TopicReader
+from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import (
     FaultRig,
     applied_since_start,

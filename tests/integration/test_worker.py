@@ -17,12 +17,12 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_fm.broker import KafkaBroker
 from stream_fm.checkpoint import CheckpointStore
-from stream_fm.demo import scrape
 from stream_fm.kafka.admin import commit_offsets
-from stream_fm.simulate import SimulationParams, Simulator
+from stream_fm.tools.broker import KafkaBroker
+from stream_fm.tools.demo import scrape
 from stream_fm.tools.process import free_ports
+from stream_fm.tools.simulate import SimulationParams, Simulator
 from tests.integration.conftest import UniqueTopic
 from tests.integration.kafka_helpers import WorkerThread, consume_all, produce, worker_settings
 
@@ -404,3 +404,32 @@ def test_broker_restart_the_worker_waits_and_reconnects(
     predictions = consume_all(kafka_broker, topics["predictions"], at_least=400)
     ids = {r.key.decode() for r in predictions}
     assert ids == {f"before-{i}" for i in range(200)} | {f"after-{i}" for i in range(200)}
+
+
+def test_refused_updates_and_nonfinite_scores_reach_the_metrics(
+    kafka_broker: KafkaBroker, unique_topic: UniqueTopic, tmp_path: Path
+) -> None:
+    """Numbers so large (identity transform) that the latent sums overflow: the score is not a
+    number (served as 0.5) and the numeric guard refuses the update; both are counted."""
+    topics = _topics(unique_topic, partitions=1)
+    ts = 1_700_000_000_000
+    huge = {"type": "impression", "ts": ts, "features": {"a": 1e200, "b": 1e200}}
+    records = [(b"h%d" % i, orjson.dumps({**huge, "id": f"h{i}"})) for i in range(3)]
+    records += [
+        (b"h%d" % i, orjson.dumps({"type": "click", "id": f"h{i}", "ts": ts + 5})) for i in range(3)
+    ]
+    produce(kafka_broker, topics["input"][0], records)
+    settings = worker_settings(
+        kafka_broker, tmp_path / "ckpt", topics, numeric_transform="identity"
+    )
+    with WorkerThread(settings) as running:
+        running.wait_for(lambda w: w.totals["learned"] >= 3)
+        registry = running.worker.registry
+        assert registry.get_sample_value("stream_fm_nonfinite_predictions_total") >= 3
+        assert registry.get_sample_value("stream_fm_refused_updates_total") == 3
+        weights = running.worker.engine.state()
+    for name, array in weights.items():
+        if isinstance(array, np.ndarray) and array.dtype.kind == "f":
+            assert np.isfinite(array).all(), name
+    predictions = consume_all(kafka_broker, topics["predictions"], at_least=3)
+    assert {orjson.loads(r.value)["p_click"] for r in predictions} == {0.5}

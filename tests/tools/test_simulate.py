@@ -17,7 +17,7 @@ import pytest
 from stream_fm.errors import ConfigError
 from stream_fm.events import Click, EventDecoder, Impression
 from stream_fm.features import FeatureHasher
-from stream_fm.simulate import SimulationParams, Simulator, cardinalities
+from stream_fm.tools.simulate import SimulationParams, Simulator, cardinalities
 
 
 def test_cardinalities_span_tens_to_max() -> None:

@@ -29,7 +29,7 @@ from stream_fm.errors import StreamFMError
 from stream_fm.tools.process import free_ports, parent_death_signal
 
 JOB = "stream_fm"
-REPO_DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+REPO_DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 class PrometheusError(StreamFMError):
@@ -73,7 +73,7 @@ def scrape_config(
     # Prometheus reads YAML; a JSON document is valid YAML and needs no YAML library here.
     return "\n".join(
         [
-            "# written by stream_fm.prometheus_server",
+            "# written by stream_fm.tools.prometheus",
             *(f"{k}: {json.dumps(v)}" for k, v in config.items()),
             "",
         ]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_fm.prometheus_server import JOB, REPO_DEPLOY, PrometheusServer
+from stream_fm.tools.prometheus import JOB, REPO_DEPLOY, PrometheusServer
 
 DASHBOARD_PATH = REPO_DEPLOY / "grafana" / "dashboards" / "stream_fm.json"
 

@@ -29,11 +29,11 @@ from types import FrameType
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_fm.broker import KafkaBroker
-from stream_fm.dashboard import render_snapshot
 from stream_fm.errors import StreamFMError
-from stream_fm.prometheus_server import JOB, PrometheusServer, repo_rule_files
+from stream_fm.tools.broker import KafkaBroker
+from stream_fm.tools.dashboard import render_snapshot
 from stream_fm.tools.process import Child, free_ports, port_is_free
+from stream_fm.tools.prometheus import JOB, PrometheusServer, repo_rule_files
 
 TOPICS = {
     "events": "ad-events",

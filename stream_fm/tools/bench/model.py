@@ -23,75 +23,11 @@ from stream_fm.errors import StreamFMError
 from stream_fm.events import Event, EventDecoder
 from stream_fm.features import FeatureHasher
 from stream_fm.model import FastFM, FMParams, RiverFM
-from stream_fm.model.base import OP_LEARN, Engine, OpBatch, SparseExample, StateValue
-from stream_fm.pipeline import Pipeline, Rejected
+from stream_fm.model.base import Engine, OpBatch, SparseExample, StateValue
+from stream_fm.pipeline import Pipeline, Rejected, decoder_for
 from stream_fm.replay import EventBatch, read_batches, replay
-from stream_fm.simulate import SimulationParams, Simulator
-
-VW_VARIANTS: dict[str, str] = {
-    "vw-linear": "",
-    "vw-q": "-q ff",
-    "vw-lrq": "--lrq ff8",
-}
-
-
-class VowpalWabbit:
-    """Vowpal Wabbit (pyvw) behind the engine protocol, for the benchmark only.
-
-    All hashed features go in one namespace ``f``; ``-q ff`` then crosses every pair, the
-    same interactions an FM models.
-    """
-
-    def __init__(self, arguments: str, bits: int) -> None:
-        try:
-            from vowpalwabbit import Workspace
-        except ImportError as error:
-            raise StreamFMError(
-                "the VW baseline needs vowpalwabbit: pip install 'stream-fm[bench]'"
-            ) from error
-        self.arguments = arguments
-        self._vw = Workspace(
-            f"--quiet --loss_function logistic --link logistic -b {bits} {arguments}"
-        )
-        self._learned = 0
-
-    @property
-    def n_learned(self) -> int:
-        return self._learned
-
-    @staticmethod
-    def _line(indices: Sequence[int], values: Sequence[float]) -> str:
-        return "|f " + " ".join(f"{i}:{v:.9g}" for i, v in zip(indices, values, strict=True))
-
-    def predict_proba_one(self, x: SparseExample) -> float:
-        return float(self._vw.predict(self._line(x.indices.tolist(), x.values.tolist())))
-
-    def learn_one(self, x: SparseExample, y: int) -> None:
-        self._vw.learn(("1 " if y else "-1 ") + self._line(x.indices.tolist(), x.values.tolist()))
-        self._learned += 1
-
-    def run_batch(self, batch: OpBatch) -> npt.NDArray[np.float64]:
-        out = np.empty(len(batch), dtype=np.float64)
-        indptr = batch.indptr.tolist()
-        indices = batch.indices.tolist()
-        values = batch.values.tolist()
-        for op, (kind, row, label) in enumerate(
-            zip(batch.op_kind.tolist(), batch.op_row.tolist(), batch.op_label.tolist(), strict=True)
-        ):
-            line = self._line(
-                indices[indptr[row] : indptr[row + 1]], values[indptr[row] : indptr[row + 1]]
-            )
-            out[op] = float(self._vw.predict(line))
-            if kind == OP_LEARN:
-                self._vw.learn(("1 " if label else "-1 ") + line)
-                self._learned += 1
-        return out
-
-    def state(self) -> dict[str, StateValue]:
-        raise StreamFMError("the VW baseline has no checkpoint state")
-
-    def load_state(self, state: dict[str, StateValue]) -> None:
-        raise StreamFMError("the VW baseline has no checkpoint state")
+from stream_fm.tools.bench.vw import VW_VARIANTS, VowpalWabbit
+from stream_fm.tools.simulate import SimulationParams, Simulator
 
 
 class TimedEngine:
@@ -107,7 +43,11 @@ class TimedEngine:
 
     @property
     def refused_updates(self) -> int:
-        return int(getattr(self.inner, "refused_updates", 0))
+        return self.inner.refused_updates
+
+    @property
+    def nonfinite_outputs(self) -> int:
+        return self.inner.nonfinite_outputs
 
     def predict_proba_one(self, x: SparseExample) -> float:
         return self.inner.predict_proba_one(x)
@@ -124,8 +64,8 @@ class TimedEngine:
     def state(self) -> dict[str, StateValue]:
         return self.inner.state()
 
-    def load_state(self, state: dict[str, StateValue]) -> None:
-        self.inner.load_state(state)
+    def load_state(self, state: dict[str, StateValue], *, strict: bool = True) -> None:
+        self.inner.load_state(state, strict=strict)
 
 
 @dataclass(slots=True)
@@ -343,9 +283,7 @@ def main_bench(
     unknown = set(streams) - set(STREAMS)
     if unknown:
         raise StreamFMError(f"unknown bench stream(s): {', '.join(sorted(unknown))}")
-    hasher = FeatureHasher(
-        settings.hash_bits, settings.hash_seed, settings.numeric_transform, settings.max_features
-    )
+    hasher = decoder_for(settings).hasher
     results: list[StreamResult] = []
 
     def say(line: str) -> None:

@@ -1,11 +1,8 @@
-"""Launch a real single-node Apache Kafka broker (KRaft, combined broker+controller).
+"""A real single-node Apache Kafka broker (KRaft, combined broker+controller) as a child JVM.
 
-Used by ``stream-fm demo``, the Makefile and the integration tests. The broker is Apache Kafka
-itself: its release jars are fetched once from Maven Central with Maven into a local cache (or
-taken from an installation named by ``KAFKA_HOME``) and run as a child JVM bound to 127.0.0.1.
-
-Only Java 17+ and (for the first download) Maven are needed; without them the error says so in
-one line and names the Docker alternative.
+Used by ``stream-fm demo``, the Makefile, the benchmarks and the integration tests. The broker
+is Apache Kafka itself (``jars``), run with a Java 17+ (``java``) bound to 127.0.0.1; without
+them the error says so in one line and names the Docker alternative.
 """
 
 from __future__ import annotations
@@ -13,13 +10,11 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import fcntl
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,6 +26,8 @@ from typing import IO
 
 from stream_fm.errors import BrokerError, BrokerStartError
 from stream_fm.kafka.admin import Admin
+from stream_fm.tools.broker.jars import classpath_version, kafka_classpath
+from stream_fm.tools.broker.java import find_java
 from stream_fm.tools.process import (
     accepts,
     free_ports,
@@ -40,225 +37,7 @@ from stream_fm.tools.process import (
     tail_text,
 )
 
-__all__ = [
-    "DOCKER_ALTERNATIVE",
-    "KAFKA_VERSION",
-    "KafkaBroker",
-    "default_cache_root",
-    "find_java",
-    "kafka_classpath",
-    "kafka_version",
-]
-
-#: Newest 4.x release on Maven Central when this was written (checked with the maven-metadata).
-KAFKA_VERSION = "4.4.0"
-SCALA_VERSION = "2.13"
-#: The log4j-core that kafka-server 4.4.0 depends on. The slf4j binding below is not a
-#: transitive dependency of the published POMs (the release tarball adds it), so without it
-#: every slf4j log line of the broker would be dropped; api/core/binding are pinned together
-#: so Maven's nearest-wins cannot mix two log4j versions.
-LOG4J_VERSION = "2.25.5"
-#: Pinned because Maven 3.8's default (2.8, from 2013) is ancient and the prefix lookup would
-#: otherwise vary between machines.
-DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
-DOCKER_ALTERNATIVE = "docker compose -f deploy/docker-compose.yml up"
-MIN_JAVA = 17
-
-_MARKER = ".complete"
-_MVN_TIMEOUT_S = 900.0
 _FORMAT_TIMEOUT_S = 120.0
-
-
-# --------------------------------------------------------------------------------------------
-# jars
-
-
-def default_cache_root() -> Path:
-    """``$STREAM_FM_KAFKA_CACHE``, else ``$XDG_CACHE_HOME/stream-fm``, else ``~/.cache/stream-fm``."""
-    env = os.environ.get("STREAM_FM_KAFKA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "stream-fm"
-
-
-def _pom(version: str) -> str:
-    deps = [
-        ("org.apache.kafka", f"kafka_{SCALA_VERSION}", version),
-        ("org.apache.logging.log4j", "log4j-api", LOG4J_VERSION),
-        ("org.apache.logging.log4j", "log4j-core", LOG4J_VERSION),
-        # slf4j 1.7 binding: kafka 4.x still compiles against slf4j-api 1.7.36.
-        ("org.apache.logging.log4j", "log4j-slf4j-impl", LOG4J_VERSION),
-    ]
-    body = "\n".join(
-        f"    <dependency><groupId>{g}</groupId><artifactId>{a}</artifactId>"
-        f"<version>{v}</version></dependency>"
-        for g, a, v in deps
-    )
-    return f"""<?xml version="1.0" encoding="UTF-8"?>
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>local.stream-fm</groupId>
-  <artifactId>kafka-runtime</artifactId>
-  <version>{version}</version>
-  <packaging>pom</packaging>
-  <dependencies>
-{body}
-  </dependencies>
-</project>
-"""
-
-
-def mvn_command(pom: Path, out_dir: Path) -> list[str]:
-    """The exact Maven invocation used to fetch the broker's runtime jars."""
-    mvn = shutil.which("mvn") or "mvn"
-    return [
-        mvn, "-q", "-B", "-f", str(pom),
-        f"{DEPENDENCY_PLUGIN}:copy-dependencies",
-        f"-DoutputDirectory={out_dir}",
-        "-DincludeScope=runtime",
-    ]  # fmt: skip
-
-
-def _kafka_home_classpath(home: str) -> str:
-    libs = Path(home).expanduser() / "libs"
-    if not any(libs.glob("kafka_*.jar")):
-        raise BrokerStartError(
-            f"KAFKA_HOME={home} is not an Apache Kafka installation (no libs/kafka_*.jar); "
-            f"unset it to fetch Kafka {KAFKA_VERSION} from Maven Central, "
-            f"or run `{DOCKER_ALTERNATIVE}`"
-        )
-    return str(libs / "*")
-
-
-def kafka_version() -> str:
-    """The Kafka release to fetch: ``$STREAM_FM_KAFKA_VERSION`` (a 4.x), else ``KAFKA_VERSION``."""
-    version = os.environ.get("STREAM_FM_KAFKA_VERSION", "").strip() or KAFKA_VERSION
-    # server.properties and the log4j2 binding below are written for the 4.x line.
-    if not re.fullmatch(r"4\.\d+\.\d+", version):
-        raise BrokerStartError(
-            f"STREAM_FM_KAFKA_VERSION={version}: expected an Apache Kafka 4.x release like "
-            f"{KAFKA_VERSION}"
-        )
-    return version
-
-
-def kafka_classpath(cache_dir: Path | None = None, version: str | None = None) -> str:
-    """Return a Java classpath (``dir/*``) holding a complete Apache Kafka broker.
-
-    ``$KAFKA_HOME/libs`` when ``KAFKA_HOME`` is set; otherwise the jars of ``version`` (default
-    ``kafka_version()``) fetched from Maven Central with Maven into
-    ``<cache_dir or default_cache_root()>/kafka-<version>/libs``. The
-    fetch happens once: it goes to a temporary directory that is renamed into place after a
-    marker file is written, under a file lock, so a crashed or concurrent earlier run never
-    leaves a half-filled cache behind.
-    """
-    home = os.environ.get("KAFKA_HOME")
-    if home:
-        return _kafka_home_classpath(home)
-
-    version = version or kafka_version()
-    root = (cache_dir or default_cache_root()) / f"kafka-{version}"
-    libs = root / "libs"
-    if (libs / _MARKER).is_file():
-        return str(libs / "*")
-
-    if shutil.which("mvn") is None:
-        raise BrokerStartError(
-            f"Maven (mvn) not found: it is needed once to fetch Apache Kafka {version} from "
-            f"Maven Central; install Maven, set KAFKA_HOME to a Kafka installation, "
-            f"or run `{DOCKER_ALTERNATIVE}`"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        # Another process (e.g. a second test session) may be downloading the same version.
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (libs / _MARKER).is_file():
-            return str(libs / "*")
-        # Leftovers of a fetch that was killed; nobody else can be fetching while we hold the lock.
-        for stale in root.glob("fetch-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=root))
-        try:
-            pom = tmp / "pom.xml"
-            pom.write_text(_pom(version))
-            out = tmp / "libs"
-            cmd = mvn_command(pom, out)
-            try:
-                proc = subprocess.run(
-                    cmd, cwd=tmp, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                    timeout=_MVN_TIMEOUT_S, check=False,
-                )  # fmt: skip
-            except subprocess.TimeoutExpired as exc:
-                raise BrokerStartError(
-                    f"fetching Apache Kafka {version} with Maven timed out after "
-                    f"{_MVN_TIMEOUT_S:.0f}s: {' '.join(cmd)}"
-                ) from exc
-            if proc.returncode != 0:
-                tail = tail_text(proc.stdout + proc.stderr, 30)
-                raise BrokerStartError(
-                    f"fetching Apache Kafka {version} from Maven Central failed "
-                    f"(mvn exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
-                )
-            jars = sorted(p.name for p in out.glob("*.jar"))
-            if f"kafka_{SCALA_VERSION}-{version}.jar" not in jars:
-                raise BrokerStartError(
-                    f"Maven finished but kafka_{SCALA_VERSION}-{version}.jar is missing in {out}"
-                )
-            (out / _MARKER).write_text("\n".join([f"kafka {version}", *jars]) + "\n")
-            # A directory without the marker is a leftover of an interrupted older layout.
-            if libs.exists():
-                shutil.rmtree(libs)
-            os.replace(out, libs)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(libs / "*")
-
-
-def _classpath_version(classpath: str) -> str:
-    for jar in Path(classpath.rstrip("*")).glob("kafka_*.jar"):
-        m = re.match(r"kafka_[\d.]+-(\d+\.\d+\.\d+[^/]*?)\.jar$", jar.name)
-        if m:
-            return m.group(1)
-    return "unknown"
-
-
-# --------------------------------------------------------------------------------------------
-# java
-
-
-def find_java() -> str:
-    """Path of a Java 17+ ``java``; ``$JAVA_HOME/bin/java`` wins over ``PATH``."""
-    java_home = os.environ.get("JAVA_HOME")
-    candidate = Path(java_home) / "bin" / "java" if java_home else None
-    java = str(candidate) if candidate and candidate.is_file() else shutil.which("java")
-    if java is None:
-        raise BrokerStartError(
-            f"Java {MIN_JAVA}+ not found (no `java` on PATH or in JAVA_HOME): install a JDK "
-            f"{MIN_JAVA}+ to run the local Apache Kafka broker, or run `{DOCKER_ALTERNATIVE}`"
-        )
-    try:
-        out = subprocess.run(
-            [java, "-version"], capture_output=True, text=True, timeout=60, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BrokerStartError(f"`{java} -version` failed: {exc}") from exc
-    m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-    if m is None:
-        raise BrokerStartError(f"cannot tell the version of {java}: {out.stderr.strip()[:200]}")
-    # Java 8 and older report "1.8.0_..."
-    major = int(m.group(2) or 0) if m.group(1) == "1" else int(m.group(1))
-    if major < MIN_JAVA:
-        raise BrokerStartError(
-            f"Java {major} found at {java}, but Apache Kafka 4 needs Java {MIN_JAVA}+: install "
-            f"a newer JDK (or set JAVA_HOME), or run `{DOCKER_ALTERNATIVE}`"
-        )
-    return java
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
 
 
 def _cluster_id() -> str:
@@ -395,7 +174,7 @@ class KafkaBroker:
             self._java = find_java()
         if self._classpath is None:
             self._classpath = kafka_classpath(self.cache_dir)
-            self.kafka_version = _classpath_version(self._classpath)
+            self.kafka_version = classpath_version(self._classpath)
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="stream-fm-kafka-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -642,48 +421,3 @@ def _mib(heap: str) -> int:
         raise BrokerStartError(f"heap size {heap!r} is not a JVM size like 512m or 1g")
     n, unit = int(m.group(1)), m.group(2).lower()
     return {"k": n // 1024, "m": n, "g": n * 1024, "": n // (1024 * 1024)}[unit]
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m stream_fm.broker",
-        description="Run a local Apache Kafka broker (KRaft) until Ctrl-C.",
-    )
-    parser.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
-    parser.add_argument("--data-dir", type=Path, help="keep the data here (default: temporary)")
-    parser.add_argument(
-        "--fetch-only", action="store_true", help="only fetch the jars into the cache and exit"
-    )
-    args = parser.parse_args(argv)
-    # SIGTERM (e.g. from a supervisor) takes the same orderly path as Ctrl-C.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        if args.fetch_only:
-            started = time.monotonic()
-            classpath = kafka_classpath()
-            print(
-                f"Apache Kafka {_classpath_version(classpath)}: {classpath} "
-                f"({time.monotonic() - started:.1f}s)"
-            )
-            return 0
-        with KafkaBroker(data_dir=args.data_dir, port=args.port) as broker:
-            print(broker.bootstrap_servers, flush=True)
-            print(
-                f"Apache Kafka {broker.kafka_version}; log: {broker.log_path}; Ctrl-C stops it",
-                file=sys.stderr,
-            )
-            while broker.is_running():
-                time.sleep(0.5)
-            print(f"the broker exited:\n{broker.log_tail(20)}", file=sys.stderr)
-            return 1
-    except KeyboardInterrupt:
-        return 0
-    except BrokerStartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

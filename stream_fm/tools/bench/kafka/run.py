@@ -1,0 +1,149 @@
+"""``stream-fm bench kafka``: the worker against a bare kafka-python loop, on a real broker.
+
+One run, one broker, the same simulated records (impressions and clicks, 20 fields):
+
+1. **preload** ``events`` records into an input topic (as fast as the producer goes);
+2. **ceiling**: a bare loop over the worker's own kafka-python clients (``KafkaIO``'s consumer
+   and producer, so every client setting is the worker's) that consumes the input topic from the
+   beginning and produces one ~60-byte record per impression, nothing else; once with a single
+   flush at the end, once flushing (awaiting every acknowledgement) after every poll;
+3. **worker**: ``python -m stream_fm run`` as a child process over the same topic (fresh group,
+   fresh checkpoint directory, checkpoints and metrics on), timed until its /metrics show
+   ``events_total + invalid_events_total`` equal to the input count *and* the predictions
+   topic's high watermarks (acknowledged records) add up to the impression count; start-up
+   (imports, numba cache load, group join) is excluded by measuring from the first processed
+   batch; VmRSS of the process is sampled along the way; then SIGTERM and the exit code;
+4. **scale-out** (``scale_out_events`` > 0): its own input topic (``scale_out_partitions``
+   partitions, the same simulated records), consumed once by one worker in a fresh group and
+   once by two workers started together in one fresh group sharing one checkpoint directory,
+   each run with fresh output topics. A run is timed from the first processed batch of any of
+   its workers until the workers together processed the input and the predictions topic's
+   high watermarks hold a prediction per impression; if records were re-processed (the start
+   rebalance), until every input partition shows lag 0 in the workers'
+   ``stream_fm_consumer_lag`` series and the predictions topic holds all they produced.
+   Re-processed records are counted, not hidden (records processed in total vs the input);
+   every impression is checked for a prediction on the broker; each worker's partitions are
+   read from its lag series; SIGTERM and the exit codes;
+5. **latency** at fixed offered rates: ``stream-fm simulate --rate R`` (the simulator's own
+   pacing: bursts of 256 records) into a fresh topic while a fresh worker runs; quantiles come
+   from the worker's histogram ``stream_fm_impression_to_prediction_seconds`` (the difference
+   between a snapshot taken after a warm-up and one after the drain), and per record from the
+   topics, end to end.
+
+What the latency histogram measures (``stream_fm.worker.observe``, at the end of each
+batch): wall clock then minus the input *record's Kafka timestamp* (CreateTime, stamped by
+the producer at ``send``), not the event's ``ts`` field. The worker hands the batch's
+predictions to its producer and awaits acknowledgements only before a checkpoint, so the
+histogram includes the producer's linger, the broker, the worker's poll wait and the whole
+batch, but not the predictions' own trip to the broker. The per-record figures do include it:
+the latency phase's predictions topic uses ``LogAppendTime``, so a prediction's timestamp is
+when the broker appended it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from stream_fm.tools.bench.kafka.data import _topics, preload
+from stream_fm.tools.bench.kafka.latency import measure_latency
+from stream_fm.tools.bench.kafka.options import KafkaBenchOptions, Say, _stderr
+from stream_fm.tools.bench.kafka.report import format_report
+from stream_fm.tools.bench.kafka.results import KafkaBenchReport, _json_safe
+from stream_fm.tools.bench.kafka.scale_out import measure_scale_out
+from stream_fm.tools.bench.kafka.throughput import measure_ceiling, measure_worker
+from stream_fm.tools.broker import KafkaBroker
+
+
+def run_kafka_bench(
+    options: KafkaBenchOptions, broker: KafkaBroker | None = None, say: Say = _stderr
+) -> KafkaBenchReport:
+    """All phases on ``broker`` (or on a broker of its own, started and stopped here)."""
+    work = options.work_dir or Path(tempfile.mkdtemp(prefix="stream-fm-bench-kafka-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # The preloading producer's IO thread waits for the GIL while this thread builds records;
+    # kafka-python then warns about every slow selector task. Not a finding: keep it quiet.
+    selector_log = logging.getLogger("kafka.net.selector")
+    level = selector_log.level
+    selector_log.setLevel(logging.ERROR)
+    try:
+        if broker is None:
+            say("bench kafka: starting Apache Kafka (KRaft) ...")
+            with KafkaBroker(log_path=work / "kafka.log", partitions=options.partitions) as own:
+                return _run(options, own, work, say)
+        return _run(options, broker, work, say)
+    finally:
+        selector_log.setLevel(level)
+
+
+def main_kafka_bench(options: KafkaBenchOptions, json_path: Path | None = None) -> int:
+    """``stream-fm bench kafka``: the report to stdout (and JSON); exit 1 if a worker failed."""
+    import json
+
+    report = run_kafka_bench(options)
+    print(format_report(report), flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(report.as_dict(), indent=2))
+    failed = [r.exit_code for r in report.latency] + [
+        report.worker.exit_code if report.worker else 0
+    ]
+    if report.scale_out is not None:
+        runs = (report.scale_out.single, report.scale_out.pair)
+        failed += [w.exit_code for run in runs for w in run.workers]
+    return 0 if all(code == 0 for code in failed) else 1
+
+
+def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) -> KafkaBenchReport:
+    run_id = uuid.uuid4().hex[:6]
+    bootstrap = broker.bootstrap_servers
+    report = KafkaBenchReport(
+        kafka_version=broker.kafka_version,
+        bootstrap_servers=bootstrap,
+        options=_json_safe(asdict(options)),
+    )
+    say(f"bench kafka: Kafka {broker.kafka_version} on {bootstrap}; work dir {work}")
+    topics = _topics(run_id, "throughput", options.labels)
+    ceiling_topics = [f"bench-{run_id}-ceiling-end", f"bench-{run_id}-ceiling-every-poll"]
+    broker.create_topics([*topics.values(), *ceiling_topics], partitions=options.partitions)
+
+    say(f"bench kafka: preloading {options.events:,} simulated records into {topics['input']} ...")
+    report.preload = preload(bootstrap, topics["input"], options)
+    expected = report.preload.records
+    say(
+        f"bench kafka: preloaded {expected:,} records ({report.preload.bytes / 1e6:,.0f} MB) "
+        f"at {report.preload.records_per_s:,.0f}/s"
+    )
+
+    say("bench kafka: ceiling (bare consume + produce, one flush at the end) ...")
+    report.ceiling = measure_ceiling(bootstrap, topics["input"], ceiling_topics[0], expected, "end")
+    say(f"bench kafka: ceiling {report.ceiling.events_per_s:,.0f} events/s")
+    say("bench kafka: ceiling (flush after every poll) ...")
+    report.ceiling_flush_every_poll = measure_ceiling(
+        bootstrap, topics["input"], ceiling_topics[1], expected, "every_poll"
+    )
+    say(f"bench kafka: ceiling {report.ceiling_flush_every_poll.events_per_s:,.0f} events/s")
+
+    say("bench kafka: the worker over the same topic ...")
+    report.worker = measure_worker(
+        bootstrap, topics, expected, report.preload.impressions, work, options, say
+    )
+    say(
+        f"bench kafka: worker {report.worker.events_per_s:,.0f} events/s, "
+        f"exit code {report.worker.exit_code}"
+    )
+    if report.ceiling.events_per_s > 0:
+        report.ratio_worker_to_ceiling = report.worker.events_per_s / report.ceiling.events_per_s
+
+    if options.scale_out_events > 0:
+        report.scale_out = measure_scale_out(broker, run_id, work, options, say)
+
+    for rate in options.rates:
+        say(f"bench kafka: latency at {rate:,.0f} events/s for {options.latency_duration_s:g}s ...")
+        report.latency.append(measure_latency(broker, rate, run_id, work, options, say))
+    return report
+
+
+# --- output --------------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""The worker loop: poll -> pipeline -> publish -> record -> observe -> checkpoint.
+
+A produce failure rolls the state back to the last checkpoint and waits before redoing
+anything (``Retry``); ``Recovery`` owns checkpoints, offsets and rebalances.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from stream_fm import __version__
+from stream_fm.config import Settings, describe
+from stream_fm.errors import BrokerError, CheckpointError, InvalidEvent, ProduceError
+from stream_fm.events import REASONS
+from stream_fm.kafka import KafkaIO, Record, UnreadableRecord, connect
+from stream_fm.metrics import MetricsServer, WorkerMetrics
+from stream_fm.model.base import Engine
+from stream_fm.pipeline import Pipeline
+from stream_fm.worker.health import Health
+from stream_fm.worker.observe import Observer
+from stream_fm.worker.publish import publish
+from stream_fm.worker.recovery import Recovery
+from stream_fm.worker.retry import Retry
+
+log = logging.getLogger("stream_fm.worker")
+BROKER_RETRY_S = 1.0
+
+
+class Worker:
+    """One consumer-group member. ``run()`` blocks until SIGTERM/SIGINT or ``stop()``."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = WorkerMetrics(self.registry, invalid_reasons=REASONS, version=__version__)
+        self.pipeline = Pipeline.from_settings(settings)
+        self.recovery = Recovery(settings, self.pipeline, self.metrics)
+        self.retry = Retry()
+        self.observer = Observer(self.metrics, self.pipeline)
+        self.health = Health(settings, self.recovery, self.retry)
+        self.metrics.pending_impressions_limit.set(settings.max_pending_impressions)
+        self.metrics.watch_readiness(self.health.ready)
+        self.io: KafkaIO | None = None
+        self.server: MetricsServer | None = None  # /metrics, /healthz, /readyz while running
+        self._stopping = threading.Event()
+
+    @property
+    def engine(self) -> Engine:
+        return self.pipeline.engine
+
+    @property
+    def totals(self) -> Counter[str]:
+        return self.observer.totals
+
+    def ready(self) -> tuple[bool, str]:
+        """What /readyz answers."""
+        return self.health.ready()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, checkpoint, commit and return."""
+        self._stopping.set()
+
+    def run(self) -> int:
+        settings = self.settings
+        log.info("starting with %s", describe(settings))
+        self.server = server = MetricsServer(
+            self.registry,
+            settings.metrics_host,
+            settings.metrics_port,
+            health_check=self.health.alive,
+            ready_check=self.health.ready,
+        ).start()
+        log.info("metrics, /healthz and /readyz on %s", server.url)
+        code = 0
+        try:
+            self.io = self.health.io = connect(settings, settings.output_topics)
+            missing = self.io.wait_for_topics(settings.input_topics, timeout_s=30)
+            if missing:
+                log.warning("input topic(s) %s not found yet; waiting", ", ".join(missing))
+            self.recovery.start(self.io)
+            self.observer.gauges()
+            self.io.subscribe(
+                settings.input_topics, self.recovery.on_assigned, self.recovery.on_revoked
+            )
+            while not self._stopping.is_set():
+                self.step()
+            try:
+                self.recovery.final_checkpoint()
+            except (ProduceError, CheckpointError) as error:
+                # Nothing is lost: the next start resumes from the last durable checkpoint.
+                if isinstance(error, ProduceError):
+                    self.metrics.produce_errors.labels(kind=_kind(error)).inc()
+                code = 1
+        finally:
+            if self.io is not None:
+                self.io.close()
+            self.recovery.close()
+            server.stop()
+        summary = self.observer.summary(self.recovery.checkpoints)
+        log.info(summary)
+        print(summary, flush=True)
+        return code
+
+    def step(self) -> None:
+        """One poll and, if records came, one batch. Safe to call repeatedly."""
+        assert self.io is not None
+        self._raise_fatal()
+        wait_s = self.retry.waiting(self.io.reachable)
+        if wait_s > 0:  # backing off after a produce failure: nothing is redone yet
+            time.sleep(min(wait_s, 0.2))
+            self.health.beat()
+            return
+        try:
+            records = self.io.poll(self.settings.poll_timeout_ms, self.settings.max_poll_records)
+        except BrokerError as error:
+            log.warning("%s; retrying", error)
+            time.sleep(BROKER_RETRY_S)
+            records = []
+        self._raise_fatal()
+        try:
+            if self.recovery.rollback_needed:
+                raise ProduceError("no checkpoint could be written at a rebalance")
+            if records:
+                self._process(records)
+            if self.recovery.checkpoint_due():
+                self.recovery.try_checkpoint(reason="periodic")
+        except ProduceError as error:
+            self._produce_failed(error)
+        self.health.beat()
+        self.observer.lag(self.io)
+
+    def _process(self, records: Sequence[Record]) -> None:
+        assert self.io is not None
+        started = time.perf_counter()
+        result = self.pipeline.process(
+            [(r.partition, _input(r)) for r in records], now_ms=int(time.time() * 1000)
+        )
+        careful = self.retry.careful(self.recovery.checkpoints)
+        publish(self.io, self.settings, result, records, wait=careful)
+        self.recovery.applied_batch(records)
+        self.observer.batch(result, records, time.perf_counter() - started)
+
+    def _produce_failed(self, error: ProduceError) -> None:
+        """Roll back to the last checkpoint; wait (doubling) before redoing anything."""
+        assert self.io is not None
+        if error.permanent and error.topic is not None and error.nbytes is not None:
+            self.io.record_rejected(error.topic, error.nbytes)  # the next copy is cut to fit
+        wait_s = self.retry.failed(error, self.recovery.checkpoints)
+        log.error("%s: rolling back to the last checkpoint, retrying in %gs", error, wait_s)
+        self.metrics.produce_errors.labels(kind=_kind(error)).inc()
+        self.metrics.rollbacks.inc()
+        self.observer.totals["rollbacks"] += 1
+        self.recovery.rollback()
+        self.observer.gauges()
+
+    def _raise_fatal(self) -> None:
+        if self.recovery.fatal is not None:
+            raise self.recovery.fatal
+
+
+def _kind(error: ProduceError) -> str:
+    return "permanent" if error.permanent else "transient"
+
+
+def _input(record: Record) -> bytes | InvalidEvent:
+    """The record's value for the pipeline; a record the client could not read is rejected."""
+    if type(record) is UnreadableRecord:
+        return InvalidEvent("unreadable_record", record.error)
+    return record.value or b""

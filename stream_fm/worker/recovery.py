@@ -1,0 +1,370 @@
+"""Recovery: what makes the worker's state exactly-once with respect to its input.
+
+``Recovery`` owns the checkpoint store, the input offsets and the rollback target. It restores
+the freshest checkpoint at start-up (or refuses to start cold over committed offsets), takes
+each assigned partition's pending impressions and offset from the checkpoint that got
+furthest with it, checkpoints on revocation, writes checkpoints durably and only then commits
+their offsets, and rolls the pipeline back to the last durable state after a produce failure.
+It never calls back into the loop: the loop asks it, and reads what it reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stream_fm.audit import ApplyLog
+from stream_fm.checkpoint import CheckpointStore, host_part
+from stream_fm.config import Settings
+from stream_fm.errors import (
+    BrokerError,
+    CheckpointCorrupt,
+    CheckpointError,
+    MissingCheckpoint,
+    ProduceError,
+    StreamFMError,
+)
+from stream_fm.kafka import KafkaIO, Partition, Record
+from stream_fm.metrics import WorkerMetrics
+from stream_fm.pipeline import Pipeline
+from stream_fm.worker.snapshot import OFFSETS_KEY, Snapshot, parse_key, partition_key
+
+log = logging.getLogger("stream_fm.worker")
+
+
+def writer_id() -> str:
+    """This process's name in the shared checkpoint store: host, pid and a random suffix."""
+    return f"{host_part()}_{os.getpid()}_{os.urandom(3).hex()}"
+
+
+class Recovery:
+    """Checkpoints, restore, assignment, revocation, rollback and commits of one worker."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.store = CheckpointStore(
+            Path(settings.checkpoint_dir),
+            keep=settings.checkpoint_keep,
+            writer=writer_id(),
+            progress_key=OFFSETS_KEY,
+        )
+        self.apply_log = ApplyLog(settings.apply_log_path) if settings.apply_log_path else None
+        self.io: KafkaIO | None = None
+        self.offsets: dict[Partition, int] = {}  # next offset to process, per owned partition
+        # How far this model has moved through each partition it ever owned (a snapshot carries
+        # partitions that moved away since): the next offset, by learning or by taking the
+        # partition over there. Audits match restores and rollbacks on it.
+        self.applied: dict[str, int] = {}
+        # The rollback target: the last durable state, plus partitions taken over since.
+        self.target: Snapshot | None = None
+        self.target_path: Path | None = None
+        #: The last checkpoint failure (disk full, read-only); None once one succeeds again.
+        self.problem: str | None = None
+        #: An exception raised in a rebalance callback (the client swallows them): the loop raises it.
+        self.fatal: BaseException | None = None
+        self.restored = False
+        self.rollback_needed = False  # no checkpoint could be written at a revocation
+        self.dirty = False
+        self.checkpoints = 0
+        self._committed: dict[str, int | None] = {}  # transactional mode: the group's offsets
+        # Assigned partitions with no durable state yet: their first processed offset becomes
+        # their rollback point.
+        self._unanchored: set[Partition] = set()
+        self._events_since = 0
+        self._last_checkpoint_s = time.monotonic()
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.apply_log is not None:
+            self.apply_log.write(event, **fields)
+
+    # start-up
+    def start(self, io: KafkaIO) -> None:
+        """Warm-start from the freshest checkpoint in the store (any worker's), or refuse to
+        start cold over committed offsets."""
+        self.io = io
+        self._audit("start", writer=self.store.writer)
+        if io.transactional:
+            self._committed = self._group_offsets()
+            loaded = self.store.load_latest(accept=self._transaction_committed)
+        else:
+            loaded = self.store.load_latest()
+        if loaded is None:
+            self._refuse_cold_start()
+            return
+        tree, path = loaded
+        snapshot = Snapshot.from_tree(tree, str(path))
+        # Step sizes may be retuned between runs; buckets, k and optimizer must match
+        # (ModelStateMismatch names the difference and stops the start). Partitions are
+        # taken from the store at assignment, not from this snapshot.
+        self.pipeline.restore(snapshot.pipeline, partitions=())
+        self.applied = dict(snapshot.applied)
+        self.target, self.target_path = snapshot.as_start(), path
+        self.metrics.mark_checkpoint(snapshot.saved_at_s)
+        self._audit("restore", path=path.name, offsets=snapshot.offsets, applied=self.applied)
+        log.info(
+            "restored %s: model_version=%d, %d examples evaluated",
+            path.name,
+            self.pipeline.engine.n_learned,
+            self.pipeline.evaluator.examples,
+        )
+
+    def _refuse_cold_start(self) -> None:
+        assert self.io is not None
+        committed = self._committed if self.io.transactional else self._group_offsets()
+        found = {tp: offset for tp, offset in committed.items() if offset is not None}
+        if found and not self.settings.cold_start:
+            raise MissingCheckpoint(
+                f"group {self.settings.group_id!r} has committed offsets ({len(found)} "
+                f"partitions) but no checkpoint was found in {self.settings.checkpoint_dir!r}: "
+                "starting would silently lose the learned model. Point checkpoint_dir at the "
+                "checkpoints, or pass --cold-start to start a new model."
+            )
+        if found:
+            log.warning("--cold-start: a new model over the group's committed offsets")
+
+    def _group_offsets(self) -> dict[str, int | None]:
+        """The group's committed offset of every input partition (blocking: not in callbacks)."""
+        assert self.io is not None
+        return {
+            partition_key((topic, partition)): self.io.committed((topic, partition))
+            for topic in self.settings.input_topics
+            for partition in sorted(self.io.partitions_for(topic))
+        }
+
+    def _transaction_committed(self, path: Path) -> bool:
+        """Transactional mode: a checkpoint counts only if the transaction that carried its
+        offsets committed, i.e. none of its offsets is past the group's committed offset."""
+        for key, offset in self.store.progress(path).items():
+            committed = self._committed.get(key)
+            if committed is None or offset > committed:
+                return False
+        return True
+
+    # rebalances (called on the client's thread: errors are handed to the loop via ``fatal``)
+    def on_assigned(self, partitions: list[Partition]) -> None:
+        try:
+            self._assign(partitions)
+        except BaseException as error:
+            self.fatal = error
+
+    def on_revoked(self, partitions: list[Partition]) -> None:
+        try:
+            self._revoke(partitions)
+        except BaseException as error:
+            self.fatal = error
+
+    def _partition_state(
+        self, tp: Partition, loaded: dict[Path, Snapshot]
+    ) -> tuple[int, dict[str, Any] | None, str] | None:
+        """The most advanced durable state of one partition in the store, whichever worker
+        wrote it: (next offset, joiner state, file name), or None if no checkpoint holds it."""
+        assert self.io is not None
+        key = partition_key(tp)
+        for path in self.store.candidates(key):
+            if self.io.transactional and not self._transaction_committed(path):
+                continue
+            snapshot = loaded.get(path)
+            if snapshot is None:
+                try:
+                    snapshot = Snapshot.from_tree(self.store.load(path), str(path))
+                except (CheckpointCorrupt, CheckpointError) as error:
+                    log.warning("skipping %s for %s: %s", path.name, key, error)
+                    continue
+                loaded[path] = snapshot
+            offset = snapshot.offsets.get(key)
+            if offset is not None:
+                return offset, snapshot.joiner(tp), path.name
+        return None
+
+    def _assign(self, partitions: list[Partition]) -> None:
+        assert self.io is not None
+        # Read from disk, not from memory: the rollback target in memory has partitions merged
+        # into it that its file does not hold.
+        loaded: dict[Path, Snapshot] = {}
+        for tp in partitions:
+            found = self._partition_state(tp, loaded)
+            if found is None:
+                # Never checkpointed: the group's committed offset (or the reset) applies.
+                self._unanchored.add(tp)
+                self._audit("assign", partition=partition_key(tp), offset=None, path=None)
+                continue
+            offset, joiner, source = found
+            self.io.seek(tp, offset)
+            self.offsets[tp] = offset
+            if joiner is not None:
+                self.pipeline.restore_partition(tp[1], joiner)
+            if self.target is not None:
+                self.target.take_over(tp, offset, joiner)
+            self._audit("assign", partition=partition_key(tp), offset=offset, path=source)
+        self.restored = True
+        log.info("assigned %s", ", ".join(partition_key(tp) for tp in partitions) or "nothing")
+        if self.target is None:
+            # A first generation at once, so a produce failure always has a state to roll back to.
+            self.dirty = True
+            self.try_checkpoint(reason="first assignment", in_callback=True)
+
+    def _revoke(self, partitions: list[Partition]) -> None:
+        if partitions and self.dirty:
+            try:
+                self.checkpoint(reason="revocation", in_callback=True)
+            except (ProduceError, CheckpointError) as error:
+                # The partitions' next owner resumes from their last durable state; this
+                # worker's model learned past it, so it rolls back too, at its next step.
+                log.error("%s: no checkpoint at revocation", error)
+                self.rollback_needed = True
+        for tp in partitions:
+            self.offsets.pop(tp, None)
+            self._unanchored.discard(tp)
+            self.metrics.forget_partition(*tp)
+        self.pipeline.drop_partitions(keep={p for _, p in self.offsets})
+        if partitions:
+            self._audit("revoke", partitions=[partition_key(tp) for tp in partitions])
+
+    # the batches
+    def applied_batch(self, records: Sequence[Record]) -> None:
+        """A batch's outputs were handed to the producer: its records are applied."""
+        if self._unanchored:
+            for record in records:
+                tp = (record.topic, record.partition)
+                if tp in self._unanchored:
+                    self._unanchored.discard(tp)
+                    if self.target is not None:
+                        self.target.anchor(tp, record.offset)
+        for record in records:
+            self.offsets[(record.topic, record.partition)] = record.offset + 1
+        # Per batch, not per record: owned partitions' next offsets only grow.
+        self.applied.update({partition_key(tp): offset for tp, offset in self.offsets.items()})
+        self._audit("apply", records=[[r.topic, r.partition, r.offset] for r in records])
+        self.dirty = True
+        self._events_since += len(records)
+
+    def checkpoint_due(self) -> bool:
+        interval_passed = (
+            time.monotonic() - self._last_checkpoint_s >= self.settings.checkpoint_interval_s
+        )
+        enough = self._events_since >= self.settings.checkpoint_every_events
+        return self.dirty and (interval_passed or enough)
+
+    # checkpoints
+    def checkpoint(self, reason: str, in_callback: bool = False) -> None:
+        """Await acknowledgements, write the state durably, then commit its offsets.
+
+        Transactional mode: the file is written first and counts only once the transaction
+        carrying its offsets commits (``start`` checks the group's offsets). Raises
+        ProduceError (an output was rejected, or the transaction failed) or CheckpointError
+        (the disk failed); either way nothing was committed.
+        """
+        if self.io is None or not self.restored:
+            return
+        self.io.flush()
+        snapshot = Snapshot(
+            group_id=self.settings.group_id,
+            saved_at_s=time.time(),
+            pipeline=self.pipeline.state(),
+            offsets={partition_key(tp): offset for tp, offset in self.offsets.items()},
+            applied=dict(self.applied),
+        )
+        try:
+            path = self.store.save(snapshot.tree())
+        except CheckpointError:
+            self.metrics.checkpoint_errors.inc()
+            raise
+        self.store.fault("committing")
+        self._commit(path, in_callback)
+        self.store.fault("committed")
+        if self.problem is not None:
+            log.info("checkpoints are written again")
+        self.problem = None
+        self.target, self.target_path = snapshot, path
+        self.dirty = False
+        self._events_since = 0
+        self._last_checkpoint_s = time.monotonic()
+        self.checkpoints += 1
+        self.metrics.mark_checkpoint()
+        self.metrics.checkpoints.inc()
+        self._audit(
+            "checkpoint", path=path.name, offsets=snapshot.offsets, applied=snapshot.applied
+        )
+        log.debug("checkpoint %s (%s)", path.name, reason)
+
+    def _commit(self, path: Path, in_callback: bool) -> None:
+        assert self.io is not None
+        if self.io.transactional:
+            try:
+                self.io.commit_transaction(self.offsets)
+            except ProduceError:
+                self.store.discard(path)  # its outputs were aborted: never restore it
+                raise
+            # Known without asking the broker (a blocking call is not allowed in a rebalance
+            # callback): partitions taken over later are judged by these offsets.
+            self._committed.update(
+                {partition_key(tp): offset for tp, offset in self.offsets.items()}
+            )
+            return
+        try:
+            self.io.commit(self.offsets, wait=not in_callback)
+        except BrokerError as error:
+            # The checkpoint is the truth; a failed commit only delays lag reporting.
+            log.warning("%s; offsets stay in the checkpoint", error)
+
+    def try_checkpoint(self, reason: str, in_callback: bool = False) -> bool:
+        """A checkpoint whose disk failure is survivable: counted, reported not-ready, retried
+        at the next interval. Offsets stay uncommitted meanwhile."""
+        try:
+            self.checkpoint(reason, in_callback=in_callback)
+        except CheckpointError as error:
+            if self.problem is None:
+                log.error("%s; retrying every %gs", error, self.settings.checkpoint_interval_s)
+            self.problem = str(error)
+            # Retry after the interval or the event count again, not at every batch.
+            self._last_checkpoint_s = time.monotonic()
+            self._events_since = 0
+            return False
+        return True
+
+    def final_checkpoint(self) -> None:
+        """On the way out (SIGTERM): a checkpoint if anything changed since the last one."""
+        if not self.dirty:  # the newest generation already holds this state
+            return
+        try:
+            self.checkpoint(reason="shutdown")
+        except (ProduceError, CheckpointError) as error:
+            log.error("%s: stopped without a final checkpoint", error)
+            raise
+
+    # failures
+    def rollback(self) -> None:
+        """Back to the last durable checkpoint: model, accumulators, joiners and positions."""
+        assert self.io is not None
+        self.rollback_needed = False
+        self.io.discard_unacknowledged()
+        target = self.target
+        if target is None:
+            raise StreamFMError("produce failed before any checkpoint existed")
+        assignment = set(self.io.assignment())
+        # Only owned partitions: another worker may hold the rest by now.
+        self.pipeline.restore(target.pipeline, partitions={p for _, p in assignment})
+        self.offsets = {}
+        self.applied = dict(target.applied)
+        for key, offset in target.offsets.items():
+            tp = parse_key(key)
+            if tp in assignment:
+                self.io.seek(tp, offset)
+                self.offsets[tp] = offset
+        self.dirty = False
+        self._audit(
+            "rollback",
+            path=self.target_path.name if self.target_path else None,
+            offsets={partition_key(tp): offset for tp, offset in self.offsets.items()},
+            applied=self.applied,
+        )
+
+    def close(self) -> None:
+        if self.apply_log is not None:
+            self.apply_log.close()
