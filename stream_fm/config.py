@@ -29,6 +29,7 @@ import tomllib
 
 from stream_fm.errors import ConfigError
 from stream_fm.features import NUMERIC_TRANSFORMS, check_hashing
+from stream_fm.join import LABEL_POLICIES
 from stream_fm.model.params import FMParams, help_text
 
 ENV_PREFIX: Final = "STREAM_FM_"
@@ -124,6 +125,14 @@ class Settings:
     attribution_window_s: float = field(
         default=3600.0,
         metadata=help_text("a click within this many seconds of its impression makes it positive"),
+    )
+    label_policy: str = field(
+        default="fake_negative",
+        metadata=help_text(
+            "when an impression is learned: fake_negative (at once as a negative, again as a "
+            "positive on its click, with unbiasing weights), window (once, when its window "
+            "closes) or click_early (positives on click, negatives at window close)"
+        ),
     )
     max_pending_impressions: int = field(
         default=2_000_000,
@@ -237,6 +246,11 @@ def _validate(s: Settings) -> None:
         "must be >= 0 (0 turns the check off)",
     )
     require(s.attribution_window_s > 0, "attribution_window_s", "must be > 0")
+    require(
+        s.label_policy in LABEL_POLICIES,
+        "label_policy",
+        f"must be one of {', '.join(LABEL_POLICIES)}",
+    )
     require(s.max_pending_impressions >= 1, "max_pending_impressions", "must be >= 1")
     require(s.auc_window >= 10, "auc_window", "must be >= 10")
     require(bool(s.checkpoint_dir), "checkpoint_dir", "must not be empty")
@@ -309,6 +323,7 @@ LEARNING_SETTINGS: Final = frozenset(
         "numeric_transform",
         "max_features",
         "attribution_window_s",
+        "label_policy",
         "max_pending_impressions",
         "auc_window",
     }

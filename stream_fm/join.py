@@ -15,6 +15,13 @@ One ``AttributionJoiner`` per input partition. Its watermark is the largest ``ts
   Closed ids are remembered in a bounded FIFO of ``max_closed_ids`` entries to tell these apart
   (about 100 bytes each); a click on an id closed longer ago than that counts as orphan.
 
+With ``hold_positives`` (the ``window`` label policy) a clicked impression is *also* held
+until its window closes and then handed out again as a ``"held"`` outcome, in (ts, arrival)
+order among the negatives that close with it: every impression is then learned once, when
+its window closes. The ``"click"`` outcome still comes at once (progressive validation counts
+a label when it becomes final). Held impressions count towards ``max_pending``; one evicted
+early comes out as ``"held"`` too.
+
 An impression whose window had already closed when it arrived (its ``ts`` more than
 ``window_ms`` behind the watermark) is still buffered, and learned as negative by the next call.
 So when impressions and clicks come from two topics, feed them in roughly event-time order: a
@@ -66,8 +73,13 @@ __all__ = [
     "CAUSE_CLICK",
     "CAUSE_EVICTED",
     "CAUSE_FLUSHED",
+    "CAUSE_HELD",
     "CAUSE_WINDOW_CLOSED",
+    "CLICK_EARLY",
+    "FAKE_NEGATIVE",
+    "LABEL_POLICIES",
     "NO_WATERMARK",
+    "WINDOW",
     "AttributionJoiner",
     "Cause",
     "JoinCounters",
@@ -75,11 +87,20 @@ __all__ = [
     "PendingImpression",
 ]
 
-Cause = Literal["click", "window_closed", "evicted", "flushed"]
+Cause = Literal["click", "window_closed", "evicted", "flushed", "held"]
 CAUSE_CLICK: Final = "click"
+CAUSE_HELD: Final = "held"
 CAUSE_WINDOW_CLOSED: Final = "window_closed"
 CAUSE_EVICTED: Final = "evicted"
 CAUSE_FLUSHED: Final = "flushed"
+
+#: When an impression is learned, and how (``label_policy``). Progressive validation is the
+#: same for all: each impression counts once, with its final label, on the p served for it.
+CLICK_EARLY: Final = "click_early"  # positives when the click comes, negatives at window close
+WINDOW: Final = "window"  # everything once, when its window closes: unbiased, a window stale
+FAKE_NEGATIVE: Final = "fake_negative"  # at once as a negative, again as a positive on click,
+#: with the fake-negative weights that make the learned p unbiased (Ktena et al., RecSys 2019)
+LABEL_POLICIES: Final = (FAKE_NEGATIVE, WINDOW, CLICK_EARLY)
 
 #: Watermark before any event was seen; fits int64.
 NO_WATERMARK: Final = -(2**63)
@@ -146,6 +167,12 @@ class JoinCounters:
 # into the FIFO, which keeps that argument true.
 _Entry = tuple[int, int, PendingImpression]
 _get_ts = attrgetter("ts_ms")
+
+
+def _outcome_ts(outcome: Outcome) -> int:
+    return outcome.impression.ts_ms
+
+
 _get_p_served = attrgetter("p_served")
 _get_model_version = attrgetter("model_version")
 
@@ -159,6 +186,8 @@ class AttributionJoiner:
     __slots__ = (
         "_closed_order",
         "_cutoff",
+        "_held",
+        "_hold_positives",
         "_ids",
         "_in_order",
         "_max_closed_ids",
@@ -173,7 +202,13 @@ class AttributionJoiner:
         "last_impression_accepted",
     )
 
-    def __init__(self, window_ms: int, max_pending: int, max_closed_ids: int = 100_000) -> None:
+    def __init__(
+        self,
+        window_ms: int,
+        max_pending: int,
+        max_closed_ids: int = 100_000,
+        hold_positives: bool = False,
+    ) -> None:
         if window_ms < 0:
             raise ValueError(f"window_ms must be >= 0, got {window_ms}")
         if max_pending < 1:
@@ -201,6 +236,10 @@ class AttributionJoiner:
         self._seq = 0
         # Entries of clicked impressions stay in the queues and are skipped when they surface.
         self._stale = 0
+        # Clicked impressions held until their window closes: (ts, sequence, impression,
+        # click ts), a heap.
+        self._hold_positives = hold_positives
+        self._held: list[tuple[int, int, PendingImpression, int]] = []
         self.counters = JoinCounters()
         #: Whether the latest ``add_impression`` buffered its impression (False: a duplicate).
         self.last_impression_accepted = False
@@ -216,6 +255,14 @@ class AttributionJoiner:
     @property
     def max_closed_ids(self) -> int:
         return self._max_closed_ids
+
+    @property
+    def hold_positives(self) -> bool:
+        return self._hold_positives
+
+    @hold_positives.setter
+    def hold_positives(self, hold: bool) -> None:
+        self._hold_positives = hold
 
     @property
     def watermark_ms(self) -> int:
@@ -246,8 +293,10 @@ class AttributionJoiner:
         in_order = self._in_order
         out_of_order = self._out_of_order
         due: Sequence[Outcome] = _NOTHING
-        if (in_order and in_order[0].ts_ms < cutoff) or (
-            out_of_order and out_of_order[0][0] < cutoff
+        if (
+            (in_order and in_order[0].ts_ms < cutoff)
+            or (out_of_order and out_of_order[0][0] < cutoff)
+            or (self._held and self._held[0][0] < cutoff)
         ):
             due = self._close_expired()
         impression_id = imp.id
@@ -279,8 +328,10 @@ class AttributionJoiner:
         in_order = self._in_order
         out_of_order = self._out_of_order
         due: Sequence[Outcome] = _NOTHING
-        if (in_order and in_order[0].ts_ms < cutoff) or (
-            out_of_order and out_of_order[0][0] < cutoff
+        if (
+            (in_order and in_order[0].ts_ms < cutoff)
+            or (out_of_order and out_of_order[0][0] < cutoff)
+            or (self._held and self._held[0][0] < cutoff)
         ):
             due = self._close_expired()
         # Still pending after the advance implies ts_ms <= imp.ts + window: no window check here.
@@ -295,12 +346,16 @@ class AttributionJoiner:
                 counters.late_clicks += 1
             return due
         self.counters.positives += 1
-        self._pending_count -= 1
+        label_ts = ts_ms if ts_ms > imp.ts_ms else imp.ts_ms
+        if self._hold_positives:
+            self._seq += 1
+            heapq.heappush(self._held, (imp.ts_ms, self._seq, imp, label_ts))
+        else:
+            self._pending_count -= 1
         self._remember_closed(impression_id, True)
         self._stale += 1
         if self._stale > self._pending_count + self._COMPACTION_SLACK:
             self._drop_stale_entries()
-        label_ts = ts_ms if ts_ms > imp.ts_ms else imp.ts_ms
         positive = _new_outcome(Outcome, (imp, 1, label_ts, CAUSE_CLICK))
         if not due:
             return (positive,)
@@ -316,14 +371,17 @@ class AttributionJoiner:
         cutoff = self._cutoff
         in_order = self._in_order
         out_of_order = self._out_of_order
-        if (in_order and in_order[0].ts_ms < cutoff) or (
-            out_of_order and out_of_order[0][0] < cutoff
+        if (
+            (in_order and in_order[0].ts_ms < cutoff)
+            or (out_of_order and out_of_order[0][0] < cutoff)
+            or (self._held and self._held[0][0] < cutoff)
         ):
             return self._close_expired()
         return _NOTHING
 
     def flush(self) -> list[Outcome]:
-        """Learn everything still pending as negative (end of a replay), oldest first."""
+        """Learn everything still pending as negative (end of a replay), oldest first; held
+        positives come out among them in ts order."""
         out: list[Outcome] = []
         ids = self._ids
         watermark = self._watermark
@@ -335,9 +393,16 @@ class AttributionJoiner:
                 continue
             self._remember_closed(imp.id, False)
             out.append(_new_outcome(Outcome, (imp, 0, watermark, CAUSE_FLUSHED)))
+        self.counters.flushed += len(out)
+        if self._held:
+            held = [
+                _new_outcome(Outcome, (imp, 1, click_ts, CAUSE_HELD))
+                for _, _, imp, click_ts in sorted(self._held)
+            ]
+            self._held = []
+            out = list(heapq.merge(out, held, key=_outcome_ts))
         self._pending_count = 0
         self._stale = 0
-        self.counters.flushed += len(out)
         return out
 
     def _pop_oldest(self) -> PendingImpression | None:
@@ -353,20 +418,31 @@ class AttributionJoiner:
         out: list[Outcome] = []
         in_order = self._in_order
         out_of_order = self._out_of_order
+        held = self._held
         ids = self._ids
         cutoff = self._cutoff
         watermark = self._watermark
         closed_order = self._closed_order
         max_closed = self._max_closed_ids
+        released = 0
         while True:
-            if out_of_order and (not in_order or out_of_order[0][0] < in_order[0].ts_ms):
-                if out_of_order[0][0] >= cutoff:
-                    break
-                imp = heapq.heappop(out_of_order)[2]
-            elif in_order and in_order[0].ts_ms < cutoff:
-                imp = in_order.popleft()
+            from_heap = bool(out_of_order) and (
+                not in_order or out_of_order[0][0] < in_order[0].ts_ms
+            )
+            if from_heap:
+                oldest_ts = out_of_order[0][0]
+            elif in_order:
+                oldest_ts = in_order[0].ts_ms
             else:
+                oldest_ts = cutoff  # nothing pending: only held ones can be due
+            if held and held[0][0] < cutoff and held[0][0] < oldest_ts:
+                _, _, imp, click_ts = heapq.heappop(held)
+                out.append(_new_outcome(Outcome, (imp, 1, click_ts, CAUSE_HELD)))
+                released += 1
+                continue
+            if oldest_ts >= cutoff:
                 break
+            imp = heapq.heappop(out_of_order)[2] if from_heap else in_order.popleft()
             impression_id = imp.id
             if ids.get(impression_id) is not imp:
                 self._stale -= 1
@@ -378,7 +454,7 @@ class AttributionJoiner:
                 del ids[closed_order.popleft()]
             out.append(_new_outcome(Outcome, (imp, 0, watermark, CAUSE_WINDOW_CLOSED)))
         self._pending_count -= len(out)
-        self.counters.negatives_window += len(out)
+        self.counters.negatives_window += len(out) - released
         return out
 
     def _evict_oldest(self, due: Sequence[Outcome]) -> list[Outcome]:
@@ -386,16 +462,23 @@ class AttributionJoiner:
         out = due if isinstance(due, list) else list(due)
         in_order = self._in_order
         out_of_order = self._out_of_order
+        held = self._held
         ids = self._ids
         closed_order = self._closed_order
         max_closed = self._max_closed_ids
         watermark = self._watermark
-        evicted = 0
-        while self._pending_count - evicted >= self._max_pending:
-            if out_of_order and (not in_order or out_of_order[0][0] < in_order[0].ts_ms):
-                imp = heapq.heappop(out_of_order)[2]
-            else:
-                imp = in_order.popleft()  # never empty: every pending id has an entry
+        evicted = released = 0
+        while self._pending_count - evicted - released >= self._max_pending:
+            from_heap = bool(out_of_order) and (
+                not in_order or out_of_order[0][0] < in_order[0].ts_ms
+            )
+            oldest_ts = out_of_order[0][0] if from_heap else in_order[0].ts_ms if in_order else None
+            if held and (oldest_ts is None or held[0][0] < oldest_ts):
+                _, _, imp, click_ts = heapq.heappop(held)  # a held positive goes out early
+                out.append(_new_outcome(Outcome, (imp, 1, click_ts, CAUSE_HELD)))
+                released += 1
+                continue
+            imp = heapq.heappop(out_of_order)[2] if from_heap else in_order.popleft()
             impression_id = imp.id
             if ids.get(impression_id) is not imp:
                 self._stale -= 1
@@ -406,7 +489,7 @@ class AttributionJoiner:
                 del ids[closed_order.popleft()]
             out.append(_new_outcome(Outcome, (imp, 0, watermark, CAUSE_EVICTED)))
             evicted += 1
-        self._pending_count -= evicted
+        self._pending_count -= evicted + released
         self.counters.evicted += evicted
         return out
 
@@ -433,33 +516,21 @@ class AttributionJoiner:
         """Everything needed to resume exactly: arrays and plain values only."""
         ids = self._ids
         pending = [v for v in ids.values() if isinstance(v, PendingImpression)]  # arrival order
-        n = len(pending)
-        pending_blob, pending_offsets = _encode_ids([imp.id for imp in pending])
         closed_ids = list(self._closed_order)
         closed_blob, closed_offsets = _encode_ids(closed_ids)
-        examples = [imp.example for imp in pending]
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.fromiter((len(x.indices) for x in examples), np.int64, n), out=indptr[1:])
-        if pending:
-            indices = np.concatenate([x.indices for x in examples]).astype(np.int32, copy=False)
-            values = np.concatenate([x.values for x in examples]).astype(np.float64, copy=False)
-        else:
-            indices = np.zeros(0, dtype=np.int32)
-            values = np.zeros(0, dtype=np.float64)
+        held = sorted(self._held)
         state: dict[str, StateValue] = {
             "format": _STATE_FORMAT,
             "window_ms": self._window_ms,
             "max_pending": self._max_pending,
             "max_closed_ids": self._max_closed_ids,
+            "hold_positives": int(self._hold_positives),
+            "seq": self._seq,
             "watermark_ms": self._watermark,
-            "pending_id_blob": pending_blob,
-            "pending_id_offsets": pending_offsets,
-            "pending_ts_ms": np.fromiter(map(_get_ts, pending), np.int64, n),
-            "pending_p_served": np.fromiter(map(_get_p_served, pending), np.float64, n),
-            "pending_model_version": np.fromiter(map(_get_model_version, pending), np.int64, n),
-            "pending_indptr": indptr,
-            "pending_indices": indices,
-            "pending_values": values,
+            **_encode_impressions("pending", pending),
+            **_encode_impressions("held", [entry[2] for entry in held]),
+            "held_seq": np.array([entry[1] for entry in held], dtype=np.int64),
+            "held_click_ts_ms": np.array([entry[3] for entry in held], dtype=np.int64),
             "closed_id_blob": closed_blob,
             "closed_id_offsets": closed_offsets,
             "closed_positive": np.fromiter(
@@ -502,33 +573,31 @@ class AttributionJoiner:
         joiner._watermark = watermark
         joiner._cutoff = watermark - joiner._window_ms
 
-        pending_ids = _decode_ids(state, "pending_id_blob", "pending_id_offsets")
-        n = len(pending_ids)
-        ts = _get_array(state, "pending_ts_ms", n, "iu").tolist()
-        p_served = _get_array(state, "pending_p_served", n, "f").tolist()
-        versions = _get_array(state, "pending_model_version", n, "iu").tolist()
-        indptr_array = _get_array(state, "pending_indptr", n + 1, "iu")
-        if indptr_array[0] != 0 or np.any(np.diff(indptr_array) < 0):
-            raise CheckpointCorrupt("joiner state: pending_indptr is not monotone from 0")
-        nnz = int(indptr_array[-1])
-        indptr = indptr_array.tolist()
-        # Copies: views would pin the whole checkpoint buffer (model included) in memory for as
-        # long as any restored impression waits.
-        indices = np.array(_get_array(state, "pending_indices", nnz, "iu"), dtype=np.int32)
-        values = np.array(_get_array(state, "pending_values", nnz, "f"), dtype=np.float64)
+        pending = _decode_impressions(state, "pending")
+        n = len(pending)
         known = joiner._ids
         restored: list[tuple[int, int, PendingImpression]] = []
-        for i, impression_id in enumerate(pending_ids):
-            start, end = indptr[i], indptr[i + 1]
-            example = SparseExample(indices[start:end], values[start:end])
-            imp = PendingImpression(impression_id, ts[i], example, p_served[i], versions[i])
-            known[impression_id] = imp
+        for i, imp in enumerate(pending):
+            known[imp.id] = imp
             restored.append((imp.ts_ms, i, imp))
         if len(known) != n:
             raise CheckpointCorrupt("joiner state: duplicate pending ids")
         restored.sort()  # (ts, arrival); the index is unique, so impressions are never compared
         joiner._in_order.extend(e[2] for e in restored)
         joiner._pending_count = n
+        # Held positives (the window policy); absent from checkpoints written before it.
+        joiner._hold_positives = bool(state.get("hold_positives", 0))
+        joiner._seq = int(state.get("seq", 0))  # type: ignore[call-overload]
+        if "held_id_blob" in state:
+            held = _decode_impressions(state, "held")
+            seqs = _get_array(state, "held_seq", len(held), "iu").tolist()
+            clicks = _get_array(state, "held_click_ts_ms", len(held), "iu").tolist()
+            joiner._held = [
+                (imp.ts_ms, seq, imp, click)
+                for imp, seq, click in zip(held, seqs, clicks, strict=True)
+            ]
+            heapq.heapify(joiner._held)
+            joiner._pending_count += len(held)
 
         closed_ids = _decode_ids(state, "closed_id_blob", "closed_id_offsets")
         positive = _get_array(state, "closed_positive", len(closed_ids), "b").tolist()
@@ -540,6 +609,58 @@ class AttributionJoiner:
         for f in fields(JoinCounters):
             setattr(joiner.counters, f.name, _get_int(state, f"count_{f.name}"))
         return joiner
+
+
+def _encode_impressions(prefix: str, imps: list[PendingImpression]) -> dict[str, StateValue]:
+    """Impressions as arrays: ids, ts, served p, model version, examples (CSR)."""
+    n = len(imps)
+    blob, offsets = _encode_ids([imp.id for imp in imps])
+    examples = [imp.example for imp in imps]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((len(x.indices) for x in examples), np.int64, n), out=indptr[1:])
+    if imps:
+        indices = np.concatenate([x.indices for x in examples]).astype(np.int32, copy=False)
+        values = np.concatenate([x.values for x in examples]).astype(np.float64, copy=False)
+    else:
+        indices = np.zeros(0, dtype=np.int32)
+        values = np.zeros(0, dtype=np.float64)
+    return {
+        f"{prefix}_id_blob": blob,
+        f"{prefix}_id_offsets": offsets,
+        f"{prefix}_ts_ms": np.fromiter(map(_get_ts, imps), np.int64, n),
+        f"{prefix}_p_served": np.fromiter(map(_get_p_served, imps), np.float64, n),
+        f"{prefix}_model_version": np.fromiter(map(_get_model_version, imps), np.int64, n),
+        f"{prefix}_indptr": indptr,
+        f"{prefix}_indices": indices,
+        f"{prefix}_values": values,
+    }
+
+
+def _decode_impressions(state: Mapping[str, object], prefix: str) -> list[PendingImpression]:
+    ids = _decode_ids(state, f"{prefix}_id_blob", f"{prefix}_id_offsets")
+    n = len(ids)
+    ts = _get_array(state, f"{prefix}_ts_ms", n, "iu").tolist()
+    p_served = _get_array(state, f"{prefix}_p_served", n, "f").tolist()
+    versions = _get_array(state, f"{prefix}_model_version", n, "iu").tolist()
+    indptr_array = _get_array(state, f"{prefix}_indptr", n + 1, "iu")
+    if indptr_array[0] != 0 or np.any(np.diff(indptr_array) < 0):
+        raise CheckpointCorrupt(f"joiner state: {prefix}_indptr is not monotone from 0")
+    nnz = int(indptr_array[-1])
+    indptr = indptr_array.tolist()
+    # Copies: views would pin the whole checkpoint buffer (model included) in memory for as
+    # long as any restored impression waits.
+    indices = np.array(_get_array(state, f"{prefix}_indices", nnz, "iu"), dtype=np.int32)
+    values = np.array(_get_array(state, f"{prefix}_values", nnz, "f"), dtype=np.float64)
+    return [
+        PendingImpression(
+            ident,
+            ts[i],
+            SparseExample(indices[indptr[i] : indptr[i + 1]], values[indptr[i] : indptr[i + 1]]),
+            p_served[i],
+            versions[i],
+        )
+        for i, ident in enumerate(ids)
+    ]
 
 
 def _encode_ids(ids: list[str]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:

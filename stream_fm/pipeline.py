@@ -32,8 +32,17 @@ from stream_fm.errors import InvalidEvent
 from stream_fm.evaluate import ProgressiveValidation
 from stream_fm.events import Click, Event, EventDecoder, Impression, Labeled
 from stream_fm.features import FeatureHasher
-from stream_fm.join import AttributionJoiner, Outcome, PendingImpression
-from stream_fm.model.base import OP_LEARN, OP_SCORE, Engine, OpBatch, SparseExample
+from stream_fm.join import (
+    CAUSE_HELD,
+    CLICK_EARLY,
+    FAKE_NEGATIVE,
+    LABEL_POLICIES,
+    WINDOW,
+    AttributionJoiner,
+    Outcome,
+    PendingImpression,
+)
+from stream_fm.model.base import OP_LEARN, OP_LEARN_FNW, OP_SCORE, Engine, OpBatch, SparseExample
 from stream_fm.model.fast import FastFM
 
 __all__ = ["FeatureHasher", "Pipeline"]
@@ -154,7 +163,8 @@ class Pipeline:
 
     ``process`` takes ``(partition, raw_bytes)`` pairs in record order. Each partition has
     its own joiner (pending impressions and watermark are state of a partition); the model
-    and the progressive-validation accumulator are shared.
+    and the progressive-validation accumulator are shared. ``label_policy`` is one of
+    ``LABEL_POLICIES``.
     """
 
     def __init__(
@@ -165,11 +175,15 @@ class Pipeline:
         max_pending: int,
         auc_window: int = 100_000,
         evaluator: ProgressiveValidation | None = None,
+        label_policy: str = FAKE_NEGATIVE,
     ) -> None:
+        if label_policy not in LABEL_POLICIES:
+            raise ValueError(f"label_policy must be one of {LABEL_POLICIES}, got {label_policy!r}")
         self.engine = engine
         self.decoder = decoder
         self.window_ms = window_ms
         self.max_pending = max_pending
+        self.label_policy = label_policy
         self.evaluator = evaluator or ProgressiveValidation(window=auc_window)
         self.joiners: dict[Hashable, AttributionJoiner] = {}
 
@@ -189,12 +203,15 @@ class Pipeline:
             settings.max_pending_impressions,
             auc_window=settings.auc_window,
             evaluator=evaluator,
+            label_policy=settings.label_policy,
         )
 
     def joiner(self, partition: Hashable) -> AttributionJoiner:
         joiner = self.joiners.get(partition)
         if joiner is None:
-            joiner = self.joiners[partition] = AttributionJoiner(self.window_ms, self.max_pending)
+            joiner = self.joiners[partition] = AttributionJoiner(
+                self.window_ms, self.max_pending, hold_positives=self.label_policy == WINDOW
+            )
         return joiner
 
     @property
@@ -228,16 +245,19 @@ class Pipeline:
         them by now)."""
         self.engine.load_state(state["engine"], strict=False)
         self.evaluator = ProgressiveValidation.from_state(state["evaluator"])
-        self.joiners = {
-            int(key): AttributionJoiner.from_state(joiner)
-            for key, joiner in state["partitions"].items()
-            if int(key) in partitions
-        }
+        self.joiners = {}
+        for key, joiner in state["partitions"].items():
+            if int(key) in partitions:
+                self.restore_partition(int(key), joiner)
 
     def restore_partition(self, partition: Hashable, joiner_state: Mapping[str, Any]) -> None:
         """A partition taken over with its pending impressions (unless it is already here)."""
         if partition not in self.joiners:
-            self.joiners[partition] = AttributionJoiner.from_state(joiner_state)
+            joiner = AttributionJoiner.from_state(joiner_state)
+            # A policy changed across a restart applies from now on: what the joiner holds
+            # still comes out (and is learned) when its window closes.
+            joiner.hold_positives = self.label_policy == WINDOW
+            self.joiners[partition] = joiner
 
     def drop_partitions(self, keep: Collection[Hashable]) -> None:
         """Forget every partition's joiner but those of ``keep``."""
@@ -308,26 +328,39 @@ class Pipeline:
         scored_positions = result._scored_positions
         scored_rows: list[int] = []
         score_ops: list[int] = []
-        learned_items = result._learned_items
-        learn_ops: list[int] = []
+        # Final labels for progressive validation, the same whatever the label policy; for a
+        # labeled event, the index of its own score op (-1 for joined outcomes).
+        evaluated = result._learned_items
+        evaluated_ops: list[int] = []
         # This batch's impressions by object identity -> their row, for learns in this batch.
         row_of: dict[int, int] = {}
         n_impressions = n_clicks = n_labeled = 0
         last_partition: Hashable = _NO_PARTITION
         joiner: AttributionJoiner | None = None
+        policy = self.label_policy
+        fake_negatives = policy == FAKE_NEGATIVE
+        learn_kind = OP_LEARN_FNW if fake_negatives else OP_LEARN
 
-        def learn(outcomes: Sequence[Outcome]) -> None:
+        def learn(imp: PendingImpression, label: int, kind: int) -> None:
+            row = row_of.get(id(imp))
+            if row is None:
+                old_pieces.append(imp.example)
+                row = -len(old_pieces)  # renumbered after this batch's rows in _build
+            kinds.append(kind)
+            rows.append(row)
+            labels.append(label)
+
+        def settle(outcomes: Sequence[Outcome]) -> None:
+            """Final labels are evaluated; what the policy learns from them, it learns."""
             for outcome in outcomes:
-                imp = outcome.impression
-                row = row_of.get(id(imp))
-                if row is None:
-                    old_pieces.append(imp.example)
-                    row = -len(old_pieces)  # renumbered after this batch's rows in _build
-                learn_ops.append(len(kinds))
-                kinds.append(OP_LEARN)
-                rows.append(row)
-                labels.append(outcome.label)
-                learned_items.append(outcome)
+                cause, label = outcome.cause, outcome.label
+                if cause == CAUSE_HELD:  # window: a positive whose window just closed
+                    learn(outcome.impression, 1, OP_LEARN)
+                    continue
+                evaluated.append(outcome)
+                evaluated_ops.append(-1)
+                if policy == CLICK_EARLY or (label == 0) == (policy == WINDOW):
+                    learn(outcome.impression, label, learn_kind)
 
         for position, (partition, event) in enumerate(events):
             kind = type(event)
@@ -339,7 +372,7 @@ class Pipeline:
                 pending = PendingImpression(event.id, event.ts_ms, _PLACEHOLDER, math.nan, 0)
                 due = joiner.add_impression(pending)
                 if due:
-                    learn(due)
+                    settle(due)
                 if not joiner.last_impression_accepted:
                     continue  # a duplicate id: counted by the joiner, not scored again
                 row = len(indptr) - 1
@@ -351,6 +384,10 @@ class Pipeline:
                 kinds.append(OP_SCORE)
                 rows.append(row)
                 labels.append(0)
+                if fake_negatives:  # learned at once as a negative, right after it is served
+                    kinds.append(OP_LEARN_FNW)
+                    rows.append(row)
+                    labels.append(0)
                 scored.append(pending)
                 scored_positions.append(position)
                 scored_rows.append(row)
@@ -361,7 +398,7 @@ class Pipeline:
                     joiner, last_partition = self.joiner(partition), partition
                 due = joiner.add_click(event.id, event.ts_ms)
                 if due:
-                    learn(due)
+                    settle(due)
             elif kind is Labeled:
                 assert isinstance(event, Labeled)
                 n_labeled += 1
@@ -369,18 +406,22 @@ class Pipeline:
                 flat_keys += event.keys
                 flat_values += event.values
                 indptr.append(len(flat_keys))
+                evaluated.append(event)
+                evaluated_ops.append(len(kinds))
                 kinds += (OP_SCORE, OP_LEARN)
                 rows += (row, row)
                 labels += (0, event.label)
-                learn_ops.append(len(kinds) - 1)
-                learned_items.append(event)
         if closing:
-            learn(closing)
+            settle(closing)
         counts = result.events_by_type
         for name, n in (("impression", n_impressions), ("click", n_clicks), ("labeled", n_labeled)):
             if n:
                 counts[name] = n
         if not kinds:
+            # Nothing to run (fake negatives learn nothing when a window closes), yet labels
+            # may have become final: they are evaluated all the same.
+            if evaluated:
+                self._evaluate(result, np.zeros(0), evaluated_ops)
             return result
 
         batch = self._build(flat_keys, flat_values, indptr, kinds, rows, labels, old_pieces)
@@ -390,7 +431,7 @@ class Pipeline:
         if score_ops:
             # Serve: each score op's p and the model version (examples learned) it saw.
             score_index = np.array(score_ops, dtype=np.int64)
-            learned_before = np.cumsum(batch.op_kind == OP_LEARN)[score_index]
+            learned_before = np.cumsum(batch.op_kind != OP_SCORE)[score_index]
             served_p = probabilities[score_index].tolist()
             versions = (learned_before + version_before).tolist()
             row_index = np.array(scored_rows, dtype=np.int64)
@@ -403,8 +444,8 @@ class Pipeline:
                 pending.p_served = p
                 pending.model_version = version
                 pending.example = SparseExample(indices[a:b], values[a:b])
-        if learn_ops:
-            self._evaluate(result, probabilities, learn_ops, labels)
+        if evaluated:
+            self._evaluate(result, probabilities, evaluated_ops)
         return result
 
     def _build(
@@ -442,23 +483,25 @@ class Pipeline:
         self,
         result: BatchResult,
         probabilities: npt.NDArray[np.float64],
-        learn_ops: list[int],
-        labels: list[int],
+        evaluated_ops: list[int],
     ) -> None:
         """Progressive validation on the p served before learning, never the p after."""
         served = result._learned_p
         delays = result.click_delays_ms
-        for item, op in zip(result._learned_items, learn_ops, strict=True):
+        label_list: list[int] = []
+        for item, op in zip(result._learned_items, evaluated_ops, strict=True):
             if type(item) is Labeled:
-                served.append(float(probabilities[op - 1]))  # its own score op, just before
+                served.append(float(probabilities[op]))  # its own score op
+                label_list.append(item.label)
             else:
                 assert isinstance(item, Outcome)
                 imp = item.impression
                 served.append(imp.p_served)
+                label_list.append(item.label)
                 if item.label == 1:
                     delays.append(item.label_ts_ms - imp.ts_ms)
         served_array = np.array(served, dtype=np.float64)
-        label_array = np.array(labels, dtype=np.int8)[np.array(learn_ops, dtype=np.int64)]
+        label_array = np.array(label_list, dtype=np.int8)
         positives = int(label_array.sum())
         result.learned_positives = positives
         result.learned_negatives = len(label_array) - positives

@@ -10,6 +10,7 @@ import pytest
 
 from stream_fm.events import EventDecoder
 from stream_fm.features import FeatureHasher
+from stream_fm.join import CLICK_EARLY, FAKE_NEGATIVE, LABEL_POLICIES, WINDOW
 from stream_fm.model import FastFM, FMParams
 from stream_fm.pipeline import Pipeline
 from stream_fm.tools.simulate import SimulationParams, Simulator
@@ -17,10 +18,18 @@ from stream_fm.tools.simulate import SimulationParams, Simulator
 BITS = 14
 
 
-def _pipeline(window_ms: int = 1000, max_pending: int = 1000) -> Pipeline:
+def _pipeline(
+    window_ms: int = 1000, max_pending: int = 1000, label_policy: str = CLICK_EARLY
+) -> Pipeline:
+    """The join semantics below are those of ``click_early``; each policy has its own tests."""
     engine = FastFM(FMParams(n_buckets=1 << BITS, k=4))
     return Pipeline(
-        engine, EventDecoder(FeatureHasher(bits=BITS)), window_ms, max_pending, auc_window=100
+        engine,
+        EventDecoder(FeatureHasher(bits=BITS)),
+        window_ms,
+        max_pending,
+        auc_window=100,
+        label_policy=label_policy,
     )
 
 
@@ -96,11 +105,12 @@ def _simulated_records(n: int) -> list[tuple[int, bytes]]:
     return [(0, orjson.dumps(e)) for e in Simulator(params).generate().events()]
 
 
-def test_batching_does_not_change_the_model() -> None:
+@pytest.mark.parametrize("policy", LABEL_POLICIES)
+def test_batching_does_not_change_the_model(policy: str) -> None:
     records = _simulated_records(3000)
     whole, pieces = (
-        _pipeline(window_ms=60_000, max_pending=10_000),
-        _pipeline(window_ms=60_000, max_pending=10_000),
+        _pipeline(window_ms=60_000, max_pending=10_000, label_policy=policy),
+        _pipeline(window_ms=60_000, max_pending=10_000, label_policy=policy),
     )
     whole.process(records)
     for start in range(0, len(records), 97):
@@ -113,10 +123,82 @@ def test_batching_does_not_change_the_model() -> None:
     assert whole.evaluator.logloss_sum == pytest.approx(pieces.evaluator.logloss_sum, rel=1e-12)
 
 
-def test_flush_learns_every_pending_impression() -> None:
+@pytest.mark.parametrize("policy", LABEL_POLICIES)
+def test_flush_learns_every_pending_impression(policy: str) -> None:
     records = _simulated_records(500)
-    pipe = _pipeline(window_ms=60_000, max_pending=10_000)
+    pipe = _pipeline(window_ms=60_000, max_pending=10_000, label_policy=policy)
     pipe.process(records)
     pipe.flush()
     assert pipe.pending_count == 0
     assert pipe.evaluator.examples == 500
+
+
+def _learns(pipe: Pipeline, records: list[tuple[int, bytes]]) -> tuple[list[int], list[str]]:
+    """(model versions served, final labels evaluated) of one batch."""
+    result = pipe.process(records)
+    return [p.model_version for p in result.predictions], [
+        f"{x.id}:{x.label}" for x in result.learned
+    ]
+
+
+def test_policies_learn_at_their_own_times_and_evaluate_alike() -> None:
+    records = [
+        _imp("a", 0, s="1"),
+        _imp("b", 10, s="2"),
+        _click("a", 500),  # a is positive at 500
+        _imp("c", 1200, s="3"),  # closes a's and b's windows (0 + 1000, 10 + 1000 < 1200)
+        _imp("d", 1300, s="4"),
+    ]
+    served: dict[str, list[int]] = {}
+    evaluated: dict[str, list[str]] = {}
+    for policy in LABEL_POLICIES:
+        served[policy], evaluated[policy] = _learns(_pipeline(label_policy=policy), records)
+    # Final labels are evaluated at the same moments, on the served p, whatever the policy.
+    assert evaluated[CLICK_EARLY] == evaluated[WINDOW] == evaluated[FAKE_NEGATIVE]
+    assert evaluated[CLICK_EARLY] == ["a:1", "b:0"]
+    # What each had learned when it served c and d:
+    assert served[CLICK_EARLY] == [0, 0, 2, 2]  # a's positive, then b's negative at c
+    assert served[WINDOW] == [0, 0, 2, 2]  # nothing until c closes a's and b's windows
+    assert served[FAKE_NEGATIVE] == [0, 1, 3, 4]  # each impression at once, a again on click
+
+
+def test_window_learns_a_positive_only_when_its_window_closes() -> None:
+    pipe = _pipeline(label_policy=WINDOW)
+    pipe.process([_imp("a", 0, s="1"), _click("a", 100)])
+    assert pipe.engine.n_learned == 0 and pipe.evaluator.examples == 1
+    assert pipe.pending_count == 1, "held until its window closes"
+    result = pipe.process([_imp("z", 1001, s="9")])
+    assert pipe.engine.n_learned == 1 and result.learned == []
+    assert pipe.pending_count == 1  # z
+
+
+def test_window_keeps_held_positives_across_a_checkpoint() -> None:
+    records = _simulated_records(3000)
+    straight = _pipeline(window_ms=60_000, max_pending=10_000, label_policy=WINDOW)
+    straight.process(records)
+    first = _pipeline(window_ms=60_000, max_pending=10_000, label_policy=WINDOW)
+    first.process(records[:1500])
+    state = first.state()
+    again = _pipeline(window_ms=60_000, max_pending=10_000, label_policy=WINDOW)
+    again.restore(state, partitions={0})
+    again.process(records[1500:])
+    for key, value in straight.engine.state().items():
+        if isinstance(value, np.ndarray):
+            assert value.tobytes() == again.engine.state()[key].tobytes(), key  # type: ignore[union-attr]
+
+
+def test_fake_negatives_make_the_learned_rate_unbiased() -> None:
+    """Every impression learned at once as a negative and its clicks again as positives: with
+    the fake-negative weights the intercept-only model converges to the true rate (a plain
+    duplicate would converge to rate / (1 + rate))."""
+    rng = np.random.default_rng(3)
+    for policy, expected in ((FAKE_NEGATIVE, 0.3), (CLICK_EARLY, 0.3)):
+        pipe = _pipeline(window_ms=100, max_pending=100_000, label_policy=policy)
+        records = []
+        for i in range(20_000):
+            records.append(_imp(f"i{i}", 10 * i))
+            if rng.random() < 0.3:
+                records.append(_click(f"i{i}", 10 * i + 5))
+        pipe.process(records)
+        late = pipe.process([_imp("probe", 10 * 20_000 + 1000)])
+        assert late.predictions[0].p_click == pytest.approx(expected, abs=0.03), policy

@@ -15,6 +15,12 @@ import numpy.typing as npt
 
 OP_SCORE = 0
 OP_LEARN = 1
+#: Learn with fake-negative weights (Ktena et al., RecSys 2019): the kernel weighs the step
+#: by ``1 + p`` for a positive and ``(1 - p)(1 + p)`` for a negative, ``p`` the model's own
+#: current prediction, so that learning every impression at once as a negative, and again as
+#: a positive when its click comes, converges to the unbiased click probability.
+OP_LEARN_FNW = 2
+LEARN_KINDS = (OP_LEARN, OP_LEARN_FNW)
 
 StateValue = npt.NDArray[np.generic] | int | float | str
 
@@ -30,9 +36,10 @@ class SparseExample(NamedTuple):
 class OpBatch:
     """Examples in CSR form plus the operations to run on them, in order.
 
-    Operation ``j`` is ``op_kind[j]`` (``OP_SCORE`` or ``OP_LEARN``) on example row
-    ``op_row[j]`` (features ``indices[indptr[r]:indptr[r+1]]``) with label ``op_label[j]``
-    (ignored for scores).
+    Operation ``j`` is ``op_kind[j]`` (``OP_SCORE``, ``OP_LEARN`` or ``OP_LEARN_FNW``) on
+    example row ``op_row[j]`` (features ``indices[indptr[r]:indptr[r+1]]``) with label
+    ``op_label[j]`` and importance weight ``op_weight[j]`` (both ignored for scores; no
+    weights means 1 for every op).
     """
 
     indptr: npt.NDArray[np.int64]
@@ -41,9 +48,16 @@ class OpBatch:
     op_kind: npt.NDArray[np.int8]
     op_row: npt.NDArray[np.int64]
     op_label: npt.NDArray[np.int8]
+    op_weight: npt.NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return len(self.op_kind)
+
+    def weights(self) -> npt.NDArray[np.float64]:
+        """Every op's importance weight (ones when none were given)."""
+        if self.op_weight is None:
+            return np.ones(len(self.op_kind))
+        return self.op_weight
 
 
 @runtime_checkable

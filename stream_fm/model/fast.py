@@ -99,6 +99,7 @@ class FastFM:
         self._score1 = np.full(1, OP_SCORE, dtype=np.int8)
         self._learn1 = np.full(1, OP_LEARN, dtype=np.int8)
         self._label1 = np.zeros(1, dtype=np.int8)
+        self._weight1 = np.ones(1)
 
     # -- Engine protocol -------------------------------------------------------------------
 
@@ -136,7 +137,8 @@ class FastFM:
         op_kind = np.ascontiguousarray(batch.op_kind, dtype=np.int8)
         op_row = np.ascontiguousarray(batch.op_row, dtype=np.int64)
         op_label = np.ascontiguousarray(batch.op_label, dtype=np.int8)
-        return self._run(indptr, indices, values, op_kind, op_row, op_label)
+        op_weight = np.ascontiguousarray(batch.weights(), dtype=np.float64)
+        return self._run(indptr, indices, values, op_kind, op_row, op_label, op_weight)
 
     def state(self) -> dict[str, StateValue]:
         """Copies of every array plus the params; no pickle needed to store it."""
@@ -254,7 +256,9 @@ class FastFM:
         values = np.ascontiguousarray(x.values, dtype=np.float64)
         self._indptr1[1] = indices.shape[0]
         self._label1[0] = label
-        return self._run(self._indptr1, indices, values, kind, self._row1, self._label1)
+        return self._run(
+            self._indptr1, indices, values, kind, self._row1, self._label1, self._weight1
+        )
 
     def _run(
         self,
@@ -264,15 +268,16 @@ class FastFM:
         op_kind: npt.NDArray[np.int8],
         op_row: npt.NDArray[np.int64],
         op_label: npt.NDArray[np.int8],
+        op_weight: F64,
     ) -> F64:
         code = kernel.check_batch(
-            indptr, indices, values, op_kind, op_row, op_label, self._params.n_buckets
+            indptr, indices, values, op_kind, op_row, op_label, op_weight, self._params.n_buckets
         )
         if code != kernel.BATCH_OK:
             raise ValueError(f"invalid OpBatch: {kernel.BATCH_ERRORS[code]}")
         out = np.empty(op_kind.shape[0])
         kernel.run_ops(
-            indptr, indices, values, op_kind, op_row, op_label, self._opt, self._hp,
+            indptr, indices, values, op_kind, op_row, op_label, op_weight, self._opt, self._hp,
             self._bias, self._lin, self._v, self._v_acc, self._counters, out,
         )  # fmt: skip
         return out

@@ -127,24 +127,28 @@ BAD_INDEX: Final = 3
 BAD_ROW: Final = 4
 BAD_KIND: Final = 5
 BAD_LABEL: Final = 6
+BAD_WEIGHT: Final = 7
 BATCH_ERRORS: Final = {
     BAD_SHAPES: "array lengths disagree (indices/values, op_kind/op_row/op_label)",
     BAD_INDPTR: "indptr must start at >= 0, be non-decreasing and end within indices",
     BAD_INDEX: "a feature index is outside [0, n_buckets)",
     BAD_ROW: "an op_row is outside the example rows",
-    BAD_KIND: "an op_kind is neither OP_SCORE (0) nor OP_LEARN (1)",
+    BAD_KIND: "an op_kind is not OP_SCORE (0), OP_LEARN (1) or OP_LEARN_FNW (2)",
     BAD_LABEL: "a learn op has a label other than 0 or 1",
+    BAD_WEIGHT: "an op_weight is negative or not finite",
 }
 
 
 @jit
 def check_batch(
-    indptr: I64, indices: I32, values: F64, op_kind: I8, op_row: I64, op_label: I8, n_buckets: int
-) -> int:
+    indptr: I64, indices: I32, values: F64, op_kind: I8, op_row: I64, op_label: I8,
+    op_weight: F64, n_buckets: int,
+) -> int:  # fmt: skip
     """Validate a batch before the unchecked kernel indexes with it (numba skips bounds checks)."""
     if indices.shape[0] != values.shape[0] or indptr.shape[0] < 1:
         return BAD_SHAPES
-    if op_row.shape[0] != op_kind.shape[0] or op_label.shape[0] != op_kind.shape[0]:
+    n_ops = op_kind.shape[0]
+    if op_row.shape[0] != n_ops or op_label.shape[0] != n_ops or op_weight.shape[0] != n_ops:
         return BAD_SHAPES
     n_rows = indptr.shape[0] - 1
     if indptr[0] < 0 or indptr[n_rows] > indices.shape[0]:
@@ -159,10 +163,12 @@ def check_batch(
         if op_row[j] < 0 or op_row[j] >= n_rows:
             return BAD_ROW
         kind = op_kind[j]
-        if kind != 0 and kind != 1:
+        if kind != 0 and kind != 1 and kind != 2:
             return BAD_KIND
-        if kind == 1 and op_label[j] != 0 and op_label[j] != 1:
+        if kind != 0 and op_label[j] != 0 and op_label[j] != 1:
             return BAD_LABEL
+        if not (op_weight[j] >= 0.0 and op_weight[j] < np.inf):
+            return BAD_WEIGHT
     return BATCH_OK
 
 
@@ -404,10 +410,14 @@ def learn(
 
 @jit
 def run_ops(
-    indptr: I64, indices: I32, values: F64, op_kind: I8, op_row: I64, op_label: I8, opt: int,
-    hp: F64, bias: F64, lin: F64, v: F64, v_acc: F64, counters: I64, out: F64,
+    indptr: I64, indices: I32, values: F64, op_kind: I8, op_row: I64, op_label: I8,
+    op_weight: F64, opt: int, hp: F64, bias: F64, lin: F64, v: F64, v_acc: F64, counters: I64,
+    out: F64,
 ) -> None:  # fmt: skip
     """Run every op in order; ``out[j]`` = p before op ``j`` ran. Call ``check_batch`` first.
+
+    A learn op's loss gradient is scaled by its importance weight, and for ``OP_LEARN_FNW``
+    also by the fake-negative weight of the current p (see ``model.base.OP_LEARN_FNW``).
 
     A learn right after a score of the same row reuses that score's forward pass: nothing
     changed the model in between, so the result is bitwise the same and half the work.
@@ -437,7 +447,7 @@ def run_ops(
         r = op_row[j]
         a = indptr[r]
         b = indptr[r + 1]
-        if op_kind[j] == 1 and r == cached_row:
+        if op_kind[j] != 0 and r == cached_row:
             y = cached_y
             e = cached_e
         else:
@@ -469,7 +479,13 @@ def run_ops(
         if not math.isfinite(y):
             counters[C_REFUSED] += 1
             continue
-        g = loss_gradient(y, e, op_label[j], clip)
+        label = op_label[j]
+        g = loss_gradient(y, e, label, clip) * op_weight[j]
+        if op_kind[j] == 2:
+            p = out[j]
+            g *= (1.0 + p) if label == 1 else (1.0 - p) * (1.0 + p)
+        if g == 0.0:
+            continue  # a weight of zero: nothing to learn (and AdaGrad sums stay as they are)
         if not learn(a, b, indices, values, g, opt, hp, bias, lin, v, v_acc, s, bk_bias,
                      bk_lin, bk_v, bk_va):  # fmt: skip
             counters[C_REFUSED] += 1

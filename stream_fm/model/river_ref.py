@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from river import facto, optim
 
-from stream_fm.model.base import OP_SCORE, OpBatch, SparseExample, StateValue
+from stream_fm.model.base import OP_LEARN_FNW, OP_SCORE, OpBatch, SparseExample, StateValue
 from stream_fm.model.params import FMParams, ModelStateMismatch, prior_logit
 
 ENGINE_NAME: Final = "RiverFM"
@@ -127,6 +127,7 @@ class RiverFM:
 
     def run_batch(self, batch: OpBatch) -> npt.NDArray[np.float64]:
         out = np.empty(len(batch))
+        weights = batch.weights()
         rows: dict[int, dict[str, float]] = {}
         for j in range(len(batch)):
             r = int(batch.op_row[j])
@@ -134,12 +135,16 @@ class RiverFM:
             if x is None:
                 a, b = int(batch.indptr[r]), int(batch.indptr[r + 1])
                 x = rows[r] = _features(batch.indices[a:b], batch.values[a:b])
-            out[j] = self._predict(x)
-            if batch.op_kind[j] != OP_SCORE:
+            out[j] = p = self._predict(x)
+            kind = batch.op_kind[j]
+            if kind != OP_SCORE:
                 label = int(batch.op_label[j])
                 if label not in (0, 1):
                     raise ValueError(f"label must be 0 or 1, got {label!r}")
-                self._learn(x, label)
+                w = float(weights[j])
+                if kind == OP_LEARN_FNW:
+                    w *= (1.0 + p) if label == 1 else (1.0 - p) * (1.0 + p)
+                self._learn(x, label, w)
         return out
 
     def state(self) -> dict[str, StateValue]:
@@ -301,7 +306,7 @@ class RiverFM:
             m.latent_initializer._rng.set_state(rng_state)
         return p
 
-    def _learn(self, x: dict[str, float], y: int) -> None:
+    def _learn(self, x: dict[str, float], y: int, w: float = 1.0) -> None:
         m = self._model
         tables = self._optimizer_tables()
         saved_intercept = m.intercept
@@ -314,7 +319,7 @@ class RiverFM:
         self._n_learned += 1
         try:
             with np.errstate(all="ignore"):
-                m.learn_one(x, y)
+                m.learn_one(x, y, w)
         except ArithmeticError:
             ok = False  # e.g. river's `x ** 2` raises OverflowError on Python floats
         else:

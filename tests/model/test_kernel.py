@@ -10,6 +10,7 @@ import pytest
 
 from stream_fm.errors import ConfigError
 from stream_fm.model import OP_LEARN, OP_SCORE, FastFM, FMParams, OpBatch, SparseExample
+from stream_fm.model.base import OP_LEARN_FNW
 from stream_fm.model.fast import engine_throughput, random_batches
 
 N_BUCKETS = 1 << 10
@@ -283,7 +284,9 @@ def bad_batch(**change: object) -> OpBatch:
         ({"indptr": np.array([0, 3, 2], dtype=np.int64)}, "indptr"),
         ({"indptr": np.array([0, 2, 4], dtype=np.int64)}, "indptr"),
         ({"op_row": np.array([0, 2], dtype=np.int64)}, "op_row"),
-        ({"op_kind": np.array([0, 2], dtype=np.int8)}, "op_kind"),
+        ({"op_kind": np.array([0, 3], dtype=np.int8)}, "op_kind"),  # 2 is OP_LEARN_FNW
+        ({"op_weight": np.array([1.0, -1.0])}, "weight"),
+        ({"op_weight": np.array([1.0, np.nan])}, "weight"),
         ({"op_label": np.array([0, 2], dtype=np.int8)}, "label"),
         ({"op_label": np.array([0], dtype=np.int8)}, "lengths"),
     ],
@@ -356,3 +359,51 @@ def test_engine_throughput_reports_examples_per_second() -> None:
 def test_a_new_model_starts_at_the_prior_ctr() -> None:
     fm = FastFM(FMParams(n_buckets=N_BUCKETS, k=2, prior_ctr=0.02))
     assert fm.predict_proba_one(example([], [])) == pytest.approx(0.02, rel=1e-12)
+
+
+def _one(kind: int, label: int, weight: float) -> OpBatch:
+    return OpBatch(
+        indptr=np.array([0, 3], dtype=np.int64),
+        indices=np.array([3, 17, 40], dtype=np.int32),
+        values=np.array([1.0, 1.0, 0.5]),
+        op_kind=np.array([kind], dtype=np.int8),
+        op_row=np.array([0], dtype=np.int64),
+        op_label=np.array([label], dtype=np.int8),
+        op_weight=np.array([weight]),
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "ftrl"])
+def test_an_importance_weight_scales_the_loss_gradient(optimizer: str) -> None:
+    params = FMParams(n_buckets=N_BUCKETS, k=2, optimizer=optimizer, l2_w=0.0, l2_v=0.0)
+    heavy, light, none = FastFM(params), FastFM(params), FastFM(params)
+    heavy.run_batch(_one(OP_LEARN, 1, 2.0))
+    light.run_batch(_one(OP_LEARN, 1, 0.5))
+    none.run_batch(_one(OP_LEARN, 1, 0.0))
+    x = SparseExample(np.array([3, 17, 40], dtype=np.int32), np.array([1.0, 1.0, 0.5]))
+    p0 = FastFM(params).predict_proba_one(x)
+    assert heavy.predict_proba_one(x) > light.predict_proba_one(x) > p0
+    # Weight zero learns nothing (and leaves the optimizer's sums as they were)...
+    assert all(
+        np.array_equal(np.asarray(v), np.asarray(none.state()[k]))
+        for k, v in FastFM(params).state().items()
+        if k != "counters"
+    )
+    # ...but the example was consumed.
+    assert none.n_learned == 1
+    if optimizer == "sgd":  # plain SGD: the first step is exactly proportional to the weight
+        w = [e.get_weights([3])[0] for e in (heavy, light)]
+        assert w[0] == pytest.approx(4 * w[1])
+
+
+def test_fake_negative_weights_come_from_the_current_p() -> None:
+    """OP_LEARN_FNW on label 1 is OP_LEARN weighted 1 + p, on label 0 (1 - p)(1 + p)."""
+    params = FMParams(n_buckets=N_BUCKETS, k=2, optimizer="sgd")
+    x = SparseExample(np.array([3, 17, 40], dtype=np.int32), np.array([1.0, 1.0, 0.5]))
+    for label in (0, 1):
+        fnw, weighted = FastFM(params), FastFM(params)
+        p = fnw.predict_proba_one(x)
+        fnw.run_batch(_one(OP_LEARN_FNW, label, 1.0))
+        weighted.run_batch(_one(OP_LEARN, label, (1 + p) if label else (1 - p) * (1 + p)))
+        assert fnw.state()["lin"].tobytes() == weighted.state()["lin"].tobytes()
+        assert fnw.state()["v"].tobytes() == weighted.state()["v"].tobytes()
