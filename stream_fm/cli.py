@@ -15,6 +15,10 @@ from stream_fm.errors import StreamFMError
 
 log = logging.getLogger("stream_fm")
 
+BENCH_STREAMS = (
+    "simulated", "simulated-100", "simulated-drift", "simulated-long", "talkingdata",
+    "ipinyou", "criteo-10k", "avazu-9k", "criteo-2k", "avazu-3k", "xlearn",
+)  # fmt: skip
 REPLAY_FORMATS = ("jsonl", "libsvm", "criteo", "criteo_tsv", "avazu", "talkingdata")
 
 
@@ -176,18 +180,20 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         (
             "--streams",
             {
-                "default": "simulated,ipinyou,talkingdata",
-                "help": "comma-separated: simulated, ipinyou, talkingdata",
+                "default": ",".join(BENCH_STREAMS),
+                "help": "comma-separated, of: " + ", ".join(BENCH_STREAMS),
             },
         ),
-        ("--events", {"type": int, "default": 2_000_000, "help": "events of the simulated stream"}),
+        (
+            "--events",
+            {"type": int, "default": 2_000_000, "help": "events of the simulated-long stream"},
+        ),
         (
             "--river-events",
             {"type": int, "default": 20_000, "help": "prefix every engine runs beside river"},
         ),
         ("--data-dir", {"type": Path, "default": Path("../shared/data"), "help": "real logs"}),
         ("--json", {"type": Path, "help": "write all figures as JSON here"}),
-        ("--sim-seed", {"type": int, "default": 7, "help": "seed of the simulated stream"}),
     )
     _add_setting_flags(bench, LEARNING_SETTINGS)
     targets = bench.add_subparsers(
@@ -371,9 +377,8 @@ def _bench(args: argparse.Namespace) -> int:
     return main_bench(
         _settings(args),
         streams,
-        events=args.events,
+        long_events=args.events,
         river_events=args.river_events,
         data_dir=args.data_dir,
-        sim_seed=args.sim_seed,
         json_path=args.json,
     )

@@ -81,6 +81,14 @@ class Learned:
     cause: str
 
 
+class Evaluated(NamedTuple):
+    """Final labels of a batch: the p served for each, its label and its impression's ts."""
+
+    p_served: npt.NDArray[np.float64]
+    labels: npt.NDArray[np.int8]
+    impression_ts_ms: npt.NDArray[np.int64]
+
+
 class BatchResult:
     """What one batch produced. ``predictions`` and ``learned`` are built on first access:
     the replay never needs the per-example objects, the worker does."""
@@ -93,6 +101,7 @@ class BatchResult:
         "_scored",
         "_scored_positions",
         "click_delays_ms",
+        "evaluated",
         "events_by_type",
         "invalid",
         "join_counts",
@@ -112,6 +121,9 @@ class BatchResult:
         self.logloss_sum = 0.0
         self.prediction_sum = 0.0
         self.click_delays_ms: list[int] = []
+        #: The batch's final labels as arrays: (served p, label, impression ts) in the order
+        #: they were evaluated (for reports that need every example, e.g. whole-stream AUC).
+        self.evaluated: Evaluated | None = None
         #: What the joiners counted during this batch (late, orphan, duplicate, evicted, ...).
         self.join_counts: dict[str, int] = {}
         #: Learn steps the numeric guard refused, and non-finite scores, in this batch.
@@ -489,19 +501,23 @@ class Pipeline:
         served = result._learned_p
         delays = result.click_delays_ms
         label_list: list[int] = []
+        ts_list: list[int] = []
         for item, op in zip(result._learned_items, evaluated_ops, strict=True):
             if type(item) is Labeled:
                 served.append(float(probabilities[op]))  # its own score op
                 label_list.append(item.label)
+                ts_list.append(item.ts_ms)
             else:
                 assert isinstance(item, Outcome)
                 imp = item.impression
                 served.append(imp.p_served)
                 label_list.append(item.label)
+                ts_list.append(imp.ts_ms)
                 if item.label == 1:
                     delays.append(item.label_ts_ms - imp.ts_ms)
         served_array = np.array(served, dtype=np.float64)
         label_array = np.array(label_list, dtype=np.int8)
+        result.evaluated = Evaluated(served_array, label_array, np.array(ts_list, dtype=np.int64))
         positives = int(label_array.sum())
         result.learned_positives = positives
         result.learned_negatives = len(label_array) - positives

@@ -28,14 +28,17 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
 
 from stream_fm.config import Settings
 from stream_fm.errors import InvalidEvent, StreamFMError
-from stream_fm.evaluate import ProgressiveValidation
+from stream_fm.evaluate import EPSILON, ProgressiveValidation, auc, binary_entropy
 from stream_fm.events import Click, Event, EventDecoder, Impression, Labeled
 from stream_fm.features import FeatureHasher
-from stream_fm.pipeline import BatchResult, Pipeline, Rejected
+from stream_fm.pipeline import BatchResult, Evaluated, Pipeline, Rejected
 
 FORMATS: Final = ("jsonl", "libsvm", "criteo", "criteo_tsv", "avazu", "talkingdata")
 SERIES_EVERY: Final = 10_000  # examples between two points of the replay plot
@@ -218,14 +221,23 @@ class ReplayReport:
     examples: int = 0
     logloss: float = float("nan")
     normalized_entropy: float = float("nan")
-    auc: float = float("nan")
+    auc: float = float("nan")  # over the whole stream
     calibration: float = float("nan")
     examples_per_second: float = 0.0
     seconds: float = 0.0
     events: int = 0
     events_per_second: float = 0.0
     positives: int = 0
-    logloss_window: float = float("nan")
+    logloss_window: float = float("nan")  # the last auc_window examples
+    auc_window: float = float("nan")
+    # By impression order: the examples served in the stream's first attribution window (what
+    # a fresh model serves) and the last tenth of the stream (what it converged to).
+    logloss_first_window: float = float("nan")
+    normalized_entropy_first_window: float = float("nan")
+    logloss_last_10pct: float = float("nan")
+    normalized_entropy_last_10pct: float = float("nan")
+    # The worst of the rolling (auc_window) NE series: how bad a cold start ever got.
+    max_normalized_entropy_window: float = float("nan")
     invalid_events: dict[str, int] = field(default_factory=dict)
     join: dict[str, int] = field(default_factory=dict)
     refused_updates: int = 0
@@ -248,35 +260,97 @@ def replay(
     """Run every batch through ``pipeline``; at the end, close remaining windows if ``flush``."""
     report = ReplayReport()
     evaluator = pipeline.evaluator
+    scores = StreamScores()
     started = time.perf_counter()
     for events, rejected in batches:
         result = pipeline.process_events(events, rejected)
-        _account(report, result)
+        _account(report, result, scores)
         report.events += len(events)
         if progress is not None:
             progress(len(events))
     if flush:
         result = pipeline.flush()
-        _account(report, result)
+        _account(report, result, scores)
     report.seconds = time.perf_counter() - started
+    whole = scores.figures(pipeline.window_ms)
+    report.auc = whole.auc
+    report.logloss_first_window = whole.logloss_first_window
+    report.normalized_entropy_first_window = whole.normalized_entropy_first_window
+    report.logloss_last_10pct = whole.logloss_last_10pct
+    report.normalized_entropy_last_10pct = whole.normalized_entropy_last_10pct
     report.examples = evaluator.examples
     report.positives = evaluator.positives
     report.logloss = evaluator.logloss
     report.logloss_window = evaluator.logloss_window
     report.normalized_entropy = evaluator.normalized_entropy
-    report.auc = evaluator.auc_window
+    report.auc_window = evaluator.auc_window
     report.calibration = evaluator.calibration
     report.examples_per_second = report.examples / report.seconds if report.seconds else 0.0
     report.events_per_second = report.events / report.seconds if report.seconds else 0.0
     report.join = pipeline.join_counters()
     report.refused_updates = int(getattr(pipeline.engine, "refused_updates", 0))
     report.series = list(evaluator.series)
+    windows = [ne for _, _, ne in report.series if not math.isnan(ne)]
+    report.max_normalized_entropy_window = max(windows) if windows else math.nan
     return report
 
 
-def _account(report: ReplayReport, result: BatchResult) -> None:
+def _account(report: ReplayReport, result: BatchResult, scores: StreamScores) -> None:
     for rejected in result.invalid:
         report.invalid_events[rejected.reason] = report.invalid_events.get(rejected.reason, 0) + 1
+    if result.evaluated is not None:
+        scores.add(result.evaluated)
+
+
+class WholeStream(NamedTuple):
+    auc: float
+    logloss_first_window: float
+    normalized_entropy_first_window: float
+    logloss_last_10pct: float
+    normalized_entropy_last_10pct: float
+
+
+class StreamScores:
+    """Every example's served p, label and impression ts, for the figures that need them all:
+    whole-stream AUC, and log loss by impression order (first window, last tenth)."""
+
+    def __init__(self) -> None:
+        self._parts: list[Evaluated] = []
+
+    def add(self, evaluated: Evaluated) -> None:
+        if len(evaluated.labels):
+            self._parts.append(evaluated)
+
+    def arrays(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int8], npt.NDArray[np.int64]]:
+        """(p, labels, impression ts), sorted by impression ts (stable)."""
+        if not self._parts:
+            return np.zeros(0), np.zeros(0, dtype=np.int8), np.zeros(0, dtype=np.int64)
+        p = np.concatenate([e.p_served for e in self._parts])
+        y = np.concatenate([e.labels for e in self._parts])
+        ts = np.concatenate([e.impression_ts_ms for e in self._parts])
+        order = np.argsort(ts, kind="stable")
+        return p[order], y[order], ts[order]
+
+    def figures(self, window_ms: int) -> WholeStream:
+        p, y, ts = self.arrays()
+        nan = math.nan
+        if not len(p):
+            return WholeStream(nan, nan, nan, nan, nan)
+        first = ts < ts[0] + window_ms
+        last = np.arange(len(p)) >= len(p) - len(p) // 10
+        return WholeStream(
+            auc(p, y),
+            *_logloss_and_ne(p[first], y[first]),
+            *_logloss_and_ne(p[last], y[last]),
+        )
+
+
+def _logloss_and_ne(p: npt.NDArray[np.float64], y: npt.NDArray[np.int8]) -> tuple[float, float]:
+    if not len(p):
+        return math.nan, math.nan
+    q = np.clip(p, EPSILON, 1 - EPSILON)
+    loss = float(-np.mean(np.where(y == 1, np.log(q), np.log1p(-q))))
+    return loss, loss / binary_entropy(float(np.mean(y)))
 
 
 def plot_series(series: Sequence[tuple[int, float, float]], path: Path, title: str) -> None:

@@ -167,6 +167,10 @@ class FastFM:
             )
         self._params.check_restorable(FMParams.from_state(state), strict=strict)
         loaded: dict[str, npt.NDArray[np.generic]] = {}
+        bias = state.get("bias")
+        if isinstance(bias, np.ndarray) and bias.shape == (3,):
+            # Written before the adaptive optimizer's two sums joined the intercept's state.
+            state = {**state, "bias": np.concatenate([bias, np.zeros(kernel.N_BIAS - 3)])}
         for name, (shape, dtype) in _array_shapes(self._params).items():
             value = state.get(name)
             if not isinstance(value, np.ndarray):

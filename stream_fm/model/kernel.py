@@ -87,11 +87,18 @@ prefetch = cast(Callable[[npt.NDArray[Any], int], None], intrinsic(_prefetch_typ
 OPT_SGD: Final = 0
 OPT_ADAGRAD: Final = 1
 OPT_FTRL: Final = 2
-OPTIMIZER_CODES: Final = {"sgd": OPT_SGD, "adagrad": OPT_ADAGRAD, "ftrl": OPT_FTRL}
-LIN_WIDTH: Final = {"sgd": 1, "adagrad": 2, "ftrl": 4}
+OPT_ADAPTIVE: Final = 3
+OPTIMIZER_CODES: Final = {
+    "sgd": OPT_SGD,
+    "adagrad": OPT_ADAGRAD,
+    "ftrl": OPT_FTRL,
+    "adaptive": OPT_ADAPTIVE,
+}
+LIN_WIDTH: Final = {"sgd": 1, "adagrad": 2, "ftrl": 4, "adaptive": 4}
 LIN_W: Final = 0
 LIN_N: Final = 1
 LIN_Z: Final = 2
+LIN_S: Final = 2  # adaptive: the largest |x| seen for the feature (normalized updates)
 
 # Layout of the ``hp`` hyperparameter array.
 HP_LR_W: Final = 0
@@ -110,7 +117,9 @@ N_HP: Final = 10
 B_W0: Final = 0
 B_N0: Final = 1
 B_Z0: Final = 2
-N_BIAS: Final = 3
+B_NORM: Final = 3  # adaptive: sum over examples of sum_i (x_i / scale_i)^2, importance-weighted
+B_TOTAL: Final = 4  # adaptive: sum of importance weights
+N_BIAS: Final = 5
 C_LEARNED: Final = 0
 C_REFUSED: Final = 1
 C_NONFINITE: Final = 2
@@ -317,6 +326,140 @@ def latents_adagrad(
 
 
 @jit_inline
+def ride_logistic(u0: float, c: float) -> float:
+    """Where the logit ends when it follows the gradient flow of the logistic loss towards
+    its label for "time" ``c`` (= rate x importance): the u solving u + e^u = u0 + e^u0 + c,
+    with u the logit signed towards the label. Newton from the Euler step, which lies above
+    the root of this convex equation, so it converges from above and never overshoots."""
+    u0 = min(max(u0, -LOGIT_CLAMP), LOGIT_CLAMP)
+    target = u0 + math.exp(u0) + c
+    u = u0 + c / (1.0 + math.exp(u0))
+    for _ in range(8):
+        eu = math.exp(min(u, 700.0))
+        h = u + eu - target
+        u -= h / (1.0 + eu)
+        if abs(h) < 1e-12 * (1.0 + abs(target)):
+            break
+    return u
+
+
+@jit_inline
+def learn_adaptive(
+    a: int, b: int, indices: I32, values: F64, g0: float, w: float, z0: float, label: int,
+    hp: F64, bias: F64, lin: F64, v: F64, v_acc: F64, s: F64, sd: F64, qd: F64, bk_lin: F64,
+    bk_v: F64, bk_va: F64,
+) -> bool:  # fmt: skip
+    """Vowpal Wabbit's default update (adaptive, normalized, importance-invariant), extended
+    to the latents: per-coordinate AdaGrad rates, each feature's x taken relative to the
+    largest |x| it has shown, the global rate scaled by how many features an example has,
+    and the step taken as the exact flow of the logistic loss along the update direction
+    (Karampatziakis & Langford 2011) rather than one Euler step: a high rate cannot overshoot
+    the label, however many features move together."""
+    lr_w = hp[HP_LR_W]
+    lr_v = hp[HP_LR_V]
+    lr_0 = hp[HP_LR_0]
+    l2_w = hp[HP_L2_W]
+    l2_v = hp[HP_L2_V]
+    eps = hp[HP_EPS]
+    n = b - a
+    k = v.shape[1]
+    gg = w * g0 * g0
+    # Pass 1: scales, squared-gradient sums, and how fast the logit moves per unit gradient.
+    norm_x = 1.0  # the intercept's x = 1 at scale 1
+    n0 = bias[B_N0] + gg
+    bias[B_N0] = n0
+    rate_0 = lr_0 / math.sqrt(n0 + eps)
+    speed = rate_0
+    for i in range(n):
+        j = indices[a + i]
+        x = values[a + i]
+        ax = abs(x)
+        bk_lin[i, LIN_W] = lin[j, LIN_W]
+        bk_lin[i, LIN_N] = lin[j, LIN_N]
+        bk_lin[i, LIN_S] = lin[j, LIN_S]
+        scale = lin[j, LIN_S]
+        if ax > scale:
+            if scale > 0.0:
+                lin[j, LIN_W] *= scale / ax  # keep w x where it was at the new scale
+            scale = ax
+            lin[j, LIN_S] = ax
+        if scale > 0.0:
+            xs = x / scale
+            norm_x += xs * xs
+            nj = lin[j, LIN_N] + gg * x * x
+            lin[j, LIN_N] = nj
+            # VW's rate: 1 / (sqrt(sum of squared gradients) x scale): sqrt(G) grows like |x|,
+            # and so does the damping eps is given, so a feature's scale never matters.
+            speed += lr_w * x * x / (math.sqrt(nj + eps * scale * scale) * scale)
+        for f in range(k):
+            d = x * (s[f] - v[j, f] * x)  # d logit / d v_jf
+            bk_v[i, f] = v[j, f]
+            bk_va[i, f] = v_acc[j, f]
+            af = v_acc[j, f] + gg * d * d
+            v_acc[j, f] = af
+            speed += lr_v / math.sqrt(af + eps) * d * d
+    bias[B_NORM] += w * norm_x
+    bias[B_TOTAL] += w
+    multiplier = math.sqrt(bias[B_TOTAL] / bias[B_NORM])
+    c = speed * multiplier * w
+    # The logit's path under the flow towards the label, and the gradient integrated on it.
+    if c < 1e-12:
+        flow = w * g0
+    else:
+        toward = 1.0 if label == 1 else -1.0
+        u1 = ride_logistic(toward * z0, c)
+        flow = (toward * z0 - u1) * toward / (speed * multiplier)  # = integral of g dt
+    step = multiplier * flow
+    # The latents move the logit quadratically: with large steps the second-order term would
+    # carry it past the flow's end. Shrink the whole step by alpha so it lands there.
+    alpha = 1.0
+    if k > 0:
+        for f in range(k):
+            sd[f] = 0.0
+            qd[f] = 0.0
+        for i in range(n):
+            j = indices[a + i]
+            x = values[a + i]
+            for f in range(k):
+                dv = -lr_v / math.sqrt(v_acc[j, f] + eps) * step * x * (s[f] - v[j, f] * x)
+                sd[f] += x * dv
+                qd[f] += (x * dv) * (x * dv)
+        quad = 0.0
+        for f in range(k):
+            quad += sd[f] * sd[f] - qd[f]
+        quad *= 0.5
+        first = -step * speed  # the first-order change of the logit: the flow's end
+        if quad != 0.0 and first != 0.0:
+            sign = 1.0 if first > 0.0 else -1.0
+            aa = sign * first
+            qq = sign * quad
+            disc = aa * aa + 4.0 * qq * aa
+            alpha = 2.0 * aa / (aa + math.sqrt(disc)) if disc >= 0.0 else -aa / (2.0 * qq)
+            alpha = min(max(alpha, 0.0), 1.0)
+    step *= alpha
+    # Pass 2: every coordinate moves by its rate times its gradient, integrated.
+    ok = True
+    bias[B_W0] -= rate_0 * step
+    for i in range(n):
+        j = indices[a + i]
+        x = values[a + i]
+        scale = lin[j, LIN_S]
+        wj = lin[j, LIN_W]
+        if scale > 0.0:
+            rate = lr_w / (math.sqrt(lin[j, LIN_N] + eps * scale * scale) * scale)
+            wj -= rate * (step * x + multiplier * w * l2_w * wj)
+            lin[j, LIN_W] = wj
+        for f in range(k):
+            vf = v[j, f]
+            d = x * (s[f] - vf * x)
+            vf -= lr_v / math.sqrt(v_acc[j, f] + eps) * (step * d + multiplier * w * l2_v * vf)
+            v[j, f] = vf
+            ok &= vf - vf == 0.0
+        ok &= (wj - wj) + (lin[j, LIN_N] - lin[j, LIN_N]) == 0.0
+    return ok
+
+
+@jit_inline
 def learn(
     a: int, b: int, indices: I32, values: F64, g: float, opt: int, hp: F64, bias: F64, lin: F64,
     v: F64, v_acc: F64, s: F64, bk_bias: F64, bk_lin: F64, bk_v: F64, bk_va: F64,
@@ -332,8 +475,6 @@ def learn(
     l2_w = hp[HP_L2_W]
     eps = hp[HP_EPS]
     n = b - a
-    for t in range(N_BIAS):
-        bk_bias[t] = bias[t]
     ok = True
     if opt == OPT_SGD:
         # river's FM SGD is the textbook one (per-occurrence L2, own intercept step, no L2 on it).
@@ -393,18 +534,37 @@ def learn(
             lin[j, LIN_Z] = zj
             lin[j, LIN_W] = wj
             ok &= (nj_new - nj_new) + (zj - zj) + (wj - wj) == 0.0
-    for t in range(N_BIAS):
-        ok &= bias[t] - bias[t] == 0.0
     lr_v = hp[HP_LR_V]
     l2_v = hp[HP_L2_V]
     if opt == OPT_SGD:
         ok &= latents_sgd(a, n, indices, values, g, lr_v, l2_v, v, s, bk_v)
     else:
         ok &= latents_adagrad(a, n, indices, values, g, lr_v, l2_v, eps, v, v_acc, s, bk_v, bk_va)
+    return ok
+
+
+@jit_inline
+def step(
+    a: int, b: int, indices: I32, values: F64, g0: float, w: float, z0: float, label: int,
+    opt: int, hp: F64, bias: F64, lin: F64, v: F64, v_acc: F64, s: F64, sd: F64, qd: F64,
+    bk_bias: F64, bk_lin: F64, bk_v: F64, bk_va: F64,
+) -> bool:  # fmt: skip
+    """One learn step with loss gradient ``g0`` and importance ``w``; if any new value would be
+    NaN or infinite, the state is put back as it was and False is returned."""
+    for t in range(N_BIAS):
+        bk_bias[t] = bias[t]
+    if opt == OPT_ADAPTIVE:
+        ok = learn_adaptive(a, b, indices, values, g0, w, z0, label, hp, bias, lin, v, v_acc,
+                            s, sd, qd, bk_lin, bk_v, bk_va)  # fmt: skip
+    else:
+        ok = learn(a, b, indices, values, g0 * w, opt, hp, bias, lin, v, v_acc, s, bk_bias,
+                   bk_lin, bk_v, bk_va)  # fmt: skip
+    for t in range(N_BIAS):
+        ok &= bias[t] - bias[t] == 0.0
     if not ok:
         for t in range(N_BIAS):
             bias[t] = bk_bias[t]
-        restore(a, n, indices, lin, v, v_acc, bk_lin, bk_v, bk_va)
+        restore(a, b - a, indices, lin, v, v_acc, bk_lin, bk_v, bk_va)
     return ok
 
 
@@ -433,6 +593,8 @@ def run_ops(
     # Scratch, allocated once per batch rather than per op.
     s = np.empty(k)
     q = np.empty(k)
+    sd = np.empty(k)
+    qd = np.empty(k)
     bk_bias = np.empty(N_BIAS)
     bk_lin = np.empty((max_nnz, m))
     bk_v = np.empty((max_nnz, k))
@@ -480,14 +642,15 @@ def run_ops(
             counters[C_REFUSED] += 1
             continue
         label = op_label[j]
-        g = loss_gradient(y, e, label, clip) * op_weight[j]
+        g0 = loss_gradient(y, e, label, clip)
+        w = op_weight[j]
         if op_kind[j] == 2:
             p = out[j]
-            g *= (1.0 + p) if label == 1 else (1.0 - p) * (1.0 + p)
-        if g == 0.0:
+            w *= (1.0 + p) if label == 1 else (1.0 - p) * (1.0 + p)
+        if w == 0.0:
             continue  # a weight of zero: nothing to learn (and AdaGrad sums stay as they are)
-        if not learn(a, b, indices, values, g, opt, hp, bias, lin, v, v_acc, s, bk_bias,
-                     bk_lin, bk_v, bk_va):  # fmt: skip
+        if not step(a, b, indices, values, g0, w, y, label, opt, hp, bias, lin, v, v_acc, s,
+                    sd, qd, bk_bias, bk_lin, bk_v, bk_va):  # fmt: skip
             counters[C_REFUSED] += 1
 
 

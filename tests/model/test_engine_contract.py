@@ -24,7 +24,7 @@ OPTIMIZERS = ("sgd", "adagrad", "ftrl")
 
 AnyEngine = FastFM | RiverFM
 ENGINES: dict[str, tuple[type[AnyEngine], str]] = {
-    **{f"fast-{opt}": (FastFM, opt) for opt in OPTIMIZERS},
+    **{f"fast-{opt}": (FastFM, opt) for opt in (*OPTIMIZERS, "adaptive")},
     **{f"river-{opt}": (RiverFM, opt) for opt in OPTIMIZERS},
 }
 
@@ -185,7 +185,7 @@ def test_loading_a_mismatched_state_fails_clearly(name: str) -> None:
     other_k = make(name, k=K + 1)
     with pytest.raises(ModelStateMismatch, match="k: 4 != 5"):
         other_k.load_state(state)
-    other_lr = make(name, learning_rate=0.5)
+    other_lr = make(name, learning_rate=0.7)  # not the rate it was built with
     with pytest.raises(ModelStateMismatch, match="learning_rate"):
         other_lr.load_state(state)
     assert issubclass(ModelStateMismatch, CheckpointError)

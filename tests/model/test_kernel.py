@@ -171,8 +171,9 @@ def test_sgd_l2_is_applied_to_the_features_of_the_example() -> None:
 def test_adagrad_step_follows_the_formula() -> None:
     lr, eps = 0.2, 0.01
     fm = FastFM(
-        FMParams(n_buckets=N_BUCKETS, k=2, learning_rate=lr, intercept_learning_rate=lr,
-                 adagrad_eps=eps, l2_w=0.0, init_std=0.0, prior_ctr=0.5)
+        FMParams(n_buckets=N_BUCKETS, k=2, optimizer="adagrad", learning_rate=lr,
+                 intercept_learning_rate=lr, adagrad_eps=eps, l2_w=0.0, init_std=0.0,
+                 prior_ctr=0.5)
     )  # fmt: skip
     x = example([4], [0.5])
     acc_w, acc_0 = 0.0, 0.0
@@ -407,3 +408,40 @@ def test_fake_negative_weights_come_from_the_current_p() -> None:
         weighted.run_batch(_one(OP_LEARN, label, (1 + p) if label else (1 - p) * (1 + p)))
         assert fnw.state()["lin"].tobytes() == weighted.state()["lin"].tobytes()
         assert fnw.state()["v"].tobytes() == weighted.state()["v"].tobytes()
+
+
+def test_adaptive_steps_never_overshoot_the_label_whatever_the_rate() -> None:
+    """The importance-invariant step follows the loss's own flow: even an absurd rate moves
+    p towards the label without passing it, where a plain AdaGrad step flies off."""
+    x = example([3, 17, 40, 41, 42, 43], [1.0] * 6)
+    for label in (0, 1):
+        for rate in (0.5, 1e3, 1e9):
+            fm = FastFM(FMParams(n_buckets=N_BUCKETS, k=2, optimizer="adaptive",
+                                 learning_rate=rate, latent_learning_rate=rate,
+                                 intercept_learning_rate=rate, prior_ctr=0.5))  # fmt: skip
+            before = fm.predict_proba_one(x)
+            fm.learn_one(x, label)
+            after = fm.predict_proba_one(x)
+            assert (after > before) == (label == 1), (label, rate)
+            assert 0.0 < after < 1.0 and fm.refused_updates == 0
+    plain = FastFM(FMParams(n_buckets=N_BUCKETS, k=0, optimizer="sgd", learning_rate=1e3,
+                            intercept_learning_rate=1e3, prior_ctr=0.5))  # fmt: skip
+    plain.learn_one(x, 1)
+    plain.learn_one(x, 0)
+    assert plain.predict_proba_one(x) < 1e-6, "an Euler step at this rate overshoots"
+
+
+def test_adaptive_linear_model_does_not_care_how_a_numeric_feature_is_scaled() -> None:
+    """Normalized updates: each feature is taken relative to the largest |x| it has shown."""
+    rng = np.random.default_rng(4)
+    rows = [(rng.integers(0, 50, size=3), rng.random(), rng.random() < 0.3) for _ in range(300)]
+    predictions = []
+    for scale in (1.0, 1000.0):
+        fm = FastFM(FMParams(n_buckets=N_BUCKETS, k=0, optimizer="adaptive", l2_w=0.0))
+        seen = []
+        for buckets, amount, label in rows:
+            x = example([*buckets.tolist(), 999], [1.0, 1.0, 1.0, amount * scale])
+            seen.append(fm.predict_proba_one(x))
+            fm.learn_one(x, int(label))
+        predictions.append(np.array(seen))
+    np.testing.assert_allclose(predictions[0], predictions[1], rtol=1e-9)

@@ -1,33 +1,167 @@
-"""Side-by-side benchmark, in one run, on the same stream: the fast engine, river's
-FMClassifier and Vowpal Wabbit (linear, ``-q``, ``--lrq``).
+"""``stream-fm bench``: quality and speed on the streams users meet, side by side in one run.
 
-Every engine goes through the same ``Pipeline`` (same join, same served-p-before-learning
-evaluation) over the same pre-decoded events; only the engine differs. Engine time is the
-time spent inside ``run_batch``; the ratio column compares examples/s against river.
+Each stream is decoded once; every engine then sees the same events:
+
+- **stream-fm** through the worker's own pipeline (same join, same progressive validation on
+  the p served before learning), with each label policy on streams whose labels arrive late;
+- **river**'s FMClassifier through the same pipeline, on a prefix (it is ~1,000x slower);
+- **Vowpal Wabbit** (linear, ``-q ff``, ``--lrq ff8``) two ways. *Served*: through the same
+  pipeline, predicting each impression when it is served and learning it when its label is
+  final, like stream-fm; on labeled rows VW's prediction is the one it makes inside
+  ``learn()`` (``predict()`` changes what ``--lrq`` learns next). *Driver*: VW's own file
+  driver on the examples written out in the order their labels became final, its ``-p``
+  output as the progressive loss and its speed; on streams with delayed labels this predicts
+  each example only once its label is known, a hindsight no worker serving in real time has,
+  so it is reported beside, not instead of, the served figure.
+
+Figures per run: log loss over the whole stream, over the first attribution window (what a
+fresh model serves) and the last tenth (what it converged to), NE, whole-stream AUC,
+calibration, the excess over the Bayes-optimal log loss where the truth is known, and
+examples/s (engine time for pipeline runs, wall time of the driver).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
-from stream_fm.config import Settings
+from stream_fm.config import Settings, build_settings
 from stream_fm.errors import StreamFMError
-from stream_fm.events import Event, EventDecoder
-from stream_fm.features import FeatureHasher
-from stream_fm.model import FastFM, FMParams, RiverFM
+from stream_fm.events import Click, EventDecoder, Impression, Labeled
+from stream_fm.join import CLICK_EARLY, LABEL_POLICIES, AttributionJoiner, PendingImpression
+from stream_fm.model import FastFM, RiverFM
 from stream_fm.model.base import Engine, OpBatch, SparseExample, StateValue
-from stream_fm.pipeline import Pipeline, Rejected, decoder_for
-from stream_fm.replay import EventBatch, read_batches, replay
-from stream_fm.tools.bench.vw import VW_VARIANTS, VowpalWabbit
+from stream_fm.pipeline import Pipeline, decoder_for
+from stream_fm.replay import BATCH_EVENTS, EventBatch, read_batches, replay
+from stream_fm.tools.bench.vw import VW_VARIANTS, VowpalWabbit, vw_driver
 from stream_fm.tools.simulate import SimulationParams, Simulator
+
+Say = Callable[[str], None]
+HOUR_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    name: str
+    about: str
+    batches: list[EventBatch]
+    window_s: float
+    delayed: bool  # impressions and clicks joined in event time (else labeled rows)
+    bayes_logloss: float = math.nan
+    bayes_normalized_entropy: float = math.nan
+
+    @property
+    def events(self) -> int:
+        return sum(len(events) for events, _ in self.batches)
+
+
+def _chunks(events: Iterator[tuple[Any, Any]]) -> list[EventBatch]:
+    batches: list[EventBatch] = []
+    chunk: list[tuple[Any, Any]] = []
+    for item in events:
+        chunk.append(item)
+        if len(chunk) >= BATCH_EVENTS:
+            batches.append((chunk, []))
+            chunk = []
+    if chunk:
+        batches.append((chunk, []))
+    return batches
+
+
+def simulated(name: str, about: str, decoder: EventDecoder, **params: Any) -> Stream:
+    simulator = Simulator(SimulationParams(n_fields=20, **params))
+    decode = decoder.decode
+    batches = _chunks((0, decode(orjson.dumps(e))) for e in simulator.events())
+    stats = simulator.stats()
+    window_s = float(params.get("attribution_window_s", HOUR_S))
+    return Stream(
+        name, about, batches, window_s, True, stats.bayes_logloss, stats.bayes_normalized_entropy
+    )
+
+
+def from_file(
+    name: str, about: str, decoder: EventDecoder, files: Sequence[tuple[Path, str]]
+) -> Stream:
+    batches: list[EventBatch] = []
+    delayed = False
+    for path, fmt in files:
+        if not path.is_file():
+            raise StreamFMError(f"bench: {path} not found (--data-dir names the shared data)")
+        batches += read_batches(path, fmt, decoder)
+        delayed |= fmt in ("jsonl", "talkingdata")
+    return Stream(name, about, batches, HOUR_S, delayed)
+
+
+def stream_builders(
+    data_dir: Path, long_events: int
+) -> dict[str, Callable[[EventDecoder], Stream]]:
+    """Every stream ``stream-fm bench`` knows, by name, in the order it runs them."""
+    d = data_dir
+
+    def files(*pairs: tuple[str, str]) -> list[tuple[Path, str]]:
+        return [(d / path, fmt) for path, fmt in pairs]
+
+    return {
+        "simulated": lambda dec: simulated(
+            "simulated",
+            "`stream-fm simulate --impressions 400000 --seed 11`: 1 h window at 10 imp/s, "
+            "11 windows (the first is 9% of the stream)",
+            dec, n_impressions=400_000, seed=11,
+        ),
+        "simulated-100": lambda dec: simulated(
+            "simulated-100",
+            "the same at 100 impressions/s: the first window is 90% of the stream",
+            dec, n_impressions=400_000, seed=12, impressions_per_s=100.0,
+        ),
+        "simulated-drift": lambda dec: simulated(
+            "simulated-drift",
+            "400k impressions at 10/s whose ground truth is replaced half way (staleness)",
+            dec, n_impressions=400_000, seed=13, drift_at=200_000,
+        ),
+        "simulated-long": lambda dec: simulated(
+            "simulated-long",
+            f"{long_events:,} events at 10 imp/s ({long_events / 1.03 / 36_000:.0f} windows)",
+            dec, n_impressions=round(long_events / 1.03), seed=7,
+        ),
+        "talkingdata": lambda dec: from_file(
+            "talkingdata", "100k ad clicks joined with app downloads at their real delays",
+            dec, files(("talkingdata/train_sample.sorted.csv", "talkingdata")),
+        ),
+        "ipinyou": lambda dec: from_file(
+            "ipinyou", "iPinYou train then test (the test has a quarter of the click rate)",
+            dec, files(("ipinyou_deepctr/train.fm.txt", "libsvm"), ("ipinyou_deepctr/test.fm.txt", "libsvm")),
+        ),
+        "criteo-10k": lambda dec: from_file(
+            "criteo-10k", "head of Criteo's Kaggle train.txt (22% clicks)",
+            dec, files(("criteo_kaggle_head10k/train.head10k.tsv", "criteo_tsv")),
+        ),
+        "avazu-9k": lambda dec: from_file(
+            "avazu-9k", "head of Avazu's Kaggle train.csv (17% clicks)",
+            dec, files(("avazu_head9k/train.head9k.csv", "avazu")),
+        ),
+        "criteo-2k": lambda dec: from_file(
+            "criteo-2k", "Criteo format sample (2k rows)",
+            dec, files(("criteo_3idiots/train.tiny.csv", "criteo")),
+        ),
+        "avazu-3k": lambda dec: from_file(
+            "avazu-3k", "Avazu format sample (3k rows of one hour)",
+            dec, files(("avazu_4idiots/tr.rx.csv", "avazu")),
+        ),
+        "xlearn": lambda dec: from_file(
+            "xlearn", "xLearn's libffm Criteo sample (400 rows)",
+            dec, files(("xlearn_criteo/small_train.txt", "libsvm"), ("xlearn_criteo/small_test.txt", "libsvm")),
+        ),
+    }  # fmt: skip
 
 
 class TimedEngine:
@@ -71,23 +205,23 @@ class TimedEngine:
 @dataclass(slots=True)
 class EngineResult:
     engine: str
-    events: int
+    protocol: str  # "served" (pipeline) or "driver" (VW's file driver, labels at once)
     examples: int
     logloss: float
+    logloss_first_window: float
+    logloss_last_10pct: float
     normalized_entropy: float
     auc: float
     calibration: float
-    engine_seconds: float
-    engine_examples_per_second: float
-    pipeline_events_per_second: float
-    logloss_last_10pct: float = math.nan
+    examples_per_second: float
     excess_over_bayes: float = math.nan
-    speedup_vs_river: float = math.nan
+    last_10pct_over_bayes: float = math.nan
 
 
 @dataclass(slots=True)
 class StreamResult:
     stream: str
+    about: str
     events: int
     bayes_logloss: float = math.nan
     bayes_normalized_entropy: float = math.nan
@@ -95,6 +229,28 @@ class StreamResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def run_pipeline(
+    name: str, engine: Engine, stream: Stream, settings: Settings, limit: int | None = None
+) -> EngineResult:
+    """One engine through the worker's pipeline (served protocol)."""
+    timed = TimedEngine(engine)
+    pipeline = Pipeline.from_settings(settings, engine=timed)
+    batches = stream.batches if limit is None else _prefix(stream.batches, limit)
+    report = replay(pipeline, iter(batches))
+    return EngineResult(
+        engine=name,
+        protocol="served",
+        examples=report.examples,
+        logloss=report.logloss,
+        logloss_first_window=report.logloss_first_window if stream.delayed else math.nan,
+        logloss_last_10pct=report.logloss_last_10pct,
+        normalized_entropy=report.normalized_entropy,
+        auc=report.auc,
+        calibration=report.calibration,
+        examples_per_second=report.examples / timed.seconds if timed.seconds else math.nan,
+    )
 
 
 def _prefix(batches: Sequence[EventBatch], n_events: int) -> list[EventBatch]:
@@ -109,149 +265,169 @@ def _prefix(batches: Sequence[EventBatch], n_events: int) -> list[EventBatch]:
     return out
 
 
-def run_engine(
-    name: str,
-    engine: Engine,
-    batches: Sequence[EventBatch],
-    settings: Settings,
-    hasher: FeatureHasher,
+def labeled_in_label_order(
+    stream: Stream, settings: Settings, decoder: EventDecoder
+) -> Iterator[tuple[npt.NDArray[np.int32], npt.NDArray[np.float64], int, int]]:
+    """(buckets, values, label, impression ts) of every example, in the order its label
+    became final: the attribution window joined in event time, as the worker joins it."""
+    joiner = AttributionJoiner(settings.attribution_window_ms, settings.max_pending_impressions)
+    hasher = decoder.hasher
+    for events, _ in stream.batches:
+        for _, event in events:
+            kind = type(event)
+            if kind is Labeled:
+                assert isinstance(event, Labeled)
+                yield hasher.buckets(event.keys), np.array(event.values), event.label, event.ts_ms
+                continue
+            if kind is Impression:
+                assert isinstance(event, Impression)
+                example = SparseExample(hasher.buckets(event.keys), np.array(event.values))
+                due = joiner.add_impression(
+                    PendingImpression(event.id, event.ts_ms, example, 0.5, 0)
+                )
+            elif kind is Click:
+                assert isinstance(event, Click)
+                due = joiner.add_click(event.id, event.ts_ms)
+            else:
+                continue
+            for outcome in due:
+                x = outcome.impression.example
+                yield x.indices, x.values, outcome.label, outcome.impression.ts_ms
+    for outcome in joiner.flush():
+        x = outcome.impression.example
+        yield x.indices, x.values, outcome.label, outcome.impression.ts_ms
+
+
+def run_driver(
+    name: str, arguments: str, stream: Stream, settings: Settings, decoder: EventDecoder
 ) -> EngineResult:
-    """One engine through the pipeline over pre-decoded batches."""
-    timed = TimedEngine(engine)
-    pipeline = Pipeline(
-        timed,
-        EventDecoder(hasher),
-        settings.attribution_window_ms,
-        settings.max_pending_impressions,
-        auc_window=settings.auc_window,
-    )
-    evaluator = pipeline.evaluator
-    # Per-batch log-loss sums give the last-10% figure without storing every example.
-    batch_sums: list[tuple[int, float]] = []
+    """VW's file driver on the examples in label order; its -p output is the progressive loss."""
+    with tempfile.TemporaryDirectory(prefix="stream-fm-vw-") as work:
+        data = os.path.join(work, "examples.vw")
+        labels, ts = [], []
+        with open(data, "w") as sink:
+            for indices, values, label, impression_ts in labeled_in_label_order(
+                stream, settings, decoder
+            ):
+                features = " ".join(
+                    f"{i}:{v:.9g}" for i, v in zip(indices.tolist(), values.tolist(), strict=True)
+                )
+                sink.write(f"{1 if label else -1} |f {features}\n")
+                labels.append(label)
+                ts.append(impression_ts)
+        p, seconds = vw_driver(data, arguments, settings.hash_bits, work)
+    order = np.argsort(np.array(ts), kind="stable")
+    return _scored(name, "driver", p[order], np.array(labels, dtype=np.int8)[order],
+                   np.array(ts)[order], stream, settings, seconds)  # fmt: skip
 
-    def batches_with_marks() -> Iterator[EventBatch]:
-        for batch in batches:
-            yield batch
-            batch_sums.append((evaluator.examples, evaluator.logloss_sum))
 
-    report = replay(pipeline, batches_with_marks())
-    batch_sums.append((evaluator.examples, evaluator.logloss_sum))
-    last = _tail_logloss(batch_sums, 0.10)
+def _scored(
+    name: str,
+    protocol: str,
+    p: npt.NDArray[np.float64],
+    y: npt.NDArray[np.int8],
+    ts: npt.NDArray[np.int64],
+    stream: Stream,
+    settings: Settings,
+    seconds: float,
+) -> EngineResult:
+    from stream_fm.evaluate import auc, binary_entropy, log_loss
+
+    def mean_loss(mask: npt.NDArray[np.bool_]) -> float:
+        if not mask.any():
+            return math.nan
+        return float(
+            np.mean([log_loss(float(q), int(t)) for q, t in zip(p[mask], y[mask], strict=True)])
+        )
+
+    everything = np.ones(len(p), dtype=bool)
+    first = ts < ts[0] + settings.attribution_window_ms
+    last = np.arange(len(p)) >= len(p) - len(p) // 10
+    whole = mean_loss(everything)
     return EngineResult(
         engine=name,
-        events=report.events,
-        examples=report.examples,
-        logloss=report.logloss,
-        normalized_entropy=report.normalized_entropy,
-        auc=report.auc,
-        calibration=report.calibration,
-        engine_seconds=timed.seconds,
-        engine_examples_per_second=report.examples / timed.seconds if timed.seconds else math.nan,
-        pipeline_events_per_second=report.events_per_second,
-        logloss_last_10pct=last,
+        protocol=protocol,
+        examples=len(p),
+        logloss=whole,
+        logloss_first_window=mean_loss(first) if stream.delayed else math.nan,
+        logloss_last_10pct=mean_loss(last),
+        normalized_entropy=whole / binary_entropy(float(np.mean(y))),
+        auc=auc(p, y),
+        calibration=float(p.sum() / max(1, int(y.sum()))),
+        examples_per_second=len(p) / seconds if seconds else math.nan,
     )
-
-
-def _tail_logloss(marks: list[tuple[int, float]], share: float) -> float:
-    """Mean log loss over the last ``share`` of examples (from the last batch boundary
-    at or before that point), from cumulative (examples, loss sum) marks."""
-    total_examples, total_sum = marks[-1]
-    start = total_examples * (1 - share)
-    before = [(n, loss) for n, loss in marks if n <= start]
-    examples, loss_sum = before[-1] if before else (0, 0.0)
-    n = total_examples - examples
-    return (total_sum - loss_sum) / n if n else math.nan
-
-
-def simulated_stream(
-    n_events: int, seed: int, window_s: float, hasher: FeatureHasher
-) -> tuple[list[EventBatch], float, float]:
-    """A simulated impression/click stream of about ``n_events`` events (20 fields)."""
-    import orjson
-
-    n_impressions = max(1, round(n_events / 1.03))
-    # Event time spans 1000 attribution windows: the first window, where only positives can
-    # be learned (negatives wait for the window to close), is 0.1% of the stream, as in a
-    # worker that runs for days rather than the first hour of its life.
-    params = SimulationParams(
-        n_impressions=n_impressions,
-        n_fields=20,
-        seed=seed,
-        attribution_window_s=window_s,
-        impressions_per_s=n_impressions / (1000 * window_s),
-    )
-    simulator = Simulator(params)
-    decoder = EventDecoder(hasher)
-    events: list[tuple[Any, Event | None]] = []
-    batches: list[EventBatch] = []
-    for event in simulator.events():
-        events.append((0, decoder.decode(orjson.dumps(event))))
-        if len(events) >= 8192:
-            batches.append((events, []))
-            events = []
-    if events:
-        batches.append((events, []))
-    stats = simulator.stats()
-    return batches, stats.bayes_logloss, stats.bayes_normalized_entropy
-
-
-def file_stream(path: Path, fmt: str, hasher: FeatureHasher) -> list[EventBatch]:
-    return list(read_batches(path, fmt, EventDecoder(hasher)))
 
 
 def compare(
-    stream: str,
-    batches: list[EventBatch],
-    settings: Settings,
-    hasher: FeatureHasher,
-    river_events: int,
-    log: Callable[[str], None],
-    bayes: tuple[float, float] = (math.nan, math.nan),
-) -> list[StreamResult]:
-    """Run every engine on ``batches`` (river and the fast engine also on a short prefix)."""
-    n_events = sum(len(events) for events, _ in batches)
-    full = StreamResult(stream, n_events, *bayes)
-    params = settings.model
-
-    def add(result: StreamResult, name: str, engine: Engine, data: Sequence[EventBatch]) -> None:
-        log(f"  {stream}: {name} ...")
-        result.engines.append(run_engine(name, engine, data, settings, hasher))
-
-    add(full, "stream-fm", FastFM(params), batches)
-    for name, arguments in VW_VARIANTS.items():
-        add(full, name, VowpalWabbit(arguments, settings.hash_bits), batches)
-    prefix_result = StreamResult(
-        f"{stream} (first {river_events:,} events)", min(river_events, n_events)
+    stream: Stream, settings: Settings, decoder: EventDecoder, river_events: int, say: Say
+) -> StreamResult:
+    """Every engine on one stream."""
+    result = StreamResult(
+        stream.name,
+        stream.about,
+        stream.events,
+        stream.bayes_logloss,
+        stream.bayes_normalized_entropy,
     )
-    prefix = _prefix(batches, river_events)
-    add(prefix_result, "stream-fm", FastFM(params), prefix)
-    add(prefix_result, "river-fm", RiverFM(params), prefix)
+
+    def add(engine: EngineResult) -> None:
+        if not math.isnan(stream.bayes_logloss):
+            engine.excess_over_bayes = engine.logloss - stream.bayes_logloss
+            engine.last_10pct_over_bayes = engine.logloss_last_10pct / stream.bayes_logloss
+        result.engines.append(engine)
+        say(f"  {stream.name}: {engine.engine} ({engine.protocol}) log loss {engine.logloss:.5f}")
+
+    policies = LABEL_POLICIES if stream.delayed else (settings.label_policy,)
+    for policy in policies:
+        chosen = build_settings({**_flat(settings), "label_policy": policy})
+        name = "stream-fm" if policy == settings.label_policy else f"stream-fm/{policy}"
+        add(run_pipeline(name, FastFM(settings.model), stream, chosen))
+    vw_served = build_settings({**_flat(settings), "label_policy": CLICK_EARLY})
     for name, arguments in VW_VARIANTS.items():
-        add(prefix_result, name, VowpalWabbit(arguments, settings.hash_bits), prefix)
-    river_speed = prefix_result.engines[1].engine_examples_per_second
-    for result in (full, prefix_result):
-        for engine_result in result.engines:
-            engine_result.speedup_vs_river = engine_result.engine_examples_per_second / river_speed
-            if not math.isnan(full.bayes_logloss) and result is full:
-                engine_result.excess_over_bayes = engine_result.logloss - full.bayes_logloss
-    return [full, prefix_result]
+        add(run_pipeline(name, VowpalWabbit(arguments, settings.hash_bits), stream, vw_served))
+        add(run_driver(name, arguments, stream, settings, decoder))
+    if river_events:
+        limit = min(river_events, stream.events)
+        river_params = settings.model
+        if river_params.optimizer not in ("sgd", "adagrad", "ftrl"):
+            river_params = replace(river_params, optimizer="adagrad")  # river has no such one
+        for name, engine in (
+            ("stream-fm", FastFM(settings.model)),
+            (f"river ({river_params.optimizer})", RiverFM(river_params)),
+        ):
+            prefix = run_pipeline(f"{name} (first {limit:,})", engine, stream, settings, limit)
+            add(prefix)
+    return result
+
+
+def _flat(settings: Settings) -> dict[str, Any]:
+    from stream_fm.config import SPECS
+
+    return {
+        spec.name: getattr(settings.model if spec.in_model else settings, spec.name)
+        for spec in SPECS.values()
+    }
 
 
 def format_table(result: StreamResult) -> str:
-    lines = [f"== {result.stream}: {result.events:,} events"]
+    lines = [f"== {result.stream}: {result.events:,} events; {result.about}"]
     if not math.isnan(result.bayes_logloss):
         lines.append(
             f"   Bayes-optimal log loss {result.bayes_logloss:.5f}, NE {result.bayes_normalized_entropy:.4f}"
         )
     lines.append(
-        f"   {'engine':<10} {'examples':>9} {'logloss':>8} {'last10%':>8} {'NE':>7} {'AUC':>7} "
-        f"{'calib':>6} {'excess':>8} {'engine ex/s':>12} {'x river':>9}"
+        f"   {'engine':<28} {'protocol':<8} {'examples':>9} {'logloss':>8} {'1st win':>8} "
+        f"{'last10%':>8} {'NE':>7} {'AUC':>7} {'calib':>6} {'x Bayes':>7} {'examples/s':>11}"
     )
     for e in result.engines:
+        over = (
+            e.logloss / result.bayes_logloss if not math.isnan(result.bayes_logloss) else math.nan
+        )
         lines.append(
-            f"   {e.engine:<10} {e.examples:>9,} {e.logloss:>8.5f} {e.logloss_last_10pct:>8.5f} "
-            f"{e.normalized_entropy:>7.4f} {e.auc:>7.4f} {e.calibration:>6.3f} {e.excess_over_bayes:>8.5f} "
-            f"{e.engine_examples_per_second:>12,.0f} {e.speedup_vs_river:>9,.1f}"
+            f"   {e.engine:<28} {e.protocol:<8} {e.examples:>9,} {e.logloss:>8.5f} "
+            f"{e.logloss_first_window:>8.5f} {e.logloss_last_10pct:>8.5f} "
+            f"{e.normalized_entropy:>7.4f} {e.auc:>7.4f} {e.calibration:>6.3f} {over:>7.3f} "
+            f"{e.examples_per_second:>11,.0f}"
         )
     return "\n".join(lines)
 
@@ -263,57 +439,42 @@ def engine_only_throughput(n_examples: int = 2_000_000) -> float:
     return engine_throughput(n_examples, n_fields=20, k=8)
 
 
-STREAMS = ("simulated", "ipinyou", "talkingdata")
-
-
 def main_bench(
     settings: Settings,
     streams: Sequence[str],
     *,
-    events: int,
+    long_events: int,
     river_events: int,
     data_dir: Path,
-    sim_seed: int,
     json_path: Path | None = None,
 ) -> int:
     """``stream-fm bench``: every engine on every stream, tables to stdout, progress to stderr."""
     import json
     import sys
 
-    unknown = set(streams) - set(STREAMS)
+    builders = stream_builders(data_dir, long_events)
+    unknown = [s for s in streams if s not in builders]
     if unknown:
-        raise StreamFMError(f"unknown bench stream(s): {', '.join(sorted(unknown))}")
-    hasher = decoder_for(settings).hasher
-    results: list[StreamResult] = []
+        raise StreamFMError(
+            f"unknown bench stream(s) {', '.join(unknown)}; choose from {', '.join(builders)}"
+        )
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    decoder = decoder_for(settings)
     throughput = engine_only_throughput()
     print(
         f"engine only (compiled kernel, 20 fields, k={settings.model.k}, score+learn): "
-        f"{throughput:,.0f} examples/s"
+        f"{throughput:,.0f} examples/s",
+        flush=True,
     )
-    for stream in streams:
-        if stream == "simulated":
-            batches, bayes_ll, bayes_ne = simulated_stream(
-                events, sim_seed, settings.attribution_window_s, hasher
-            )
-            outcome = compare(
-                "simulated", batches, settings, hasher, river_events, say, (bayes_ll, bayes_ne)
-            )
-        elif stream == "ipinyou":
-            folder = data_dir / "ipinyou_deepctr"
-            batches = file_stream(folder / "train.fm.txt", "libsvm", hasher)
-            batches += file_stream(folder / "test.fm.txt", "libsvm", hasher)
-            outcome = compare("ipinyou train+test", batches, settings, hasher, river_events, say)
-        else:
-            path = data_dir / "talkingdata" / "train_sample.sorted.csv"
-            batches = file_stream(path, "talkingdata", hasher)
-            outcome = compare("talkingdata", batches, settings, hasher, river_events, say)
-        for result in outcome:
-            print(format_table(result), flush=True)
-        results += outcome
+    results: list[StreamResult] = []
+    for name in streams:
+        say(f"{name}: decoding")
+        result = compare(builders[name](decoder), settings, decoder, river_events, say)
+        print(format_table(result), flush=True)
+        results.append(result)
     if json_path:
         payload = {
             "engine_only_examples_per_second": throughput,
@@ -323,15 +484,4 @@ def main_bench(
     return 0
 
 
-__all__ = [
-    "FMParams",
-    "Rejected",
-    "StreamResult",
-    "VowpalWabbit",
-    "compare",
-    "engine_only_throughput",
-    "file_stream",
-    "format_table",
-    "main_bench",
-    "simulated_stream",
-]
+__all__ = ["StreamResult", "compare", "format_table", "main_bench", "stream_builders"]
