@@ -208,6 +208,14 @@ class WorkerMetrics:
         self.checkpoints = Counter(
             "stream_fm_checkpoints", "Checkpoints written durably.", registry=r
         )
+        self.checkpoint_write_seconds = Gauge(
+            "stream_fm_checkpoint_write_seconds",
+            "How long the last checkpoint took to write durably (beside the loop).",
+            registry=r,
+        )
+        self.checkpoint_bytes = Gauge(
+            "stream_fm_checkpoint_bytes", "Size of the last durable checkpoint file.", registry=r
+        )
         self.checkpoint_errors = Counter(
             "stream_fm_checkpoint_errors", "Checkpoint writes that failed.", registry=r
         )
@@ -299,6 +307,13 @@ class WorkerMetrics:
             "stream_fm_impression_to_prediction_seconds",
             "From the impression's ts to its prediction being published.",
             IMPRESSION_TO_PREDICTION_SECONDS_BUCKETS,
+            r,
+        )
+        self.checkpoint_pause_seconds = BulkHistogram(
+            "stream_fm_checkpoint_pause_seconds",
+            "How long the loop stopped for a checkpoint: acknowledgements awaited and the state "
+            "copied (the write happens beside the loop).",
+            BATCH_SECONDS_BUCKETS,
             r,
         )
         self.click_delay_seconds = BulkHistogram(

@@ -235,7 +235,8 @@ def run_demo(options: DemoOptions) -> int:
                     f"demo: Prometheus on {prom.url} (job {JOB!r}, alert rules loaded); try "
                     f"{prom.url}/graph?g0.expr=rate(stream_fm_events_total[1m])"
                 )
-            code = _watch(options, children, broker, _Progress(url), prom)
+            progress = _Progress(url)
+            code = _watch(options, children, broker, progress, prom)
         except KeyboardInterrupt:
             _say("\ndemo: stopping")
         except ChildExited as error:
@@ -243,8 +244,24 @@ def run_demo(options: DemoOptions) -> int:
             code = 1
         finally:
             code = _stop_children(children, prom, work, code)
-    _say(f"demo: stopped every child it started (Kafka included); logs are in {work}")
+    _say(
+        f"demo: stopped every child it started (Kafka included){_quality(progress)}; logs are in {work}"
+    )
     return code
+
+
+def _quality(progress: _Progress | None) -> str:
+    """The model's quality at the last progress line, for the demo's last line."""
+    m = progress.last if progress is not None else {}
+    ne = m.get("stream_fm_normalized_entropy_window", math.nan)
+    if math.isnan(ne):
+        return ""
+    learned = m.get("stream_fm_examples_learned_total", 0)
+    verdict = "better than" if ne < 1 else "not yet better than"
+    return (
+        f"; rolling NE {ne:.3f} over the last {min(learned, 100_000):,.0f} examples "
+        f"({verdict} serving the average click rate)"
+    )
 
 
 def _watch(

@@ -128,8 +128,9 @@ class Worker:
                 raise ProduceError("no checkpoint could be written at a rebalance")
             if records:
                 self._process(records)
+            self.recovery.settle()
             if self.recovery.checkpoint_due():
-                self.recovery.try_checkpoint(reason="periodic")
+                self.recovery.begin_checkpoint(reason="periodic")
         except ProduceError as error:
             self._produce_failed(error)
         self.health.beat()

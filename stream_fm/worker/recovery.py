@@ -32,6 +32,7 @@ from stream_fm.kafka import KafkaIO, Partition, Record
 from stream_fm.metrics import WorkerMetrics
 from stream_fm.pipeline import Pipeline
 from stream_fm.worker.snapshot import OFFSETS_KEY, Snapshot, parse_key, partition_key
+from stream_fm.worker.writer import CheckpointWriter
 
 log = logging.getLogger("stream_fm.worker")
 
@@ -78,6 +79,8 @@ class Recovery:
         self._unanchored: set[Partition] = set()
         self._events_since = 0
         self._last_checkpoint_s = time.monotonic()
+        self._applied_since_snapshot = 0  # batches applied after the snapshot being written
+        self.writer = CheckpointWriter(self.store)
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.apply_log is not None:
@@ -243,8 +246,11 @@ class Recovery:
         self._audit("apply", records=[[r.topic, r.partition, r.offset] for r in records])
         self.dirty = True
         self._events_since += len(records)
+        self._applied_since_snapshot += 1
 
     def checkpoint_due(self) -> bool:
+        if self.writer.busy:
+            return False  # one checkpoint at a time: the next waits for this one
         interval_passed = (
             time.monotonic() - self._last_checkpoint_s >= self.settings.checkpoint_interval_s
         )
@@ -252,16 +258,10 @@ class Recovery:
         return self.dirty and (interval_passed or enough)
 
     # checkpoints
-    def checkpoint(self, reason: str, in_callback: bool = False) -> None:
-        """Await acknowledgements, write the state durably, then commit its offsets.
-
-        Transactional mode: the file is written first and counts only once the transaction
-        carrying its offsets commits (``start`` checks the group's offsets). Raises
-        ProduceError (an output was rejected, or the transaction failed) or CheckpointError
-        (the disk failed); either way nothing was committed.
-        """
-        if self.io is None or not self.restored:
-            return
+    def _snapshot(self) -> Snapshot:
+        """Await every acknowledgement, then copy the state: the loop's only pause."""
+        assert self.io is not None
+        started = time.perf_counter()
         self.io.flush()
         snapshot = Snapshot(
             group_id=self.settings.group_id,
@@ -270,48 +270,108 @@ class Recovery:
             offsets={partition_key(tp): offset for tp, offset in self.offsets.items()},
             applied=dict(self.applied),
         )
+        self.metrics.checkpoint_pause_seconds.observe(time.perf_counter() - started)
+        self._events_since = 0
+        self._last_checkpoint_s = time.monotonic()
+        self._applied_since_snapshot = 0
+        return snapshot
+
+    def begin_checkpoint(self, reason: str) -> None:
+        """A periodic checkpoint: the state is copied now and written beside the loop; its
+        offsets are committed when ``settle`` finds it durable. Transactional mode writes it
+        at once (the transaction must not carry records past its offsets)."""
+        if self.io is None or not self.restored:
+            return
+        if self.io.transactional:
+            self.try_checkpoint(reason)
+            return
+        snapshot = self._snapshot()
+        self.writer.start(snapshot.tree(), (snapshot, reason))
+
+    def settle(self, wait: bool = False, in_callback: bool = False) -> None:
+        """Take the outcome of a checkpoint written beside the loop, if it finished (or once
+        it finishes: ``wait``); ``in_callback``: inside a rebalance callback (no blocking)."""
+        done = self.writer.take(wait)
+        if done is None:
+            return
+        snapshot, reason = done.tag
+        self.metrics.checkpoint_write_seconds.set(done.seconds)
+        if done.error is not None:
+            self.metrics.checkpoint_errors.inc()
+            self._failed(done.error)
+            return
+        assert done.path is not None
+        self._durable(snapshot, done.path, reason, in_callback)
+
+    def checkpoint(self, reason: str, in_callback: bool = False) -> None:
+        """A checkpoint written before returning (revocation, shutdown, transactions):
+        acknowledgements awaited, the state written durably, then its offsets committed.
+
+        Transactional mode: the file is written first and counts only once the transaction
+        carrying its offsets commits (``start`` checks the group's offsets). Raises
+        ProduceError (an output was rejected, or the transaction failed) or CheckpointError
+        (the disk failed); either way nothing was committed.
+        """
+        if self.io is None or not self.restored:
+            return
+        self.settle(wait=True, in_callback=in_callback)
+        snapshot = self._snapshot()
+        started = time.perf_counter()
         try:
             path = self.store.save(snapshot.tree())
         except CheckpointError:
             self.metrics.checkpoint_errors.inc()
             raise
+        finally:
+            self.metrics.checkpoint_write_seconds.set(time.perf_counter() - started)
+        self._durable(snapshot, path, reason, in_callback)
+
+    def _durable(self, snapshot: Snapshot, path: Path, reason: str, in_callback: bool) -> None:
+        """A checkpoint is on disk: commit its offsets, make it the rollback target."""
         self.store.fault("committing")
-        self._commit(path, in_callback)
+        offsets = {parse_key(key): offset for key, offset in snapshot.offsets.items()}
+        self._commit(path, offsets, in_callback)
         self.store.fault("committed")
         if self.problem is not None:
             log.info("checkpoints are written again")
         self.problem = None
         self.target, self.target_path = snapshot, path
-        self.dirty = False
-        self._events_since = 0
-        self._last_checkpoint_s = time.monotonic()
+        self.dirty = self._applied_since_snapshot > 0
         self.checkpoints += 1
-        self.metrics.mark_checkpoint()
+        self.metrics.mark_checkpoint(snapshot.saved_at_s)
         self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_bytes.set(_size(path))
         self._audit(
             "checkpoint", path=path.name, offsets=snapshot.offsets, applied=snapshot.applied
         )
         log.debug("checkpoint %s (%s)", path.name, reason)
 
-    def _commit(self, path: Path, in_callback: bool) -> None:
+    def _commit(self, path: Path, offsets: dict[Partition, int], in_callback: bool) -> None:
         assert self.io is not None
         if self.io.transactional:
             try:
-                self.io.commit_transaction(self.offsets)
+                self.io.commit_transaction(offsets)
             except ProduceError:
                 self.store.discard(path)  # its outputs were aborted: never restore it
                 raise
             # Known without asking the broker (a blocking call is not allowed in a rebalance
             # callback): partitions taken over later are judged by these offsets.
-            self._committed.update(
-                {partition_key(tp): offset for tp, offset in self.offsets.items()}
-            )
+            self._committed.update({partition_key(tp): offset for tp, offset in offsets.items()})
             return
         try:
-            self.io.commit(self.offsets, wait=not in_callback)
+            self.io.commit(offsets, wait=not in_callback)
         except BrokerError as error:
             # The checkpoint is the truth; a failed commit only delays lag reporting.
             log.warning("%s; offsets stay in the checkpoint", error)
+
+    def _failed(self, error: CheckpointError) -> None:
+        """A survivable checkpoint failure: reported not-ready, retried after the interval."""
+        if self.problem is None:
+            log.error("%s; retrying every %gs", error, self.settings.checkpoint_interval_s)
+        self.problem = str(error)
+        # Retry after the interval or the event count again, not at every batch.
+        self._last_checkpoint_s = time.monotonic()
+        self._events_since = 0
 
     def try_checkpoint(self, reason: str, in_callback: bool = False) -> bool:
         """A checkpoint whose disk failure is survivable: counted, reported not-ready, retried
@@ -319,12 +379,7 @@ class Recovery:
         try:
             self.checkpoint(reason, in_callback=in_callback)
         except CheckpointError as error:
-            if self.problem is None:
-                log.error("%s; retrying every %gs", error, self.settings.checkpoint_interval_s)
-            self.problem = str(error)
-            # Retry after the interval or the event count again, not at every batch.
-            self._last_checkpoint_s = time.monotonic()
-            self._events_since = 0
+            self._failed(error)
             return False
         return True
 
@@ -343,6 +398,7 @@ class Recovery:
         """Back to the last durable checkpoint: model, accumulators, joiners and positions."""
         assert self.io is not None
         self.rollback_needed = False
+        self.settle(wait=True)  # a checkpoint written meanwhile is a valid target if durable
         self.io.discard_unacknowledged()
         target = self.target
         if target is None:
@@ -366,5 +422,13 @@ class Recovery:
         )
 
     def close(self) -> None:
+        self.writer.take(wait=True)  # never leave a save half-way; its offsets stay uncommitted
         if self.apply_log is not None:
             self.apply_log.close()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
