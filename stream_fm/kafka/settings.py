@@ -72,6 +72,17 @@ CLIENT_SETTINGS: Final = {
         ClientSetting(
             "max_request_timeout_ms", 30_000, "one request waits at most this (or less, see below)"
         ),
+        # librdkafka only
+        ClientSetting(
+            "librdkafka_assignment_strategy",
+            "cooperative-sticky",
+            "a rebalance moves only the partitions that change owner; the rest keep serving",
+        ),
+        ClientSetting(
+            "librdkafka_queue_max_messages",
+            1_000_000,
+            "records the producer may hold unacknowledged before produce() waits",
+        ),
         # tools (simulator, benchmarks, tests)
         ClientSetting("tool_linger_ms", 5, "the simulator's and tools' producers batch likewise"),
     )
@@ -150,4 +161,69 @@ def producer_config(
         config |= security_config(settings)
         if settings.transactional_id:
             config["transactional_id"] = settings.transactional_id
+    return config
+
+
+_SECURITY_LIBRDKAFKA = {
+    "security_protocol": "security.protocol",
+    "sasl_mechanism": "sasl.mechanism",
+    "sasl_plain_username": "sasl.username",
+    "sasl_plain_password": "sasl.password",
+    "ssl_cafile": "ssl.ca.location",
+    "ssl_certfile": "ssl.certificate.location",
+    "ssl_keyfile": "ssl.key.location",
+}
+
+
+def _librdkafka_security(settings: Settings) -> dict[str, Any]:
+    return {
+        _SECURITY_LIBRDKAFKA[name]: value
+        for name, value in security_config(settings).items()
+        if value is not None
+    }
+
+
+def librdkafka_consumer(settings: Settings) -> dict[str, Any]:
+    """confluent-kafka ``Consumer`` configuration for the worker (librdkafka's names)."""
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
+        "group.id": settings.group_id,
+        "enable.auto.commit": client_setting("enable_auto_commit"),
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": client_setting("auto_offset_reset"),
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": min(
+            client_setting("max_heartbeat_interval_ms"), settings.session_timeout_ms // 3
+        ),
+        "max.poll.interval.ms": client_setting("max_poll_interval_ms"),
+        "fetch.max.bytes": client_setting("fetch_max_bytes"),
+        "partition.assignment.strategy": client_setting("librdkafka_assignment_strategy"),
+        # As kafka-python reads: every record, transactional or not.
+        "isolation.level": "read_uncommitted",
+        **_librdkafka_security(settings),
+    }
+
+
+def librdkafka_producer(settings: Settings, batch_size_bytes: int | None = None) -> dict[str, Any]:
+    """confluent-kafka ``Producer`` configuration for the worker (librdkafka's names)."""
+    kafka_python = producer_config(settings, batch_size_bytes=batch_size_bytes)
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
+        "acks": client_setting("acks"),
+        "linger.ms": client_setting("linger_ms"),
+        "batch.size": kafka_python["batch_size"],
+        # librdkafka's bound covers the request's framing too: room above the record bound.
+        "message.max.bytes": client_setting("max_request_size_bytes") + 65_536,
+        "enable.idempotence": True,
+        "request.timeout.ms": kafka_python["request_timeout_ms"],
+        "delivery.timeout.ms": kafka_python["delivery_timeout_ms"],
+        "queue.buffering.max.messages": client_setting("librdkafka_queue_max_messages"),
+        # Kafka's default partitioner (murmur2), so both clients put an id in one place.
+        "partitioner": "murmur2_random",
+        **_librdkafka_security(settings),
+    }
+    if settings.transactional_id:
+        config["transactional.id"] = settings.transactional_id
     return config

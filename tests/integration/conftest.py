@@ -42,6 +42,15 @@ def kafka_broker() -> Iterator[KafkaBroker]:
         broker.close()
 
 
+@pytest.fixture(params=["kafka-python", "confluent"])
+def kafka_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per Kafka client; modules use it with ``pytest.mark.usefixtures``.
+    Set through the variable the worker reads, so child workers inherit it."""
+    client = str(request.param)
+    monkeypatch.setenv("STREAM_FM_KAFKA_CLIENT", client)
+    return client
+
+
 @pytest.fixture
 def rig(kafka_broker: KafkaBroker, tmp_path: Path) -> Iterator[FaultRig]:
     """The fault suite's topics, group and directories, its workers stopped afterwards."""

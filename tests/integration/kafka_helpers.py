@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -15,11 +16,18 @@ from stream_fm.tools.broker import KafkaBroker
 from stream_fm.worker import Worker
 
 
+def client_under_test() -> str:
+    """The client this test runs on: the ``kafka_client`` fixture sets it for the modules that
+    run on both, through the same variable a worker reads."""
+    return os.environ.get("STREAM_FM_KAFKA_CLIENT", "kafka-python")
+
+
 def worker_settings(
     broker: KafkaBroker, checkpoint_dir: Path, topics: dict[str, Any], **overrides: Any
 ) -> Settings:
     values: dict[str, Any] = {
         "bootstrap_servers": broker.bootstrap_servers,
+        "kafka_client": client_under_test(),
         "group_id": f"test-{uuid.uuid4().hex[:8]}",
         "input_topics": topics["input"],
         "predictions_topic": topics["predictions"],

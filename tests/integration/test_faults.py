@@ -23,6 +23,8 @@ from tests.integration.oracle import (
     wait_until,
 )
 
+pytestmark = pytest.mark.usefixtures("kafka_client")
+
 
 def drain_and_stop(rig: FaultRig, timeout_s: float = 120.0) -> float:
     """Start a worker, wait until its checkpoint covers the whole input, SIGTERM it.

@@ -23,6 +23,8 @@ from tests.integration.oracle import (
     wait_until,
 )
 
+pytestmark = pytest.mark.usefixtures("kafka_client")
+
 KILLED_S = 30.0
 FROZEN_S = 40.0
 

@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from stream_fm.audit import read_apply_log
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.kafka.admin import EventProducer
@@ -22,6 +24,8 @@ from tests.integration.oracle import (
     simulated,
     wait_until,
 )
+
+pytestmark = pytest.mark.usefixtures("kafka_client")
 
 # What a partition's joiner holds regardless of which worker's model scored its impressions.
 MODEL_FREE_JOINER_STATE = (

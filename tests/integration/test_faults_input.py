@@ -31,6 +31,8 @@ from tests.integration.oracle import (
 )
 from tests.test_events import MALFORMED
 
+pytestmark = pytest.mark.usefixtures("kafka_client")
+
 
 @pytest.fixture
 def rig(kafka_broker: KafkaBroker, tmp_path: Path) -> Iterator[FaultRig]:

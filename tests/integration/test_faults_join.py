@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.join import PendingImpression
@@ -22,6 +23,8 @@ from tests.integration.oracle import (
     wait_until,
 )
 from tests.test_join import ReferenceJoiner, example
+
+pytestmark = pytest.mark.usefixtures("kafka_client")
 
 T0 = 1_732_406_400_000
 WINDOW_MS = 60_000

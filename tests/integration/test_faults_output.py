@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import (
     FaultRig,
@@ -21,6 +23,8 @@ from tests.integration.oracle import (
     wait_until,
 )
 from tests.prometheus_helpers import missing_tool
+
+pytestmark = pytest.mark.usefixtures("kafka_client")
 
 
 def set_topic_config(broker: KafkaBroker, topic: str, configs: dict[str, str]) -> None:

@@ -22,6 +22,8 @@ from tests.integration.oracle import (
     wait_until,
 )
 
+pytestmark = pytest.mark.usefixtures("kafka_client")
+
 
 def read_committed(broker: KafkaBroker, topic: str) -> list[bytes]:
     with TopicReader(broker.bootstrap_servers, isolation_level="read_committed") as reader:

@@ -16,12 +16,16 @@ from stream_fm.kafka.admin import EventProducer, TopicReader, commit_offsets, co
 from stream_fm.kafka.settings import client_setting
 from stream_fm.tools.broker import KafkaBroker
 from tests.integration.conftest import UniqueTopic
+from tests.integration.kafka_helpers import client_under_test
+
+pytestmark = pytest.mark.usefixtures("kafka_client")
 
 
 def _settings(broker: KafkaBroker, **values: object) -> Settings:
     return build_settings(
         {
             "bootstrap_servers": broker.bootstrap_servers,
+            "kafka_client": client_under_test(),
             "group_id": f"io-{uuid.uuid4().hex[:8]}",
             "produce_timeout_s": 10.0,
             **values,

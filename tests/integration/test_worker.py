@@ -26,6 +26,8 @@ from stream_fm.tools.simulate import SimulationParams, Simulator
 from tests.integration.conftest import UniqueTopic
 from tests.integration.kafka_helpers import WorkerThread, consume_all, produce, worker_settings
 
+pytestmark = pytest.mark.usefixtures("kafka_client")
+
 WINDOW_S = 60.0
 
 

@@ -18,7 +18,7 @@ def test_every_entry_says_why_and_has_its_unit_in_its_name() -> None:
     for name, entry in CLIENT_SETTINGS.items():
         assert entry.name == name and len(entry.why) > 20, name
         if isinstance(entry.value, int) and not isinstance(entry.value, bool):
-            assert name.endswith(("_ms", "_bytes")) or name == "retries", name
+            assert name.endswith(("_ms", "_bytes", "_messages")) or name == "retries", name
 
 
 def test_unknown_setting_fails_loudly() -> None:
