@@ -194,56 +194,59 @@ def _rotl(x: Any, r: int) -> Any:
 
 
 @njit(cache=True, nogil=True)
-def _hash_segments(blob: Any, seed: int, out: Any) -> int:
-    """MurmurHash3 x86_32 of each NUL-separated segment of blob; returns segment count."""
+def murmur3_32(blob: Any, start: int, length: int, seed: Any) -> Any:
+    """MurmurHash3 x86_32 of ``blob[start:start + length]`` (a uint8 array)."""
     c1 = np.uint32(0xCC9E2D51)
     c2 = np.uint32(0x1B873593)
+    h = np.uint32(seed)
+    nblocks = length // 4
+    for b in range(nblocks):
+        p = start + 4 * b
+        k = (
+            np.uint32(blob[p])
+            | (np.uint32(blob[p + 1]) << np.uint32(8))
+            | (np.uint32(blob[p + 2]) << np.uint32(16))
+            | (np.uint32(blob[p + 3]) << np.uint32(24))
+        )
+        k = (k * c1) & np.uint32(0xFFFFFFFF)
+        k = _rotl(k, 15)
+        k = (k * c2) & np.uint32(0xFFFFFFFF)
+        h ^= k
+        h = _rotl(h, 13)
+        h = (h * np.uint32(5) + np.uint32(0xE6546B64)) & np.uint32(0xFFFFFFFF)
+    tail = start + 4 * nblocks
+    rem = length & 3
+    k = np.uint32(0)
+    if rem >= 3:
+        k ^= np.uint32(blob[tail + 2]) << np.uint32(16)
+    if rem >= 2:
+        k ^= np.uint32(blob[tail + 1]) << np.uint32(8)
+    if rem >= 1:
+        k ^= np.uint32(blob[tail])
+        k = (k * c1) & np.uint32(0xFFFFFFFF)
+        k = _rotl(k, 15)
+        k = (k * c2) & np.uint32(0xFFFFFFFF)
+        h ^= k
+    h ^= np.uint32(length)
+    h ^= h >> np.uint32(16)
+    h = (h * np.uint32(0x85EBCA6B)) & np.uint32(0xFFFFFFFF)
+    h ^= h >> np.uint32(13)
+    h = (h * np.uint32(0xC2B2AE35)) & np.uint32(0xFFFFFFFF)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+@njit(cache=True, nogil=True)
+def _hash_segments(blob: Any, seed: int, out: Any) -> int:
+    """MurmurHash3 x86_32 of each NUL-separated segment of blob; returns segment count."""
     n = blob.shape[0]
     count = 0
     start = 0
-    i = 0
-    while i <= n:
+    for i in range(n + 1):
         if i == n or blob[i] == 0:
             if count >= out.shape[0]:
                 return count + 1
-            length = i - start
-            h = np.uint32(seed)
-            nblocks = length // 4
-            for b in range(nblocks):
-                p = start + 4 * b
-                k = (
-                    np.uint32(blob[p])
-                    | (np.uint32(blob[p + 1]) << np.uint32(8))
-                    | (np.uint32(blob[p + 2]) << np.uint32(16))
-                    | (np.uint32(blob[p + 3]) << np.uint32(24))
-                )
-                k = (k * c1) & np.uint32(0xFFFFFFFF)
-                k = _rotl(k, 15)
-                k = (k * c2) & np.uint32(0xFFFFFFFF)
-                h ^= k
-                h = _rotl(h, 13)
-                h = (h * np.uint32(5) + np.uint32(0xE6546B64)) & np.uint32(0xFFFFFFFF)
-            tail = start + 4 * nblocks
-            rem = length & 3
-            k = np.uint32(0)
-            if rem >= 3:
-                k ^= np.uint32(blob[tail + 2]) << np.uint32(16)
-            if rem >= 2:
-                k ^= np.uint32(blob[tail + 1]) << np.uint32(8)
-            if rem >= 1:
-                k ^= np.uint32(blob[tail])
-                k = (k * c1) & np.uint32(0xFFFFFFFF)
-                k = _rotl(k, 15)
-                k = (k * c2) & np.uint32(0xFFFFFFFF)
-                h ^= k
-            h ^= np.uint32(length)
-            h ^= h >> np.uint32(16)
-            h = (h * np.uint32(0x85EBCA6B)) & np.uint32(0xFFFFFFFF)
-            h ^= h >> np.uint32(13)
-            h = (h * np.uint32(0xC2B2AE35)) & np.uint32(0xFFFFFFFF)
-            h ^= h >> np.uint32(16)
-            out[count] = h
+            out[count] = murmur3_32(blob, start, i - start, seed)
             count += 1
             start = i + 1
-        i += 1
     return count

@@ -44,6 +44,7 @@ from stream_fm.join import (
 )
 from stream_fm.model.base import OP_LEARN, OP_LEARN_FNW, OP_SCORE, Engine, OpBatch, SparseExample
 from stream_fm.model.fast import FastFM
+from stream_fm.scan import CLICK, FALLBACK, IMPRESSION, INVALID, LABELED, Columns, scan
 
 __all__ = ["FeatureHasher", "Pipeline"]
 
@@ -284,19 +285,54 @@ class Pipeline:
         A record given as an ``InvalidEvent`` was rejected before decoding (the client could
         not read it). ``now_ms`` is the worker's clock, for the decoder's future-timestamp
         bound (a replay passes none: a file has no "now")."""
-        decode = self.decoder.decode
-        latest = self.decoder.latest_ts_ms(now_ms)
-        events: list[tuple[Hashable, Event | None]] = []
+        rows, invalid = self.decode([raw for _, raw in records], now_ms)
+        return self._run(rows, [partition for partition, _ in records], invalid, ())
+
+    def process_values(
+        self, values: Sequence[bytes], partition: Hashable = 0, now_ms: int | None = None
+    ) -> BatchResult:
+        """``process`` for records of one partition (a replayed file)."""
+        rows, invalid = self.decode(values, now_ms)
+        return self._run(rows, [partition] * len(values), invalid, ())
+
+    def decode(
+        self, values: Sequence[bytes | InvalidEvent], now_ms: int | None = None
+    ) -> tuple[Rows, list[Rejected]]:
+        """Records -> rows: the compiled scanner (``scan``) reads what it understands, the
+        decoder the rest, one by one, so each invalid record gets the decoder's reason."""
+        decoder = self.decoder
+        latest = decoder.latest_ts_ms(now_ms)
+        raw = [v if type(v) is bytes else b"" for v in values]
+        columns = scan(raw, decoder.hasher, decoder.max_event_bytes, latest)
+        kinds = columns.kind.tolist()
+        ts = columns.ts.tolist()
+        labels = columns.label.tolist()
+        ids = columns.ids()
         invalid: list[Rejected] = []
-        for position, (partition, raw) in enumerate(records):
+        decoded: dict[int, Impression | Labeled] = {}
+        for position in np.flatnonzero(columns.kind == FALLBACK).tolist():
+            value = values[position]
             try:
-                if type(raw) is InvalidEvent:
-                    raise raw
-                events.append((partition, decode(raw, latest)))  # type: ignore[arg-type]
+                if type(value) is InvalidEvent:
+                    raise value
+                event = decoder.decode(value, latest)  # type: ignore[arg-type]
             except InvalidEvent as error:
                 invalid.append(Rejected(position, error.reason, error.detail))
-                events.append((partition, None))
-        return self.process_events(events, invalid)
+                kinds[position] = INVALID
+                continue
+            ids[position], ts[position] = event.id, event.ts_ms
+            if type(event) is Click:
+                kinds[position] = CLICK
+                continue
+            assert isinstance(event, Impression | Labeled)
+            kinds[position] = IMPRESSION if type(event) is Impression else LABELED
+            if type(event) is Labeled:
+                labels[position] = event.label
+            decoded[position] = event
+        indptr, indices, values_ = columns.indptr, columns.indices, columns.values
+        if decoded:
+            indptr, indices, values_ = _splice(columns, decoded, decoder.hasher)
+        return Rows(kinds, ts, labels, ids, indptr, indices, values_), invalid
 
     def process_events(
         self,
@@ -306,12 +342,26 @@ class Pipeline:
     ) -> BatchResult:
         """Join, score and learn decoded events (None marks a rejected record's position).
 
-        ``closing`` outcomes are learned after the events (``flush`` uses it). The result
-        carries what the joiners and the numeric guard counted in this batch.
-        """
+        ``closing`` outcomes are learned after the events (``flush`` uses it)."""
+        return self._run(
+            rows_of([event for _, event in events], self.decoder.hasher),
+            [partition for partition, _ in events],
+            invalid,
+            closing,
+        )
+
+    def _run(
+        self,
+        rows: Rows,
+        partitions: Sequence[Hashable],
+        invalid: list[Rejected] | None,
+        closing: Sequence[Outcome],
+    ) -> BatchResult:
+        """One batch of rows; the result carries what the joiners and the numeric guard
+        counted in it."""
         joins_before = self.join_counters()
         refused, nonfinite = self.engine.refused_updates, self.engine.nonfinite_outputs
-        result = self._process_events(events, invalid, closing)
+        result = self._process_rows(rows, partitions, invalid, closing)
         result.join_counts = {
             key: n - joins_before.get(key, 0) for key, n in self.join_counters().items()
         }
@@ -319,18 +369,17 @@ class Pipeline:
         result.nonfinite_outputs = self.engine.nonfinite_outputs - nonfinite
         return result
 
-    def _process_events(
+    def _process_rows(
         self,
-        events: Sequence[tuple[Hashable, Event | None]],
+        batch: Rows,
+        partitions: Sequence[Hashable],
         invalid: list[Rejected] | None,
         closing: Sequence[Outcome],
     ) -> BatchResult:
-        """The hot path of the product: per event it only appends to flat lists; hashing,
-        the model and the evaluation run once per batch on arrays."""
+        """The hot path of the product: per record it only joins and appends ops to flat
+        lists; the features are already arrays, and the model and the evaluation run once
+        per batch."""
         result = BatchResult(invalid)
-        flat_keys: list[str] = []
-        flat_values: list[float] = []
-        indptr: list[int] = [0]
         kinds: list[int] = []
         rows: list[int] = []
         labels: list[int] = []
@@ -338,7 +387,6 @@ class Pipeline:
         old_pieces: list[SparseExample] = []
         scored = result._scored
         scored_positions = result._scored_positions
-        scored_rows: list[int] = []
         score_ops: list[int] = []
         # Final labels for progressive validation, the same whatever the label policy; for a
         # labeled event, the index of its own score op (-1 for joined outcomes).
@@ -346,7 +394,6 @@ class Pipeline:
         evaluated_ops: list[int] = []
         # This batch's impressions by object identity -> their row, for learns in this batch.
         row_of: dict[int, int] = {}
-        n_impressions = n_clicks = n_labeled = 0
         last_partition: Hashable = _NO_PARTITION
         joiner: AttributionJoiner | None = None
         policy = self.label_policy
@@ -374,59 +421,50 @@ class Pipeline:
                 if policy == CLICK_EARLY or (label == 0) == (policy == WINDOW):
                     learn(outcome.impression, label, learn_kind)
 
-        for position, (partition, event) in enumerate(events):
-            kind = type(event)
-            if kind is Impression:
-                assert isinstance(event, Impression)
-                n_impressions += 1
+        ids, ts = batch.ids, batch.ts
+        for position, kind in enumerate(batch.kind):
+            if kind == IMPRESSION:
+                partition = partitions[position]
                 if joiner is None or partition != last_partition:
                     joiner, last_partition = self.joiner(partition), partition
-                pending = PendingImpression(event.id, event.ts_ms, _PLACEHOLDER, math.nan, 0)
+                pending = PendingImpression(ids[position], ts[position], _PLACEHOLDER, math.nan, 0)
                 due = joiner.add_impression(pending)
                 if due:
                     settle(due)
                 if not joiner.last_impression_accepted:
                     continue  # a duplicate id: counted by the joiner, not scored again
-                row = len(indptr) - 1
-                flat_keys += event.keys
-                flat_values += event.values
-                indptr.append(len(flat_keys))
-                row_of[id(pending)] = row
+                row_of[id(pending)] = position
                 score_ops.append(len(kinds))
-                kinds.append(OP_SCORE)
-                rows.append(row)
-                labels.append(0)
                 if fake_negatives:  # learned at once as a negative, right after it is served
-                    kinds.append(OP_LEARN_FNW)
-                    rows.append(row)
+                    kinds += _SCORE_THEN_FNW
+                    rows += (position, position)
+                    labels += _TWO_ZEROS
+                else:
+                    kinds.append(OP_SCORE)
+                    rows.append(position)
                     labels.append(0)
                 scored.append(pending)
                 scored_positions.append(position)
-                scored_rows.append(row)
-            elif kind is Click:
-                assert isinstance(event, Click)
-                n_clicks += 1
+            elif kind == CLICK:
+                partition = partitions[position]
                 if joiner is None or partition != last_partition:
                     joiner, last_partition = self.joiner(partition), partition
-                due = joiner.add_click(event.id, event.ts_ms)
+                due = joiner.add_click(ids[position], ts[position])
                 if due:
                     settle(due)
-            elif kind is Labeled:
-                assert isinstance(event, Labeled)
-                n_labeled += 1
-                row = len(indptr) - 1
-                flat_keys += event.keys
-                flat_values += event.values
-                indptr.append(len(flat_keys))
-                evaluated.append(event)
+            elif kind == LABELED:
+                label = batch.label[position]
+                evaluated.append(Labeled(ids[position], ts[position], label, [], []))
                 evaluated_ops.append(len(kinds))
-                kinds += (OP_SCORE, OP_LEARN)
-                rows += (row, row)
-                labels += (0, event.label)
+                kinds += _SCORE_THEN_LEARN
+                rows += (position, position)
+                labels += (0, label)
         if closing:
             settle(closing)
         counts = result.events_by_type
-        for name, n in (("impression", n_impressions), ("click", n_clicks), ("labeled", n_labeled)):
+        for name, n in zip(
+            _KIND_NAMES, np.bincount(batch.kind, minlength=4)[1:4].tolist(), strict=True
+        ):
             if n:
                 counts[name] = n
         if not kinds:
@@ -436,20 +474,20 @@ class Pipeline:
                 self._evaluate(result, np.zeros(0), evaluated_ops)
             return result
 
-        batch = self._build(flat_keys, flat_values, indptr, kinds, rows, labels, old_pieces)
+        op_batch = self._build(batch, kinds, rows, labels, old_pieces)
         version_before = self.engine.n_learned
-        probabilities = self.engine.run_batch(batch)
+        probabilities = self.engine.run_batch(op_batch)
 
         if score_ops:
             # Serve: each score op's p and the model version (examples learned) it saw.
             score_index = np.array(score_ops, dtype=np.int64)
-            learned_before = np.cumsum(batch.op_kind != OP_SCORE)[score_index]
+            learned_before = np.cumsum(op_batch.op_kind != OP_SCORE)[score_index]
             served_p = probabilities[score_index].tolist()
             versions = (learned_before + version_before).tolist()
-            row_index = np.array(scored_rows, dtype=np.int64)
-            starts = batch.indptr[row_index].tolist()
-            ends = batch.indptr[row_index + 1].tolist()
-            indices, values = batch.indices, batch.values
+            row_index = np.array(scored_positions, dtype=np.int64)
+            starts = op_batch.indptr[row_index].tolist()
+            ends = op_batch.indptr[row_index + 1].tolist()
+            indices, values = op_batch.indices, op_batch.values
             for pending, p, version, a, b in zip(
                 scored, served_p, versions, starts, ends, strict=True
             ):
@@ -462,20 +500,16 @@ class Pipeline:
 
     def _build(
         self,
-        flat_keys: list[str],
-        flat_values: list[float],
-        indptr_list: list[int],
+        batch: Rows,
         kinds: list[int],
         rows_list: list[int],
         labels: list[int],
         old_pieces: list[SparseExample],
     ) -> OpBatch:
-        indices = self.decoder.hasher.buckets(flat_keys)
-        values = np.array(flat_values, dtype=np.float64)
-        indptr = np.array(indptr_list, dtype=np.int64)
+        indices, values, indptr = batch.indices, batch.values, batch.indptr
         rows = np.array(rows_list, dtype=np.int64)
         if old_pieces:
-            n_new = len(indptr_list) - 1
+            n_new = len(indptr) - 1
             lengths = np.fromiter((len(x.indices) for x in old_pieces), np.int64, len(old_pieces))
             indptr = np.concatenate([indptr, indptr[-1] + np.cumsum(lengths)])
             indices = np.concatenate([indices, *(x.indices for x in old_pieces)])
@@ -527,3 +561,78 @@ class Pipeline:
 
 _PLACEHOLDER = SparseExample(_EMPTY_INDICES, _EMPTY_VALUES)
 _NO_PARTITION = object()
+_KIND_NAMES = ("impression", "click", "labeled")
+_SCORE_THEN_FNW = (OP_SCORE, OP_LEARN_FNW)
+_SCORE_THEN_LEARN = (OP_SCORE, OP_LEARN)
+_TWO_ZEROS = (0, 0)
+
+
+class Rows(NamedTuple):
+    """A decoded batch: per record its kind (``scan``'s codes, INVALID for a rejected one),
+    ts, label and id, and its hashed features as row ``i`` of a CSR matrix."""
+
+    kind: list[int]
+    ts: list[int]
+    label: list[int]
+    ids: list[str]
+    indptr: npt.NDArray[np.int64]
+    indices: npt.NDArray[np.int32]
+    values: npt.NDArray[np.float64]
+
+
+def rows_of(events: Sequence[Event | None], hasher: FeatureHasher) -> Rows:
+    """Decoded events (None: rejected) as rows, every key hashed in one call."""
+    kinds: list[int] = []
+    ts: list[int] = []
+    labels: list[int] = []
+    ids: list[str] = []
+    keys: list[str] = []
+    values: list[float] = []
+    indptr = [0]
+    for event in events:
+        kind = type(event)
+        if kind is Impression or kind is Labeled:
+            assert isinstance(event, Impression | Labeled)
+            keys += event.keys
+            values += event.values
+        kinds.append(_KIND_CODES.get(kind, INVALID))
+        ts.append(event.ts_ms if event is not None else 0)
+        labels.append(event.label if type(event) is Labeled else 0)
+        ids.append(event.id if event is not None else "")
+        indptr.append(len(keys))
+    return Rows(
+        kinds,
+        ts,
+        labels,
+        ids,
+        np.array(indptr, dtype=np.int64),
+        hasher.buckets(keys),
+        np.array(values, dtype=np.float64),
+    )
+
+
+_KIND_CODES: dict[type, int] = {Impression: IMPRESSION, Click: CLICK, Labeled: LABELED}
+
+
+def _splice(
+    columns: Columns, decoded: Mapping[int, Impression | Labeled], hasher: FeatureHasher
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float64]]:
+    """The scanner's CSR with the features of the rows the decoder read put in their place."""
+    indptr = columns.indptr
+    lengths = np.diff(indptr)
+    index_pieces: list[npt.NDArray[np.int32]] = []
+    value_pieces: list[npt.NDArray[np.float64]] = []
+    done = 0
+    for position in sorted(decoded):
+        event = decoded[position]
+        index_pieces.append(columns.indices[indptr[done] : indptr[position]])
+        value_pieces.append(columns.values[indptr[done] : indptr[position]])
+        index_pieces.append(hasher.buckets(event.keys))
+        value_pieces.append(np.array(event.values, dtype=np.float64))
+        lengths[position] = len(event.keys)
+        done = position + 1
+    index_pieces.append(columns.indices[indptr[done] :])
+    value_pieces.append(columns.values[indptr[done] :])
+    new_indptr = np.zeros(len(indptr), dtype=np.int64)
+    np.cumsum(lengths, out=new_indptr[1:])
+    return new_indptr, np.concatenate(index_pieces), np.concatenate(value_pieces)

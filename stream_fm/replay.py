@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_fm.config import Settings
-from stream_fm.errors import InvalidEvent, StreamFMError
+from stream_fm.errors import StreamFMError
 from stream_fm.evaluate import EPSILON, ProgressiveValidation, auc, binary_entropy
 from stream_fm.events import Click, Event, EventDecoder, Impression, Labeled
 from stream_fm.features import FeatureHasher
@@ -45,6 +45,15 @@ SERIES_EVERY: Final = 10_000  # examples between two points of the replay plot
 BATCH_EVENTS: Final = 8192
 
 EventBatch = tuple[list[tuple[Hashable, Event | None]], list[Rejected]]
+
+
+class RecordBatch(NamedTuple):
+    """Undecoded records of one partition: the pipeline decodes them (``Pipeline.decode``)."""
+
+    values: list[bytes]
+
+
+Batch = EventBatch | RecordBatch
 
 
 def open_binary(path: Path) -> IO[bytes]:
@@ -68,23 +77,14 @@ def _chunks(items: Iterator[Event], size: int) -> Iterator[EventBatch]:
         yield batch, []
 
 
-def read_jsonl(path: Path, decoder: EventDecoder, size: int = BATCH_EVENTS) -> Iterator[EventBatch]:
-    """Decode lines in batches; a bad line becomes a ``Rejected`` with its reason."""
-    decode = decoder.decode
+def read_jsonl(path: Path, size: int = BATCH_EVENTS) -> Iterator[RecordBatch]:
+    """Lines in batches, as records: a bad line becomes a ``Rejected`` with its reason."""
     with open_binary(path) as stream:
         while True:
             lines = stream.readlines(size * 256)
             if not lines:
                 return
-            events: list[tuple[Hashable, Event | None]] = []
-            rejected: list[Rejected] = []
-            for position, line in enumerate(lines):
-                try:
-                    events.append((0, decode(line)))
-                except InvalidEvent as error:
-                    rejected.append(Rejected(position, error.reason, error.detail))
-                    events.append((0, None))
-            yield events, rejected
+            yield RecordBatch(lines)
 
 
 def read_libsvm(path: Path, hasher: FeatureHasher) -> Iterator[Event]:
@@ -204,10 +204,10 @@ ROW_READERS: Final[dict[str, Callable[[Path, FeatureHasher], Iterator[Event]]]] 
 
 def read_batches(
     path: Path, fmt: str, decoder: EventDecoder, size: int = BATCH_EVENTS
-) -> Iterator[EventBatch]:
-    """Batches of decoded events of a file in any supported format."""
+) -> Iterator[Batch]:
+    """Batches of a file in any supported format: records (JSONL) or decoded events."""
     if fmt == "jsonl":
-        return read_jsonl(path, decoder, size)
+        return read_jsonl(path, size)
     reader = ROW_READERS.get(fmt)
     if reader is None:
         raise StreamFMError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -253,7 +253,7 @@ class ReplayReport:
 
 def replay(
     pipeline: Pipeline,
-    batches: Iterator[EventBatch],
+    batches: Iterator[Batch],
     progress: Callable[[int], None] | None = None,
     flush: bool = True,
 ) -> ReplayReport:
@@ -262,12 +262,17 @@ def replay(
     evaluator = pipeline.evaluator
     scores = StreamScores()
     started = time.perf_counter()
-    for events, rejected in batches:
-        result = pipeline.process_events(events, rejected)
+    for batch in batches:
+        if isinstance(batch, RecordBatch):
+            result = pipeline.process_values(batch.values)
+        else:
+            events, rejected = batch
+            result = pipeline.process_events(events, rejected)
+        n = len(batch[0])
         _account(report, result, scores)
-        report.events += len(events)
+        report.events += n
         if progress is not None:
-            progress(len(events))
+            progress(n)
     if flush:
         result = pipeline.flush()
         _account(report, result, scores)

@@ -36,13 +36,13 @@ import numpy.typing as npt
 import orjson
 
 from stream_fm.config import Settings, build_settings
-from stream_fm.errors import StreamFMError
-from stream_fm.events import Click, EventDecoder, Impression, Labeled
+from stream_fm.errors import InvalidEvent, StreamFMError
+from stream_fm.events import Click, Event, EventDecoder, Impression, Labeled
 from stream_fm.join import CLICK_EARLY, LABEL_POLICIES, AttributionJoiner, PendingImpression
 from stream_fm.model import FastFM, RiverFM
 from stream_fm.model.base import Engine, OpBatch, SparseExample, StateValue
-from stream_fm.pipeline import Pipeline, decoder_for
-from stream_fm.replay import BATCH_EVENTS, EventBatch, read_batches, replay
+from stream_fm.pipeline import Pipeline, Rejected, decoder_for
+from stream_fm.replay import BATCH_EVENTS, Batch, EventBatch, RecordBatch, read_batches, replay
 from stream_fm.tools.bench.vw import VW_VARIANTS, VowpalWabbit, vw_driver
 from stream_fm.tools.simulate import SimulationParams, Simulator
 
@@ -78,6 +78,22 @@ def _chunks(events: Iterator[tuple[Any, Any]]) -> list[EventBatch]:
     return batches
 
 
+def _decoded(batch: Batch, decoder: EventDecoder) -> EventBatch:
+    """Events of a batch, decoded here if it holds records: engines then see the same events,
+    and decoding is left out of their time."""
+    if not isinstance(batch, RecordBatch):
+        return batch
+    events: list[tuple[Any, Event | None]] = []
+    rejected: list[Rejected] = []
+    for position, line in enumerate(batch.values):
+        try:
+            events.append((0, decoder.decode(line)))
+        except InvalidEvent as error:
+            rejected.append(Rejected(position, error.reason, error.detail))
+            events.append((0, None))
+    return events, rejected
+
+
 def simulated(name: str, about: str, decoder: EventDecoder, **params: Any) -> Stream:
     simulator = Simulator(SimulationParams(n_fields=20, **params))
     decode = decoder.decode
@@ -97,7 +113,7 @@ def from_file(
     for path, fmt in files:
         if not path.is_file():
             raise StreamFMError(f"bench: {path} not found (--data-dir names the shared data)")
-        batches += read_batches(path, fmt, decoder)
+        batches += (_decoded(b, decoder) for b in read_batches(path, fmt, decoder))
         delayed |= fmt in ("jsonl", "talkingdata")
     return Stream(name, about, batches, HOUR_S, delayed)
 
