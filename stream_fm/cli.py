@@ -131,6 +131,14 @@ def _simulate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         ("--clicks-topic", {"help": "a separate topic for clicks (same partition count)"}),
         ("--rate", {"type": float, "default": 0.0, "help": "events/s (0 = as fast as possible)"}),
         ("--duration-s", {"type": float, "help": "produce for this long at --rate"}),
+        (
+            "--kafka-client",
+            {
+                "default": "kafka-python",
+                "choices": ("kafka-python", "confluent"),
+                "help": "the producer's client (confluent: librdkafka, for high rates)",
+            },
+        ),
     )
 
 
@@ -204,25 +212,41 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     kafka = targets.add_parser(
         "kafka",
-        help="the worker against a bare kafka-python loop on a local Apache Kafka: "
-        "throughput, latency at fixed rates, memory, scale-out",
+        help="the worker against bare client loops and a bare Quix Streams application on a "
+        "local Apache Kafka: throughput, latency at fixed rates, memory, scale-out",
     )
     _with_defaults(
         kafka,
         ("--events", {"type": int, "default": 5_000_000, "help": "records preloaded"}),
         ("--partitions", {"type": int, "default": 2, "help": "partitions per topic"}),
         (
+            "--clients",
+            {
+                "default": "kafka-python,confluent",
+                "help": "Kafka clients to measure (ceilings, worker, latency); the last one "
+                "also produces the latency load and runs the scale-out",
+            },
+        ),
+        ("--no-quix", {"action": "store_true", "help": "leave out the Quix Streams application"}),
+        (
             "--rates",
             {
-                "default": "1000,10000",
+                "default": "10000,50000",
                 "help": "comma-separated offered rates (events/s) of the latency phases; "
                 "empty = none",
             },
         ),
-        ("--latency-duration-s", {"type": float, "default": 25.0, "help": "seconds per rate"}),
+        (
+            "--latency-duration-s",
+            {
+                "type": float,
+                "default": 100.0,
+                "help": "seconds per rate (100: three checkpoints at the default interval)",
+            },
+        ),
         (
             "--latency-warmup-s",
-            {"type": float, "default": 5.0, "help": "seconds left out of the latency quantiles"},
+            {"type": float, "default": 10.0, "help": "seconds left out of the latency quantiles"},
         ),
         (
             "--impressions-per-s",
@@ -326,6 +350,7 @@ def _simulate(args: argparse.Namespace) -> int:
         clicks_topic=args.clicks_topic,
         rate=args.rate,
         summary_path=args.summary,
+        kafka_client=args.kafka_client,
     )
 
 
@@ -358,6 +383,8 @@ def _bench(args: argparse.Namespace) -> int:
         options = KafkaBenchOptions(
             events=args.events,
             partitions=args.partitions,
+            clients=tuple(c.strip() for c in args.clients.split(",") if c.strip()),
+            quix=not args.no_quix,
             rates=rates,
             latency_duration_s=args.latency_duration_s,
             latency_warmup_s=args.latency_warmup_s,

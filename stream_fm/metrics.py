@@ -213,6 +213,12 @@ class WorkerMetrics:
             "How long the last checkpoint took to write durably (beside the loop).",
             registry=r,
         )
+        self.loop_longest_pause_seconds = Gauge(
+            "stream_fm_loop_longest_pause_seconds",
+            "Longest time since start between two polls of the loop (one batch and any "
+            "checkpoint snapshot): how long a record can wait on the worker itself.",
+            registry=r,
+        )
         self.checkpoint_bytes = Gauge(
             "stream_fm_checkpoint_bytes", "Size of the last durable checkpoint file.", registry=r
         )

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kafka_errors
@@ -204,6 +204,24 @@ class EventProducer:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._producer.close(timeout=10)
+
+
+class Sender(Protocol):
+    """What the simulator and the benchmarks produce with."""
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None) -> None: ...
+    def flush(self, timeout_s: float = 60.0) -> None: ...
+    def close(self) -> None: ...
+
+
+def event_producer(bootstrap_servers: str, client: str = "kafka-python") -> Sender:
+    """A plain producer on ``client`` (``kafka_client``'s values): librdkafka offers load at
+    rates the pure-Python client cannot on the same core."""
+    if client == "confluent":
+        from stream_fm.kafka.confluent import ConfluentEventProducer
+
+        return ConfluentEventProducer(bootstrap_servers)
+    return EventProducer(bootstrap_servers)
 
 
 class TopicReader:

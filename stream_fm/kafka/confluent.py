@@ -49,6 +49,30 @@ PERMANENT_CODES: Final = SIZE_CODES | {
 }
 
 
+#: A coordinator moving or a broker away: what waiting cures (librdkafka does not always
+#: flag these retriable on the group calls).
+TRANSIENT_CODES: Final = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._WAIT_COORD,
+    }
+)
+
+
+def _transient(error: KafkaException) -> bool:
+    kafka_error = error.args[0] if error.args else None
+    if not isinstance(kafka_error, KafkaError):
+        return False
+    return bool(kafka_error.retriable()) or kafka_error.code() in TRANSIENT_CODES
+
+
 class ConfluentRecord(NamedTuple):
     topic: str
     partition: int
@@ -173,12 +197,19 @@ class ConfluentIO:
             raise BrokerError(f"cannot seek {partition}: {error}") from error
 
     def committed(self, partition: Partition) -> int | None:
-        try:
-            (tp,) = self._consumer.committed(
-                [TopicPartition(*partition)], timeout=self.settings.produce_timeout_s
-            )
-        except KafkaException as error:
-            raise BrokerError(f"cannot read committed offsets: {error}") from error
+        """The group's offset; a coordinator moving (a broker restarting) is waited out, as
+        kafka-python waits it out inside its call."""
+        deadline = time.monotonic() + self.settings.produce_timeout_s
+        while True:
+            try:
+                (tp,) = self._consumer.committed(
+                    [TopicPartition(*partition)], timeout=self.settings.produce_timeout_s
+                )
+                break
+            except KafkaException as error:
+                if not _transient(error) or time.monotonic() > deadline:
+                    raise BrokerError(f"cannot read committed offsets: {error}") from error
+                time.sleep(0.2)
         return None if tp.offset == OFFSET_INVALID or tp.offset < 0 else int(tp.offset)
 
     def commit(self, offsets: Mapping[Partition, int], wait: bool = True) -> None:
@@ -357,3 +388,55 @@ def _record(message: Any) -> ConfluentRecord:
 
 def _partitions(offsets: Mapping[Partition, int]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+
+
+class ConfluentEventProducer:
+    """``admin.EventProducer`` on librdkafka: the simulator's and the benchmark's load at
+    rates kafka-python cannot offer (see ``admin.event_producer``)."""
+
+    def __init__(self, bootstrap_servers: str) -> None:
+        try:
+            self._producer = Producer(
+                {
+                    "bootstrap.servers": bootstrap_servers,
+                    "linger.ms": client_setting("tool_linger_ms"),
+                    "batch.size": client_setting("batch_size_bytes"),
+                    "acks": client_setting("acks"),
+                    "queue.buffering.max.messages": client_setting("librdkafka_queue_max_messages"),
+                    "partitioner": "murmur2_random",
+                }
+            )
+        except KafkaException as error:
+            raise BrokerError(f"cannot connect to Kafka at {bootstrap_servers}: {error}") from error
+        self._failure: KafkaError | None = None
+
+    def __enter__(self) -> ConfluentEventProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _delivered(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None and self._failure is None:
+            self._failure = error
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=self._delivered)
+                break
+            except BufferError:
+                self._producer.poll(0.05)
+            except KafkaException as error:
+                raise ProduceError(f"cannot publish to {topic}: {error}") from error
+        self._producer.poll(0)
+        if self._failure is not None:
+            raise ProduceError(f"cannot publish to {topic}: {self._failure.str()}")
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        left = self._producer.flush(timeout_s)
+        if left or self._failure is not None:
+            raise ProduceError(f"flush failed: {left} records not acknowledged")
+
+    def close(self) -> None:
+        self._producer.flush(10)

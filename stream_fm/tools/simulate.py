@@ -458,11 +458,15 @@ def _file_sink(stack: contextlib.ExitStack, out: str) -> Callable[[str, str, byt
 
 
 def _kafka_sink(
-    stack: contextlib.ExitStack, bootstrap_servers: str, topic: str, clicks_topic: str | None
+    stack: contextlib.ExitStack,
+    bootstrap_servers: str,
+    topic: str,
+    clicks_topic: str | None,
+    kafka_client: str,
 ) -> Callable[[str, str, bytes], None]:
-    from stream_fm.kafka.admin import EventProducer
+    from stream_fm.kafka.admin import event_producer
 
-    producer = EventProducer(bootstrap_servers)
+    producer = event_producer(bootstrap_servers, kafka_client)
     stack.callback(producer.close)
     stack.callback(producer.flush)  # callbacks run last-in first-out: flush, then close
 
@@ -483,6 +487,7 @@ def run_simulation(
     clicks_topic: str | None = None,
     rate: float = 0.0,
     summary_path: str | None = None,
+    kafka_client: str = "kafka-python",
 ) -> int:
     """``stream-fm simulate``: stream the events to a JSONL file (``-`` = stdout, ``.gz``
     compresses) or to Kafka, paced at ``rate`` events/s (0 = as fast as possible), until the
@@ -507,7 +512,7 @@ def run_simulation(
     with contextlib.suppress(BrokenPipeError), contextlib.ExitStack() as stack:
         # A reader like `head` that goes away ends the stream, like a signal.
         if bootstrap_servers is not None:
-            emit = _kafka_sink(stack, bootstrap_servers, topic, clicks_topic)
+            emit = _kafka_sink(stack, bootstrap_servers, topic, clicks_topic, kafka_client)
             target = f"Kafka topic {topic}" + (f" and {clicks_topic}" if clicks_topic else "")
         else:
             assert out is not None

@@ -49,6 +49,8 @@ class Worker:
         self.io: KafkaIO | None = None
         self.server: MetricsServer | None = None  # /metrics, /healthz, /readyz while running
         self._stopping = threading.Event()
+        self._polled_at: float | None = None  # when the last poll returned
+        self._longest_pause_s = 0.0
 
     @property
     def engine(self) -> Engine:
@@ -115,12 +117,16 @@ class Worker:
         if wait_s > 0:  # backing off after a produce failure: nothing is redone yet
             time.sleep(min(wait_s, 0.2))
             self.health.beat()
+            self._polled_at = None  # a deliberate wait, not a pause of the loop
             return
+        self._pause_ended()
         try:
             records = self.io.poll(self.settings.poll_timeout_ms, self.settings.max_poll_records)
+            self._polled_at = time.perf_counter()
         except BrokerError as error:
             log.warning("%s; retrying", error)
             time.sleep(BROKER_RETRY_S)
+            self._polled_at = None
             records = []
         self._raise_fatal()
         try:
@@ -135,6 +141,15 @@ class Worker:
             self._produce_failed(error)
         self.health.beat()
         self.observer.lag(self.io)
+
+    def _pause_ended(self) -> None:
+        """The loop is back at its poll: the time since the last one returned was a pause."""
+        if self._polled_at is None:
+            return
+        pause_s = time.perf_counter() - self._polled_at
+        if pause_s > self._longest_pause_s:
+            self._longest_pause_s = pause_s
+            self.metrics.loop_longest_pause_seconds.set(pause_s)
 
     def _process(self, records: Sequence[Record]) -> None:
         assert self.io is not None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stream_fm.cli import _parser
 from stream_fm.tools.bench.kafka import KafkaBenchOptions, format_report, run_kafka_bench
+from stream_fm.tools.bench.kafka.results import LatencyResult
 from stream_fm.tools.broker import KafkaBroker
 
 EVENTS = 20_000
@@ -22,7 +23,12 @@ def test_bench_kafka_subcommand_leaves_the_model_bench_alone() -> None:
     assert (model.events, model.streams) == (10, "simulated")
     kafka = _parser().parse_args(["bench", "kafka", "--events", "200000", "--json", "out.json"])
     assert kafka.bench_target == "kafka"
-    assert (kafka.events, kafka.json, kafka.rates) == (200_000, Path("out.json"), "1000,10000")
+    assert (kafka.events, kafka.json, kafka.rates) == (200_000, Path("out.json"), "10000,50000")
+    assert (kafka.clients, kafka.no_quix, kafka.latency_duration_s) == (
+        "kafka-python,confluent",
+        False,
+        100.0,
+    )
     assert (kafka.scale_out_events, kafka.scale_out_partitions) == (1_000_000, 4)
     off = _parser().parse_args(["bench", "kafka", "--scale-out-events", "0"])
     assert off.scale_out_events == 0
@@ -49,47 +55,44 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
     assert preload.impressions + preload.clicks == EVENTS
     assert 0 < preload.clicks < preload.impressions
 
-    for ceiling in (report.ceiling, report.ceiling_flush_every_poll):
-        assert ceiling is not None
-        assert ceiling.records == EVENTS
-        assert ceiling.produced == preload.impressions, "one output record per impression"
-        assert ceiling.events_per_s > 0
-        assert 0 < ceiling.seconds <= ceiling.seconds_with_join
+    assert [run.client for run in report.clients] == ["kafka-python", "confluent"]
+    for run in report.clients:
+        for ceiling in (run.ceiling, run.ceiling_flush_every_poll):
+            assert ceiling.client == run.client
+            assert ceiling.records == EVENTS
+            assert ceiling.produced == preload.impressions, "one output record per impression"
+            assert ceiling.events_per_s > 0
+            assert 0 < ceiling.seconds <= ceiling.seconds_with_join
+        worker = run.worker
+        assert worker.client == run.client
+        assert worker.records == EVENTS, "the worker processed exactly the input"
+        assert worker.invalid == 0
+        assert worker.predictions == preload.impressions
+        assert worker.exit_code == 0, "SIGTERM drains and exits 0"
+        assert "worker stopped" in worker.summary
+        assert worker.events_per_s > 0 and worker.startup_s > 0
+        assert 0 < worker.count_at_first <= EVENTS
+        assert worker.checkpoints >= 1 and worker.checkpoint_bytes > 0
+        assert worker.checkpoint_write_s > 0 and worker.longest_pause_ms > 0
+        assert worker.rss_start_mib > 0 and 0 < worker.rss_end_mib <= worker.rss_peak_mib
+        assert worker.rss_1m_mib is None  # fewer than 1M records
+        assert worker.rss[-1].events == EVENTS
+        assert 0 < worker.pending_end <= worker.pending_max <= preload.impressions
+        assert run.ratio_worker_to_ceiling is not None
+        assert math.isclose(
+            run.ratio_worker_to_ceiling, worker.events_per_s / run.ceiling.events_per_s
+        )
+    quix = report.quix
+    assert quix is not None
+    assert quix.records == EVENTS and quix.produced == preload.impressions
+    assert quix.events_per_s > 0 and quix.startup_s > 0
 
-    worker = report.worker
-    assert worker is not None
-    assert worker.records == EVENTS, "the worker processed exactly the input"
-    assert worker.invalid == 0
-    assert worker.predictions == preload.impressions
-    assert worker.exit_code == 0, "SIGTERM drains and exits 0"
-    assert "worker stopped" in worker.summary
-    assert worker.events_per_s > 0 and worker.startup_s > 0
-    assert 0 < worker.count_at_first <= EVENTS
-    assert worker.checkpoints >= 1
-    assert worker.rss_start_mib > 0 and 0 < worker.rss_end_mib <= worker.rss_peak_mib
-    assert worker.rss_1m_mib is None  # fewer than 1M records
-    assert worker.rss[-1].events == EVENTS
-    assert 0 < worker.pending_end <= worker.pending_max <= preload.impressions
-    assert report.ratio_worker_to_ceiling is not None
-    assert report.ceiling is not None
-    assert math.isclose(
-        report.ratio_worker_to_ceiling, worker.events_per_s / report.ceiling.events_per_s
-    )
-
-    (latency,) = report.latency
-    assert latency.offered_per_s == 1_000.0
-    assert latency.produced > 2_000
-    assert latency.achieved_offered_per_s > 0
-    assert 0 < latency.observed <= latency.produced
-    assert 0 < latency.p50_ms <= latency.p99_ms <= latency.p999_ms
-    assert latency.mean_ms > 0
-    assert 0 < latency.exact_count <= latency.produced
-    assert 0 <= latency.exact_p50_ms <= latency.exact_p99_ms <= latency.exact_p999_ms
-    assert latency.exact_p999_ms <= latency.exact_max_ms
-    assert latency.batches > 0 and 0 < latency.batch_p50_ms <= latency.batch_p99_ms
-    assert latency.final_consumer_lag == 0
-    assert latency.kept_up
-    assert latency.exit_code == 0
+    assert [(r.client, r.offered_per_s) for r in report.latency] == [
+        ("kafka-python", 1_000.0),
+        ("confluent", 1_000.0),
+    ]
+    for latency in report.latency:
+        _check_latency(latency)
 
     scale_out = report.scale_out
     assert scale_out is not None
@@ -126,7 +129,7 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
     assert math.isclose(scale_out.ratio_pair_to_single, pair.events_per_s / single.events_per_s)
 
     figures = json.loads(json.dumps(report.as_dict()))
-    assert figures["worker"]["records"] == EVENTS
+    assert figures["clients"][1]["worker"]["records"] == EVENTS
     assert figures["latency"][0]["p99_ms"] > 0
     assert "CreateTime" in figures["latency_measures"]
     assert figures["scale_out"]["pair"]["workers"][1]["name"] == "b"
@@ -135,6 +138,8 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
     for heading in (
         "ceiling: bare consume",
         "ratio worker / ceiling",
+        "ratio worker / Quix Streams",
+        "longest loop pause",
         "p99 ms",
         "VmRSS",
         "pending",
@@ -146,3 +151,18 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
         "records processed in total",
     ):
         assert heading in table
+
+
+def _check_latency(latency: LatencyResult) -> None:
+    assert latency.produced > 2_000
+    assert latency.achieved_offered_per_s > 0
+    assert 0 < latency.observed <= latency.produced
+    assert 0 < latency.p50_ms <= latency.p99_ms <= latency.p999_ms
+    assert latency.mean_ms > 0
+    assert 0 < latency.exact_count <= latency.produced
+    assert 0 <= latency.exact_p50_ms <= latency.exact_p99_ms <= latency.exact_p999_ms
+    assert latency.exact_p999_ms <= latency.exact_max_ms
+    assert latency.batches > 0 and 0 < latency.batch_p50_ms <= latency.batch_p99_ms
+    assert latency.final_consumer_lag == 0
+    assert latency.kept_up
+    assert latency.exit_code == 0

@@ -26,10 +26,18 @@ from stream_fm.tools.broker import KafkaBroker
 
 
 def measure_latency(
-    broker: KafkaBroker, rate: float, run_id: str, work: Path, options: KafkaBenchOptions, say: Say
+    broker: KafkaBroker,
+    rate: float,
+    run_id: str,
+    work: Path,
+    options: KafkaBenchOptions,
+    say: Say,
+    client: str = "kafka-python",
 ) -> LatencyResult:
+    """A fresh worker on ``client`` serving the simulator's records offered at ``rate``."""
     bootstrap = broker.bootstrap_servers
-    topics = _topics(run_id, f"latency-{rate:g}", options.labels)
+    name = f"latency-{client}-{rate:g}"
+    topics = _topics(run_id, name, options.labels)
     others = [t for name, t in topics.items() if name != "predictions"]
     broker.create_topics(others, partitions=options.partitions)
     # The broker stamps each prediction when it appends it: end-to-end latency per record.
@@ -39,7 +47,7 @@ def measure_latency(
         configs={"message.timestamp.type": "LogAppendTime"},
     )
     worker = WorkerProcess(
-        bootstrap, topics, work, f"latency-{rate:g}", options.attribution_window_s
+        bootstrap, topics, work, name, options.attribution_window_s, kafka_client=client
     )
     simulator: subprocess.Popen[bytes] | None = None
     try:
@@ -51,9 +59,10 @@ def measure_latency(
             "--fields", "20", "--seed", str(options.seed + 1),
             "--impressions-per-s", str(options.impressions_per_s),
             "--attribution-window-s", str(options.attribution_window_s),
+            "--kafka-client", options.load_client,
         ]  # fmt: skip
         # To a file, not a pipe: a chatty simulator must never block on a full pipe.
-        simulator_log = work / f"simulate-{rate:g}.log"
+        simulator_log = work / f"simulate-{name}.log"
         with simulator_log.open("wb") as sink:
             simulator = subprocess.Popen(simulate, stdout=sink, stderr=subprocess.STDOUT)
         first_s: float | None = None
@@ -123,7 +132,9 @@ def measure_latency(
     times = np.fromiter(inputs.values(), dtype=np.float64)
     span_s = (times.max() - times.min()) / 1000 if times.size > 1 else math.nan
     achieved = produced / span_s if span_s and span_s > 0 else math.nan
+    checkpoints_before = before.get("stream_fm_checkpoints_total") if before is not None else 0.0
     result = LatencyResult(
+        client=client,
         offered_per_s=rate,
         produced=produced,
         achieved_offered_per_s=achieved,
@@ -146,10 +157,12 @@ def measure_latency(
         drain_s=drain_s,
         final_consumer_lag=final_lag,
         kept_up=backlog <= max(rate, 1.0),
+        checkpoints=round(after.get("stream_fm_checkpoints_total") - checkpoints_before),
+        longest_pause_ms=after.get("stream_fm_loop_longest_pause_seconds") * 1000,
         exit_code=exit_code,
     )
     say(
-        f"bench kafka: {rate:,.0f}/s offered: p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+        f"bench kafka: {client}, {rate:,.0f}/s offered: p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
         f"backlog at producer end {backlog:,}"
     )
     return result

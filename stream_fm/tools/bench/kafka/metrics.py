@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_fm.tools.bench.kafka.options import BATCH_HISTOGRAM, LATENCY_HISTOGRAM
+from stream_fm.tools.bench.kafka.options import BATCH_HISTOGRAM, LATENCY_HISTOGRAM, PAUSE_HISTOGRAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,7 @@ class Scrape:
     batch_buckets: list[tuple[float, float]]  # stream_fm_batch_seconds, the same way
     # stream_fm_consumer_lag by (topic, partition): the partitions the worker owns (reported)
     lags: dict[tuple[str, int], float] = field(default_factory=dict)
+    pause_buckets: list[tuple[float, float]] = field(default_factory=list)  # checkpoint pauses
 
     def get(self, name: str) -> float:
         return self.totals.get(name, 0.0)
@@ -40,6 +41,7 @@ def scrape(url: str, timeout_s: float = 2.0) -> Scrape:
     buckets: list[tuple[float, float]] = []
     batch_buckets: list[tuple[float, float]] = []
     lags: dict[tuple[str, int], float] = {}
+    pause_buckets: list[tuple[float, float]] = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
@@ -47,11 +49,14 @@ def scrape(url: str, timeout_s: float = 2.0) -> Scrape:
                 buckets.append((float(sample.labels["le"]), float(sample.value)))
             elif sample.name == BATCH_HISTOGRAM + "_bucket":
                 batch_buckets.append((float(sample.labels["le"]), float(sample.value)))
+            elif sample.name == PAUSE_HISTOGRAM + "_bucket":
+                pause_buckets.append((float(sample.labels["le"]), float(sample.value)))
             elif sample.name == "stream_fm_consumer_lag" and "partition" in sample.labels:
                 key = (sample.labels.get("topic", ""), int(sample.labels["partition"]))
                 lags[key] = float(sample.value)
     buckets.sort()
     batch_buckets.sort()
+    pause_buckets.sort()
     return Scrape(
         totals,
         buckets,
@@ -59,6 +64,7 @@ def scrape(url: str, timeout_s: float = 2.0) -> Scrape:
         totals.get(LATENCY_HISTOGRAM + "_count", 0.0),
         batch_buckets,
         lags,
+        pause_buckets,
     )
 
 

@@ -42,6 +42,7 @@ class WorkerProcess:
         attribution_window_s: float,
         group_id: str | None = None,
         checkpoint_dir: Path | None = None,
+        kafka_client: str = "kafka-python",
     ) -> None:
         """``group_id`` and ``checkpoint_dir`` default to ones of this worker alone (from
         ``name``); pass the same ones to several workers to run them as one group."""
@@ -64,6 +65,7 @@ class WorkerProcess:
                 "STREAM_FM_METRICS_PORT": str(self.port),
                 "STREAM_FM_ATTRIBUTION_WINDOW_S": str(attribution_window_s),
                 "STREAM_FM_LOG_LEVEL": "WARNING",
+                "STREAM_FM_KAFKA_CLIENT": kafka_client,
             }
         )
         if topics.get("labels"):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 
 from stream_fm.tools.bench.kafka.options import EXACT_LATENCY_MEASURES, LATENCY_MEASURES
-from stream_fm.tools.bench.kafka.results import KafkaBenchReport, ScaleOutResult, ScaleOutWorker
+from stream_fm.tools.bench.kafka.results import (
+    KafkaBenchReport,
+    ScaleOutResult,
+    ScaleOutWorker,
+    WorkerResult,
+)
 
 
 def _f(value: float | None, fmt: str = ",.0f", unit: str = "") -> str:
@@ -68,7 +73,7 @@ def _format_scale_out(so: ScaleOutResult) -> list[str]:
 
 def format_report(report: KafkaBenchReport) -> str:
     lines: list[str] = []
-    p, c, cp, w = report.preload, report.ceiling, report.ceiling_flush_every_poll, report.worker
+    p = report.preload
     lines.append(
         f"stream-fm bench kafka - Apache Kafka {report.kafka_version} on {report.bootstrap_servers}, "
         f"{report.options['partitions']} partitions"
@@ -78,76 +83,104 @@ def format_report(report: KafkaBenchReport) -> str:
             f"input: {p.records:,} records ({p.impressions:,} impressions, {p.clicks:,} clicks, 20 fields, "
             f"{p.bytes / max(p.records, 1):.0f} B each); preloaded at {p.records_per_s:,.0f}/s"
         )
-    lines.append("")
-    lines.append(f"{'throughput':<52} {'events/s':>10} {'seconds':>9}")
-    if c is not None:
-        lines.append(
-            f"{'ceiling: bare consume + produce, flush at end':<52} {_f(c.events_per_s):>10} {c.seconds:>9.2f}"
-        )
-    if cp is not None:
-        lines.append(
-            f"{'ceiling: same, flush after every poll':<52} {_f(cp.events_per_s):>10} {cp.seconds:>9.2f}"
-        )
-    if w is not None:
-        lines.append(
-            f"{'worker (steady state, from first batch)':<52} {_f(w.events_per_s):>10} {w.steady_seconds:>9.2f}"
-        )
-        lines.append(
-            f"{'worker (incl. start-up ' + format(w.startup_s, '.1f') + ' s)':<52} "
-            f"{_f(w.events_per_s_with_startup):>10} {w.startup_s + w.steady_seconds:>9.2f}"
-        )
-    lines.append(f"{'ratio worker / ceiling':<52} {_f(report.ratio_worker_to_ceiling, '.3f'):>10}")
-    if cp is not None and w is not None and cp.events_per_s > 0:
-        lines.append(
-            f"{'ratio worker / ceiling flushing every poll':<52} {w.events_per_s / cp.events_per_s:>10.3f}"
-        )
-    if w is not None:
-        lines.append(
-            f"worker processed {w.records:,} records ({w.invalid:,} invalid), {w.predictions:,} "
-            f"predictions, {w.checkpoints} checkpoints; rate counted from {w.count_at_first:,} records; "
-            f"exit code after SIGTERM: {w.exit_code}{' (profiled with py-spy)' if w.profiled else ''}"
-        )
+    lines += _throughput(report)
     if report.scale_out is not None:
         lines += _format_scale_out(report.scale_out)
     if report.latency:
-        lines.append("")
-        lines.append(f"latency: {LATENCY_MEASURES}")
-        lines.append(
-            "(histogram quantiles interpolated inside the buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms ...: "
-            "a quantile in the 100-250 ms bucket only says 'between 100 and 250'; "
-            "exact = " + EXACT_LATENCY_MEASURES + ")"
-        )
-        lines.append(
-            f"{'offered/s':>10} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} "
-            f"{'mean ms':>8} {'exact p50/p99/p99.9/max':>23} {'batch p50/p99 ms':>17} "
-            f"{'backlog':>8} {'drain s':>8} {'lag':>5} {'kept up':>8}"
-        )
-        for r in report.latency:
-            lines.append(
-                f"{r.offered_per_s:>10,.0f} {_f(r.achieved_offered_per_s):>10} {_f(r.p50_ms, '.1f'):>8} "
-                f"{_f(r.p99_ms, '.1f'):>8} {_f(r.p999_ms, '.1f'):>9} {_f(r.mean_ms, '.1f'):>8} "
-                f"{'/'.join(_f(v, '.0f') for v in (r.exact_p50_ms, r.exact_p99_ms, r.exact_p999_ms, r.exact_max_ms)):>23} "
-                f"{_f(r.batch_p50_ms, '.1f') + ' / ' + _f(r.batch_p99_ms, '.1f'):>17} "
-                f"{r.backlog_at_producer_end:>8,} {r.drain_s:>8.2f} {_f(r.final_consumer_lag, '.0f'):>5} "
-                f"{'yes' if r.kept_up else 'NO':>8}"
-            )
-        lines.append(
-            f"(window: after a {report.options['latency_warmup_s']:g} s warm-up until drained; "
-            "batch = one batch's poll-to-publish time (stream_fm_batch_seconds); "
-            "backlog = records not yet processed when the producer finished; kept up = backlog "
-            "<= 1 s of offered traffic; lag = the worker's stream_fm_consumer_lag after the drain)"
-        )
-    if w is not None:
-        lines.append("")
-        lines.append(
-            f"memory (worker VmRSS): start {w.rss_start_mib:,.0f} MiB (after {w.count_at_first:,} records), "
-            f"1M {_f(w.rss_1m_mib, ',.0f', ' MiB')}, end {w.rss_end_mib:,.0f} MiB; "
-            f"peak (VmHWM) {w.rss_peak_mib:,.0f} MiB"
-        )
-        lines.append(
-            "RSS by records processed: "
-            + ", ".join(f"{x.events:,}: {x.rss_mib:,.0f}" for x in w.rss)
-            + " (MiB)"
-        )
-        lines.append(f"pending impressions: end {w.pending_end:,}, max {w.pending_max:,}")
+        lines += _latency(report)
+    for run in report.clients:
+        lines += _memory(run.worker)
     return "\n".join(lines)
+
+
+def _throughput(report: KafkaBenchReport) -> list[str]:
+    runs = report.clients
+    lines = ["", f"{'throughput (events/s)':<52}" + "".join(f"{r.client:>14}" for r in runs)]
+
+    def row(label: str, values: list[str]) -> None:
+        lines.append(f"{label:<52}" + "".join(f"{v:>14}" for v in values))
+
+    row("ceiling: bare consume + produce, flush at end", [_f(r.ceiling.events_per_s) for r in runs])
+    row(
+        "ceiling: same, flush after every poll",
+        [_f(r.ceiling_flush_every_poll.events_per_s) for r in runs],
+    )
+    row("worker (steady state, from first batch)", [_f(r.worker.events_per_s) for r in runs])
+    row("worker incl. start-up", [_f(r.worker.events_per_s_with_startup) for r in runs])
+    row("ratio worker / ceiling", [_f(r.ratio_worker_to_ceiling, ".3f") for r in runs])
+    row(
+        "ratio worker / ceiling flushing every poll",
+        [_f(_ratio(r.worker.events_per_s, r.ceiling_flush_every_poll.events_per_s), ".3f")
+         for r in runs],
+    )  # fmt: skip
+    q = report.quix
+    if q is not None:
+        lines.append(
+            f"Quix Streams {q.quixstreams_version} application (JSON in, filter, JSON out, no "
+            f"model; its defaults): {_f(q.events_per_s)} events/s over {q.seconds:.2f} s, "
+            f"{q.records:,} records, {q.produced:,} produced, start-up {q.startup_s:.1f} s"
+        )
+        row("ratio worker / Quix Streams", [_f(_ratio(r.worker.events_per_s, q.events_per_s), ".3f")
+                                            for r in runs])  # fmt: skip
+    for r in runs:
+        w = r.worker
+        lines.append(
+            f"worker on {r.client}: {w.records:,} records ({w.invalid:,} invalid), "
+            f"{w.predictions:,} predictions, {w.checkpoints} checkpoints of "
+            f"{w.checkpoint_bytes / 1e6:,.0f} MB (last written in {w.checkpoint_write_s:.2f} s "
+            f"beside the loop; snapshot pause p99 {_f(w.checkpoint_pause_p99_ms, '.0f')} ms); "
+            f"longest loop pause {_f(w.longest_pause_ms, '.0f')} ms; rate counted from "
+            f"{w.count_at_first:,} records; start-up {w.startup_s:.1f} s; exit code after "
+            f"SIGTERM: {w.exit_code}{' (profiled with py-spy)' if w.profiled else ''}"
+        )
+    return lines
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and math.isfinite(b) and b > 0 else math.nan
+
+
+def _latency(report: KafkaBenchReport) -> list[str]:
+    lines = [
+        "",
+        f"latency: {LATENCY_MEASURES}",
+        "(histogram quantiles interpolated inside the buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms ...: "
+        "a quantile in the 100-250 ms bucket only says 'between 100 and 250'; "
+        "exact = " + EXACT_LATENCY_MEASURES + ")",
+        f"{'client':<13} {'offered/s':>9} {'achieved/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'p99.9 ms':>8} {'exact p50/p99/p99.9/max':>23} {'batch p50/p99':>14} "
+        f"{'ckpts':>5} {'pause ms':>8} {'backlog':>8} {'drain s':>7} {'lag':>4} {'kept up':>7}",
+    ]
+    for r in report.latency:
+        exact = "/".join(
+            _f(v, ".0f") for v in (r.exact_p50_ms, r.exact_p99_ms, r.exact_p999_ms, r.exact_max_ms)
+        )
+        batch = _f(r.batch_p50_ms, ".1f") + "/" + _f(r.batch_p99_ms, ".1f")
+        lines.append(
+            f"{r.client:<13} {r.offered_per_s:>9,.0f} {_f(r.achieved_offered_per_s):>10} "
+            f"{_f(r.p50_ms, '.1f'):>7} {_f(r.p99_ms, '.1f'):>7} {_f(r.p999_ms, '.1f'):>8} "
+            f"{exact:>23} {batch:>14} {r.checkpoints:>5} {_f(r.longest_pause_ms, '.0f'):>8} "
+            f"{r.backlog_at_producer_end:>8,} {r.drain_s:>7.2f} "
+            f"{_f(r.final_consumer_lag, '.0f'):>4} {'yes' if r.kept_up else 'NO':>7}"
+        )
+    lines.append(
+        f"(window: after a {report.options['latency_warmup_s']:g} s warm-up until drained; "
+        "ckpts = checkpoints written inside it; pause = the worker's longest pause between two "
+        "polls; batch = one batch's poll-to-publish time in ms (stream_fm_batch_seconds); "
+        "backlog = records not yet processed when the producer finished; kept up = backlog "
+        "<= 1 s of offered traffic; lag = the worker's stream_fm_consumer_lag after the drain)"
+    )
+    return lines
+
+
+def _memory(w: WorkerResult) -> list[str]:
+    return [
+        "",
+        f"memory of the worker on {w.client} (VmRSS): start {w.rss_start_mib:,.0f} MiB (after "
+        f"{w.count_at_first:,} records), 1M {_f(w.rss_1m_mib, ',.0f', ' MiB')}, end "
+        f"{w.rss_end_mib:,.0f} MiB; peak (VmHWM) {w.rss_peak_mib:,.0f} MiB",
+        "RSS by records processed: "
+        + ", ".join(f"{x.events:,}: {x.rss_mib:,.0f}" for x in w.rss)
+        + " (MiB)",
+        f"pending impressions: end {w.pending_end:,}, max {w.pending_max:,}",
+    ]

@@ -23,6 +23,7 @@ class PreloadResult:
 
 @dataclass(frozen=True, slots=True)
 class CeilingResult:
+    client: str  # kafka_client
     flush: str  # "end" or "every_poll"
     records: int
     produced: int
@@ -40,7 +41,20 @@ class RssSample:
 
 
 @dataclass(frozen=True, slots=True)
+class QuixResult:
+    """The bare Quix Streams application (``quix``): JSON in, filter, JSON out, no model."""
+
+    records: int
+    produced: int
+    startup_s: float  # process start -> its first processed record
+    seconds: float  # first processed record -> stopped (last commit and flush done)
+    events_per_s: float  # (records - 1) / seconds
+    quixstreams_version: str
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerResult:
+    client: str  # kafka_client
     records: int  # events_total + invalid_events_total at the end
     invalid: int
     predictions: int
@@ -57,6 +71,10 @@ class WorkerResult:
     pending_end: int
     pending_max: int
     checkpoints: int
+    checkpoint_bytes: int  # the last durable checkpoint file
+    checkpoint_write_s: float  # its write beside the loop
+    checkpoint_pause_p99_ms: float  # the loop's pause for a snapshot (histogram)
+    longest_pause_ms: float  # stream_fm_loop_longest_pause_seconds
     exit_code: int | None
     summary: str
     profiled: bool
@@ -64,6 +82,7 @@ class WorkerResult:
 
 @dataclass(frozen=True, slots=True)
 class LatencyResult:
+    client: str  # kafka_client
     offered_per_s: float
     produced: int
     achieved_offered_per_s: float  # from the input records' timestamps
@@ -86,6 +105,8 @@ class LatencyResult:
     drain_s: float
     final_consumer_lag: float | None
     kept_up: bool
+    checkpoints: int  # checkpoints written inside the measured window
+    longest_pause_ms: float  # the worker's longest pause between two polls, whole run
     exit_code: int | None
 
 
@@ -141,19 +162,31 @@ class ScaleOutResult:
 
 
 @dataclass
+class ClientRun:
+    """One client's ceilings and the worker on it, measured back to back."""
+
+    client: str
+    ceiling: CeilingResult
+    ceiling_flush_every_poll: CeilingResult
+    worker: WorkerResult
+    ratio_worker_to_ceiling: float | None
+
+
+@dataclass
 class KafkaBenchReport:
     kafka_version: str
     bootstrap_servers: str
     options: dict[str, Any]
     preload: PreloadResult | None = None
-    ceiling: CeilingResult | None = None
-    ceiling_flush_every_poll: CeilingResult | None = None
-    worker: WorkerResult | None = None
-    ratio_worker_to_ceiling: float | None = None
+    clients: list[ClientRun] = field(default_factory=list)
+    quix: QuixResult | None = None
     latency: list[LatencyResult] = field(default_factory=list)
     scale_out: ScaleOutResult | None = None
     latency_measures: str = LATENCY_MEASURES
     exact_latency_measures: str = EXACT_LATENCY_MEASURES
+
+    def client(self, name: str) -> ClientRun | None:
+        return next((run for run in self.clients if run.client == name), None)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -51,8 +51,14 @@ from pathlib import Path
 from stream_fm.tools.bench.kafka.data import _topics, preload
 from stream_fm.tools.bench.kafka.latency import measure_latency
 from stream_fm.tools.bench.kafka.options import KafkaBenchOptions, Say, _stderr
+from stream_fm.tools.bench.kafka.quix import measure_quix
 from stream_fm.tools.bench.kafka.report import format_report
-from stream_fm.tools.bench.kafka.results import KafkaBenchReport, _json_safe
+from stream_fm.tools.bench.kafka.results import (
+    ClientRun,
+    KafkaBenchReport,
+    PreloadResult,
+    _json_safe,
+)
 from stream_fm.tools.bench.kafka.scale_out import measure_scale_out
 from stream_fm.tools.bench.kafka.throughput import measure_ceiling, measure_worker
 from stream_fm.tools.broker import KafkaBroker
@@ -87,9 +93,7 @@ def main_kafka_bench(options: KafkaBenchOptions, json_path: Path | None = None) 
     print(format_report(report), flush=True)
     if json_path:
         json_path.write_text(json.dumps(report.as_dict(), indent=2))
-    failed = [r.exit_code for r in report.latency] + [
-        report.worker.exit_code if report.worker else 0
-    ]
+    failed = [r.exit_code for r in report.latency] + [c.worker.exit_code for c in report.clients]
     if report.scale_out is not None:
         runs = (report.scale_out.single, report.scale_out.pair)
         failed += [w.exit_code for run in runs for w in run.workers]
@@ -106,8 +110,7 @@ def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) 
     )
     say(f"bench kafka: Kafka {broker.kafka_version} on {bootstrap}; work dir {work}")
     topics = _topics(run_id, "throughput", options.labels)
-    ceiling_topics = [f"bench-{run_id}-ceiling-end", f"bench-{run_id}-ceiling-every-poll"]
-    broker.create_topics([*topics.values(), *ceiling_topics], partitions=options.partitions)
+    broker.create_topics(list(topics.values()), partitions=options.partitions)
 
     say(f"bench kafka: preloading {options.events:,} simulated records into {topics['input']} ...")
     report.preload = preload(bootstrap, topics["input"], options)
@@ -116,34 +119,62 @@ def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) 
         f"bench kafka: preloaded {expected:,} records ({report.preload.bytes / 1e6:,.0f} MB) "
         f"at {report.preload.records_per_s:,.0f}/s"
     )
-
-    say("bench kafka: ceiling (bare consume + produce, one flush at the end) ...")
-    report.ceiling = measure_ceiling(bootstrap, topics["input"], ceiling_topics[0], expected, "end")
-    say(f"bench kafka: ceiling {report.ceiling.events_per_s:,.0f} events/s")
-    say("bench kafka: ceiling (flush after every poll) ...")
-    report.ceiling_flush_every_poll = measure_ceiling(
-        bootstrap, topics["input"], ceiling_topics[1], expected, "every_poll"
-    )
-    say(f"bench kafka: ceiling {report.ceiling_flush_every_poll.events_per_s:,.0f} events/s")
-
-    say("bench kafka: the worker over the same topic ...")
-    report.worker = measure_worker(
-        bootstrap, topics, expected, report.preload.impressions, work, options, say
-    )
-    say(
-        f"bench kafka: worker {report.worker.events_per_s:,.0f} events/s, "
-        f"exit code {report.worker.exit_code}"
-    )
-    if report.ceiling.events_per_s > 0:
-        report.ratio_worker_to_ceiling = report.worker.events_per_s / report.ceiling.events_per_s
+    for client in options.clients:
+        report.clients.append(
+            _client_run(broker, client, run_id, topics["input"], report.preload, work, options, say)
+        )
+    if options.quix:
+        output = f"bench-{run_id}-quix-output"
+        broker.create_topics([output], partitions=options.partitions)
+        say("bench kafka: a bare Quix Streams application (JSON in, filter, JSON out) ...")
+        report.quix = measure_quix(bootstrap, topics["input"], output, expected, work)
+        say(f"bench kafka: Quix Streams {report.quix.events_per_s:,.0f} events/s")
 
     if options.scale_out_events > 0:
         report.scale_out = measure_scale_out(broker, run_id, work, options, say)
 
-    for rate in options.rates:
-        say(f"bench kafka: latency at {rate:,.0f} events/s for {options.latency_duration_s:g}s ...")
-        report.latency.append(measure_latency(broker, rate, run_id, work, options, say))
+    for client in options.clients:
+        for rate in options.rates:
+            say(
+                f"bench kafka: latency on {client} at {rate:,.0f} events/s for "
+                f"{options.latency_duration_s:g}s ..."
+            )
+            report.latency.append(
+                measure_latency(broker, rate, run_id, work, options, say, client=client)
+            )
     return report
+
+
+def _client_run(
+    broker: KafkaBroker,
+    client: str,
+    run_id: str,
+    input_topic: str,
+    preloaded: PreloadResult,
+    work: Path,
+    options: KafkaBenchOptions,
+    say: Say,
+) -> ClientRun:
+    """One client's two ceilings, then the worker on it, over the preloaded topic."""
+    bootstrap = broker.bootstrap_servers
+    outputs = [f"bench-{run_id}-ceiling-{client}-end", f"bench-{run_id}-ceiling-{client}-poll"]
+    worker_topics = {**_topics(run_id, f"worker-{client}", options.labels), "input": input_topic}
+    outputs_of_worker = [t for name, t in worker_topics.items() if name != "input"]
+    broker.create_topics(outputs + outputs_of_worker, partitions=options.partitions)
+    expected = preloaded.records
+    ceilings = []
+    for flush, output in zip(("end", "every_poll"), outputs, strict=True):
+        say(f"bench kafka: ceiling on {client} (bare consume + produce, flush {flush}) ...")
+        ceiling = measure_ceiling(bootstrap, input_topic, output, expected, flush, client)
+        say(f"bench kafka: ceiling on {client} {ceiling.events_per_s:,.0f} events/s")
+        ceilings.append(ceiling)
+    say(f"bench kafka: the worker on {client} over the same topic ...")
+    worker = measure_worker(
+        bootstrap, worker_topics, expected, preloaded.impressions, work, options, say, client
+    )
+    say(f"bench kafka: worker on {client} {worker.events_per_s:,.0f} events/s")
+    ratio = worker.events_per_s / ceilings[0].events_per_s if ceilings[0].events_per_s else None
+    return ClientRun(client, ceilings[0], ceilings[1], worker, ratio)
 
 
 # --- output --------------------------------------------------------------------------------

@@ -209,6 +209,7 @@ def _scale_out_run(
                     options.attribution_window_s,
                     group_id=group_id,
                     checkpoint_dir=checkpoints,
+                    kafka_client=options.load_client,
                 )
             )
         window = _watch_group(

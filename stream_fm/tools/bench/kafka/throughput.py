@@ -11,7 +11,7 @@ from stream_fm.config import build_settings
 from stream_fm.errors import StreamFMError
 from stream_fm.kafka.bare import consume_and_produce
 from stream_fm.tools.bench.kafka.data import Watermarks
-from stream_fm.tools.bench.kafka.metrics import Scrape
+from stream_fm.tools.bench.kafka.metrics import Scrape, histogram_quantile
 from stream_fm.tools.bench.kafka.options import (
     STALL_TIMEOUT_S,
     START_TIMEOUT_S,
@@ -23,13 +23,19 @@ from stream_fm.tools.bench.kafka.results import CeilingResult, RssSample, Worker
 
 
 def measure_ceiling(
-    bootstrap_servers: str, input_topic: str, output_topic: str, expected: int, flush: str
+    bootstrap_servers: str,
+    input_topic: str,
+    output_topic: str,
+    expected: int,
+    flush: str,
+    client: str = "kafka-python",
 ) -> CeilingResult:
     """Consume ``expected`` records from the beginning, produce one small record per impression,
     on the worker's own client settings (``stream_fm.kafka.bare``), nothing else."""
     settings = build_settings(
         {
             "bootstrap_servers": bootstrap_servers,
+            "kafka_client": client,
             "group_id": f"bench-ceiling-{uuid.uuid4().hex[:8]}",
             "client_id": "stream-fm-bench-ceiling",
         }
@@ -44,6 +50,7 @@ def measure_ceiling(
     )
     seconds = run.ended_s - run.first_s
     return CeilingResult(
+        client=client,
         flush=flush,
         records=run.consumed,
         produced=run.produced,
@@ -70,9 +77,15 @@ def measure_worker(
     work: Path,
     options: KafkaBenchOptions,
     say: Say,
+    client: str = "kafka-python",
 ) -> WorkerResult:
     worker = WorkerProcess(
-        bootstrap_servers, topics, work, "throughput", options.attribution_window_s
+        bootstrap_servers,
+        topics,
+        work,
+        f"throughput-{client}",
+        options.attribution_window_s,
+        kafka_client=client,
     )
     profiler: PySpy | None = None
     watermarks = Watermarks(bootstrap_servers, topics["predictions"])
@@ -115,7 +128,8 @@ def measure_worker(
                     last_report = now
                     rate = (done - first[1]) / max(now - first[0], 1e-9)
                     say(
-                        f"bench kafka: worker {done:,}/{expected:,} records, {rate:,.0f}/s, "
+                        f"bench kafka: worker ({client}) {done:,}/{expected:,} records, "
+                        f"{rate:,.0f}/s, "
                         f"RSS {worker.rss_mib():,.0f} MiB"
                     )
             # The worker awaits acknowledgements only before a checkpoint: count what the
@@ -140,6 +154,7 @@ def measure_worker(
     for sample in samples:
         unique.setdefault(sample.events, sample)
     return WorkerResult(
+        client=client,
         records=last.processed,
         invalid=round(last.get("stream_fm_invalid_events_total")),
         predictions=round(last.get("stream_fm_predictions_total")),
@@ -156,6 +171,10 @@ def measure_worker(
         pending_end=round(last.get("stream_fm_pending_impressions")),
         pending_max=pending_max,
         checkpoints=round(last.get("stream_fm_checkpoints_total")),
+        checkpoint_bytes=round(last.get("stream_fm_checkpoint_bytes")),
+        checkpoint_write_s=last.get("stream_fm_checkpoint_write_seconds"),
+        checkpoint_pause_p99_ms=histogram_quantile(0.99, last.pause_buckets) * 1000,
+        longest_pause_ms=last.get("stream_fm_loop_longest_pause_seconds") * 1000,
         exit_code=exit_code,
         summary=worker.summary(),
         profiled=options.py_spy is not None,
