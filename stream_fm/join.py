@@ -57,7 +57,7 @@ from __future__ import annotations
 import gc
 import heapq
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from itertools import pairwise
 from operator import attrgetter
@@ -83,6 +83,7 @@ __all__ = [
     "AttributionJoiner",
     "Cause",
     "JoinCounters",
+    "JoinerCapture",
     "Outcome",
     "PendingImpression",
 ]
@@ -514,32 +515,13 @@ class AttributionJoiner:
 
     def state(self) -> dict[str, StateValue]:
         """Everything needed to resume exactly: arrays and plain values only."""
-        ids = self._ids
-        pending = [v for v in ids.values() if isinstance(v, PendingImpression)]  # arrival order
-        closed_ids = list(self._closed_order)
-        closed_blob, closed_offsets = _encode_ids(closed_ids)
-        held = sorted(self._held)
-        state: dict[str, StateValue] = {
-            "format": _STATE_FORMAT,
-            "window_ms": self._window_ms,
-            "max_pending": self._max_pending,
-            "max_closed_ids": self._max_closed_ids,
-            "hold_positives": int(self._hold_positives),
-            "seq": self._seq,
-            "watermark_ms": self._watermark,
-            **_encode_impressions("pending", pending),
-            **_encode_impressions("held", [entry[2] for entry in held]),
-            "held_seq": np.array([entry[1] for entry in held], dtype=np.int64),
-            "held_click_ts_ms": np.array([entry[3] for entry in held], dtype=np.int64),
-            "closed_id_blob": closed_blob,
-            "closed_id_offsets": closed_offsets,
-            "closed_positive": np.fromiter(
-                map(ids.__getitem__, closed_ids), np.bool_, len(closed_ids)
-            ),
-        }
-        for name, value in self.counters.as_dict().items():
-            state[f"count_{name}"] = int(value)
-        return state
+        return dict(self.capture())
+
+    def capture(self) -> JoinerCapture:
+        """The state as it is now, for ``state`` later: shallow copies only (a checkpoint's
+        pause), encoded when first read (beside the loop). Impressions never change once
+        scored, so copying the containers freezes the state."""
+        return JoinerCapture(self)
 
     @classmethod
     def from_state(cls, state: Mapping[str, object]) -> AttributionJoiner:
@@ -609,6 +591,64 @@ class AttributionJoiner:
         for f in fields(JoinCounters):
             setattr(joiner.counters, f.name, _get_int(state, f"count_{f.name}"))
         return joiner
+
+
+class JoinerCapture(Mapping[str, StateValue]):
+    """A joiner's state frozen by ``capture``; the arrays are built on first access."""
+
+    __slots__ = ("_counters", "_encoded", "_held", "_ids", "_order", "_scalars")
+
+    def __init__(self, joiner: AttributionJoiner) -> None:
+        self._ids = dict(joiner._ids)  # pending ones in arrival order, closed ones too
+        self._order = list(joiner._closed_order)
+        self._held = list(joiner._held)
+        self._counters = joiner.counters.as_dict()
+        self._scalars: dict[str, StateValue] = {
+            "format": _STATE_FORMAT,
+            "window_ms": joiner._window_ms,
+            "max_pending": joiner._max_pending,
+            "max_closed_ids": joiner._max_closed_ids,
+            "hold_positives": int(joiner._hold_positives),
+            "seq": joiner._seq,
+            "watermark_ms": joiner._watermark,
+        }
+        self._encoded: dict[str, StateValue] | None = None
+
+    def _state(self) -> dict[str, StateValue]:
+        if self._encoded is None:
+            self._encoded = self._encode()
+        return self._encoded
+
+    def _encode(self) -> dict[str, StateValue]:
+        ids = self._ids
+        pending = [v for v in ids.values() if isinstance(v, PendingImpression)]  # arrival order
+        closed_ids = self._order
+        closed_blob, closed_offsets = _encode_ids(closed_ids)
+        held = sorted(self._held)
+        state: dict[str, StateValue] = {
+            **self._scalars,
+            **_encode_impressions("pending", pending),
+            **_encode_impressions("held", [entry[2] for entry in held]),
+            "held_seq": np.array([entry[1] for entry in held], dtype=np.int64),
+            "held_click_ts_ms": np.array([entry[3] for entry in held], dtype=np.int64),
+            "closed_id_blob": closed_blob,
+            "closed_id_offsets": closed_offsets,
+            "closed_positive": np.fromiter(
+                map(ids.__getitem__, closed_ids), np.bool_, len(closed_ids)
+            ),
+        }
+        for name, value in self._counters.items():
+            state[f"count_{name}"] = int(value)
+        return state
+
+    def __getitem__(self, key: str) -> StateValue:
+        return self._state()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state())
+
+    def __len__(self) -> int:
+        return len(self._state())
 
 
 def _encode_impressions(prefix: str, imps: list[PendingImpression]) -> dict[str, StateValue]:

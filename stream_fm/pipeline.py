@@ -244,12 +244,16 @@ class Pipeline:
         return dict(total)
 
     # state: what a checkpoint holds of the pipeline, and what it is restored from
-    def state(self) -> dict[str, Any]:
-        """The model, the accumulators and every partition's joiner: arrays and plain data."""
+    def state(self, into: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The model, the accumulators and every partition's joiner: arrays and plain data.
+
+        The joiners' states are captures, encoded when first read (``JoinerCapture``), so the
+        caller's pause is their shallow copies; ``into``: an earlier state whose model arrays
+        may be written over (see ``Engine.state``)."""
         return {
-            "engine": self.engine.state(),
+            "engine": self.engine.state(into["engine"] if into is not None else None),
             "evaluator": self.evaluator.state(),
-            "partitions": {str(p): joiner.state() for p, joiner in self.joiners.items()},
+            "partitions": {str(p): joiner.capture() for p, joiner in self.joiners.items()},
         }
 
     def restore(self, state: Mapping[str, Any], partitions: Collection[Hashable] = ()) -> None:

@@ -441,3 +441,27 @@ def test_counters_as_dict_names_every_reason() -> None:
         "duplicate_impressions",
         "duplicate_clicks",
     }
+
+
+def test_a_capture_keeps_the_state_of_its_moment_while_the_joiner_moves_on() -> None:
+    from stream_fm.model.base import SparseExample
+
+    x = SparseExample(np.array([1, 2], dtype=np.int32), np.array([1.0, 1.0]))
+    joiner = AttributionJoiner(window_ms=1_000, max_pending=100, max_closed_ids=5)
+    for i in range(20):
+        joiner.add_impression(PendingImpression(f"i{i}", i * 100, x, 0.1, i))
+    joiner.add_click("i15", 1_950)
+    expected = joiner.state()
+    capture = joiner.capture()
+    for i in range(20, 40):
+        joiner.add_impression(PendingImpression(f"i{i}", i * 100, x, 0.2, i))
+        joiner.add_click(f"i{i - 1}", i * 100 + 5)
+    state = dict(capture)
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(state[key], value), key
+        else:
+            assert state[key] == value, key
+    restored = AttributionJoiner.from_state(capture)
+    assert restored.pending_count == AttributionJoiner.from_state(expected).pending_count

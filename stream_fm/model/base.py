@@ -7,6 +7,7 @@ method runs a list of score/learn operations strictly in order in one call.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -91,8 +92,10 @@ class Engine(Protocol):
         """Run every operation in order; return, for each, p before it ran."""
         ...
 
-    def state(self) -> dict[str, StateValue]:
-        """Everything needed to restore the engine: arrays and plain values only."""
+    def state(self, into: Mapping[str, StateValue] | None = None) -> dict[str, StateValue]:
+        """Everything needed to restore the engine: arrays and plain values only (copies).
+        ``into``: an earlier ``state`` whose arrays may be written over (a checkpoint's pause
+        is then a memory copy, not fresh pages); engines may ignore it."""
         ...
 
     def load_state(self, state: dict[str, StateValue], *, strict: bool = True) -> None:

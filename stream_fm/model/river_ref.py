@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Mapping
 from typing import Any, Final
 
 import numpy as np
@@ -147,7 +148,7 @@ class RiverFM:
                 self._learn(x, label, w)
         return out
 
-    def state(self) -> dict[str, StateValue]:
+    def state(self, into: Mapping[str, StateValue] | None = None) -> dict[str, StateValue]:
         m = self._model
         out: dict[str, StateValue] = {"engine": ENGINE_NAME, "format": STATE_FORMAT}
         out.update(self._params.to_state())

@@ -81,6 +81,9 @@ class Recovery:
         self._last_checkpoint_s = time.monotonic()
         self._applied_since_snapshot = 0  # batches applied after the snapshot being written
         self.writer = CheckpointWriter(self.store)
+        # A pipeline state no longer needed (the previous rollback target, or a snapshot whose
+        # write failed): the next snapshot copies the model into its arrays.
+        self._spare: dict[str, Any] | None = None
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.apply_log is not None:
@@ -243,7 +246,8 @@ class Recovery:
             self.offsets[(record.topic, record.partition)] = record.offset + 1
         # Per batch, not per record: owned partitions' next offsets only grow.
         self.applied.update({partition_key(tp): offset for tp, offset in self.offsets.items()})
-        self._audit("apply", records=[[r.topic, r.partition, r.offset] for r in records])
+        if self.apply_log is not None:  # the list costs a record's worth of work each
+            self._audit("apply", records=[[r.topic, r.partition, r.offset] for r in records])
         self.dirty = True
         self._events_since += len(records)
         self._applied_since_snapshot += 1
@@ -263,10 +267,11 @@ class Recovery:
         assert self.io is not None
         started = time.perf_counter()
         self.io.flush()
+        spare, self._spare = self._spare, None
         snapshot = Snapshot(
             group_id=self.settings.group_id,
             saved_at_s=time.time(),
-            pipeline=self.pipeline.state(),
+            pipeline=self.pipeline.state(into=spare),
             offsets={partition_key(tp): offset for tp, offset in self.offsets.items()},
             applied=dict(self.applied),
         )
@@ -286,7 +291,7 @@ class Recovery:
             self.try_checkpoint(reason)
             return
         snapshot = self._snapshot()
-        self.writer.start(snapshot.tree(), (snapshot, reason))
+        self.writer.start(snapshot.tree, (snapshot, reason))
 
     def settle(self, wait: bool = False, in_callback: bool = False) -> None:
         """Take the outcome of a checkpoint written beside the loop, if it finished (or once
@@ -298,6 +303,7 @@ class Recovery:
         self.metrics.checkpoint_write_seconds.set(done.seconds)
         if done.error is not None:
             self.metrics.checkpoint_errors.inc()
+            self._spare = snapshot.pipeline
             self._failed(done.error)
             return
         assert done.path is not None
@@ -321,6 +327,7 @@ class Recovery:
             path = self.store.save(snapshot.tree())
         except CheckpointError:
             self.metrics.checkpoint_errors.inc()
+            self._spare = snapshot.pipeline
             raise
         finally:
             self.metrics.checkpoint_write_seconds.set(time.perf_counter() - started)
@@ -335,6 +342,10 @@ class Recovery:
         if self.problem is not None:
             log.info("checkpoints are written again")
         self.problem = None
+        old = self.target
+        if old is not None:
+            self._carry_over(old, snapshot)
+            self._spare = old.pipeline
         self.target, self.target_path = snapshot, path
         self.dirty = self._applied_since_snapshot > 0
         self.checkpoints += 1
@@ -345,6 +356,14 @@ class Recovery:
             "checkpoint", path=path.name, offsets=snapshot.offsets, applied=snapshot.applied
         )
         log.debug("checkpoint %s (%s)", path.name, reason)
+
+    def _carry_over(self, old: Snapshot, new: Snapshot) -> None:
+        """Partitions taken over (or anchored) while ``new`` was being written are in the old
+        rollback target only: they move to the new one, so a rollback returns them there."""
+        for key, offset in old.offsets.items():
+            tp = parse_key(key)
+            if key not in new.offsets and tp in self.offsets:
+                new.take_over(tp, offset, old.joiner(tp))
 
     def _commit(self, path: Path, offsets: dict[Partition, int], in_callback: bool) -> None:
         assert self.io is not None

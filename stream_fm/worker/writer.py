@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ class CheckpointWriter:
         """A save was started and its outcome not yet taken."""
         return self._thread is not None
 
-    def start(self, tree: dict[str, Any], tag: Any) -> None:
-        """Save ``tree`` beside the loop; ``tag`` comes back with the outcome."""
+    def start(self, tree: Callable[[], dict[str, Any]], tag: Any) -> None:
+        """Build the tree (``tree()``: the encoding of captured state) and save it beside the
+        loop; ``tag`` comes back with the outcome."""
         if self._thread is not None:
             raise RuntimeError("a checkpoint is being written already")
         self._done = None
@@ -49,12 +51,16 @@ class CheckpointWriter:
         )
         self._thread.start()
 
-    def _save(self, tree: dict[str, Any], tag: Any) -> None:
+    def _save(self, tree: Callable[[], dict[str, Any]], tag: Any) -> None:
         started = time.perf_counter()
         try:
-            path = self.store.save(tree)
+            path = self.store.save(tree())
         except CheckpointError as error:
             self._done = Written(tag, None, error, time.perf_counter() - started)
+            return
+        except Exception as error:  # a bug must not vanish with the thread: it fails the save
+            failure = CheckpointError(f"checkpoint not written: {error!r}")
+            self._done = Written(tag, None, failure, time.perf_counter() - started)
             return
         self._done = Written(tag, path, None, time.perf_counter() - started)
 

@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -211,8 +211,8 @@ class TimedEngine:
         self.seconds += time.perf_counter() - started
         return out
 
-    def state(self) -> dict[str, StateValue]:
-        return self.inner.state()
+    def state(self, into: Mapping[str, StateValue] | None = None) -> dict[str, StateValue]:
+        return self.inner.state(into)
 
     def load_state(self, state: dict[str, StateValue], *, strict: bool = True) -> None:
         self.inner.load_state(state, strict=strict)
@@ -485,6 +485,11 @@ def main_bench(
         f"{throughput:,.0f} examples/s",
         flush=True,
     )
+    from stream_fm.tools.bench.speed import format_speed, replay_against_vw
+
+    say("replay against VW's file driver on the same simulated data ...")
+    speed = replay_against_vw(settings)
+    print(format_speed(speed), flush=True)
     results: list[StreamResult] = []
     for name in streams:
         say(f"{name}: decoding")
@@ -494,6 +499,7 @@ def main_bench(
     if json_path:
         payload = {
             "engine_only_examples_per_second": throughput,
+            "replay_against_vw": speed.as_dict(),
             "streams": [r.as_dict() for r in results],
         }
         json_path.write_text(json.dumps(payload, indent=2, default=lambda v: None))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -117,7 +117,7 @@ class VowpalWabbit:
             j += 1
         return out
 
-    def state(self) -> dict[str, StateValue]:
+    def state(self, into: Mapping[str, StateValue] | None = None) -> dict[str, StateValue]:
         raise StreamFMError("the VW baseline has no checkpoint state")
 
     def load_state(self, state: dict[str, StateValue], *, strict: bool = True) -> None:

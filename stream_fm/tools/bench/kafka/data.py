@@ -9,7 +9,7 @@ from itertools import islice
 import orjson
 
 from stream_fm.errors import StreamFMError
-from stream_fm.kafka.admin import EventProducer, TopicReader, read_topic
+from stream_fm.kafka.admin import TopicReader, event_producer, read_topic
 from stream_fm.kafka.bare import IMPRESSION_PREFIX
 from stream_fm.tools.bench.kafka.options import STALL_TIMEOUT_S, KafkaBenchOptions
 from stream_fm.tools.bench.kafka.results import PreloadResult
@@ -48,7 +48,7 @@ def preload(
 ) -> PreloadResult:
     """Produce ``options.events`` simulated records; collect the impressions' keys (ids) into
     ``impression_keys`` if given."""
-    producer = EventProducer(bootstrap_servers)
+    producer = event_producer(bootstrap_servers, options.load_client)
     records = impressions = size = 0
     started = time.monotonic()
     try:
