@@ -16,6 +16,7 @@ partition by being too large to dead-letter.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Final, Protocol
 
 import orjson
@@ -38,6 +39,17 @@ class PredictionLike(Protocol):
     def id(self) -> str: ...
     @property
     def p_click(self) -> float: ...
+    @property
+    def ts_ms(self) -> int: ...
+    @property
+    def model_version(self) -> int: ...
+
+
+class ServedLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def p_served(self) -> float: ...
     @property
     def ts_ms(self) -> int: ...
     @property
@@ -74,6 +86,22 @@ def prediction_json(p: PredictionLike) -> bytes:
         p.ts_ms,
         p.model_version,
     )
+
+
+def prediction_records(served: Sequence[ServedLike]) -> tuple[list[bytes], list[bytes]]:
+    """Keys and values of a batch's prediction records (``prediction_json`` of each), built
+    from the served impressions without a ``Prediction`` object per record.
+
+    >>> from collections import namedtuple
+    >>> S = namedtuple("S", "id p_served ts_ms model_version")
+    >>> prediction_records([S("a", 0.5, 1, 2)])
+    ([b'a'], [b'{"id":"a","p_click":0.5,"ts":1,"model_version":2}'])
+    """
+    dumps = orjson.dumps
+    template = b'{"id":%b,"p_click":%r,"ts":%d,"model_version":%d}'
+    keys = [s.id.encode() for s in served]
+    values = [template % (dumps(s.id), s.p_served, s.ts_ms, s.model_version) for s in served]
+    return keys, values
 
 
 def label_json(x: LearnedLike) -> bytes:

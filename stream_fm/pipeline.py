@@ -138,6 +138,16 @@ class BatchResult:
         self._learned: list[Learned] | None = None
 
     @property
+    def served(self) -> list[PendingImpression]:
+        """The impressions scored in this batch, in record order (``p_served`` set)."""
+        return self._scored
+
+    @property
+    def served_positions(self) -> list[int]:
+        """Each served impression's record index in the batch."""
+        return self._scored_positions
+
+    @property
     def predictions(self) -> list[Prediction]:
         if self._predictions is None:
             self._predictions = [
@@ -289,15 +299,24 @@ class Pipeline:
         A record given as an ``InvalidEvent`` was rejected before decoding (the client could
         not read it). ``now_ms`` is the worker's clock, for the decoder's future-timestamp
         bound (a replay passes none: a file has no "now")."""
-        rows, invalid = self.decode([raw for _, raw in records], now_ms)
-        return self._run(rows, [partition for partition, _ in records], invalid, ())
+        values = [raw for _, raw in records]
+        return self.process_columns(values, [partition for partition, _ in records], now_ms)
+
+    def process_columns(
+        self,
+        values: Sequence[bytes | InvalidEvent],
+        partitions: Sequence[Hashable],
+        now_ms: int | None = None,
+    ) -> BatchResult:
+        """``process`` with the records' values and partitions as two lists (the worker)."""
+        rows, invalid = self.decode(values, now_ms)
+        return self._run(rows, partitions, invalid, ())
 
     def process_values(
         self, values: Sequence[bytes], partition: Hashable = 0, now_ms: int | None = None
     ) -> BatchResult:
         """``process`` for records of one partition (a replayed file)."""
-        rows, invalid = self.decode(values, now_ms)
-        return self._run(rows, [partition] * len(values), invalid, ())
+        return self.process_columns(values, [partition] * len(values), now_ms)
 
     def decode(
         self, values: Sequence[bytes | InvalidEvent], now_ms: int | None = None

@@ -154,8 +154,10 @@ class Worker:
     def _process(self, records: Sequence[Record]) -> None:
         assert self.io is not None
         started = time.perf_counter()
-        result = self.pipeline.process(
-            [(r.partition, _input(r)) for r in records], now_ms=int(time.time() * 1000)
+        result = self.pipeline.process_columns(
+            [(r.value or b"") if type(r) is not UnreadableRecord else _input(r) for r in records],
+            [r.partition for r in records],
+            now_ms=int(time.time() * 1000),
         )
         careful = self.retry.careful(self.recovery.checkpoints)
         publish(self.io, self.settings, result, records, wait=careful)

@@ -34,7 +34,7 @@ class Observer:
         join = result.join_counts
         now_ms = time.time() * 1000
         served_after_ms = np.array(
-            [now_ms - records[p.position].timestamp for p in result.predictions]
+            [now_ms - records[position].timestamp for position in result.served_positions]
         )
         self.metrics.observe_batch(
             events_by_type=result.events_by_type,
@@ -43,7 +43,7 @@ class Observer:
                 "impression": join.get("duplicate_impressions", 0),
                 "click": join.get("duplicate_clicks", 0),
             },
-            predictions=len(result.predictions),
+            predictions=len(result.served),
             learned_pos=result.learned_positives,
             learned_neg=result.learned_negatives,
             logloss_sum=result.logloss_sum,
@@ -62,7 +62,7 @@ class Observer:
             totals[key] += join.get(key, 0)
         totals["events"] += len(records)
         totals["invalid"] += len(result.invalid)
-        totals["predictions"] += len(result.predictions)
+        totals["predictions"] += len(result.served)
         totals["learned"] += result.learned_positives + result.learned_negatives
         self.gauges()
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from stream_fm.config import Settings
 from stream_fm.kafka import KafkaIO, Record
-from stream_fm.outputs import dead_letter, label_json, prediction_json
+from stream_fm.outputs import dead_letter, label_json, prediction_records
 from stream_fm.pipeline import BatchResult
 
 
@@ -20,12 +20,8 @@ def publish(
     become durable: the loop never waits a round trip per poll, and a refusal seen meanwhile
     rolls back at once rather than at the next checkpoint.
     """
-    predictions = result.predictions
-    io.send_keyed(
-        settings.predictions_topic,
-        [p.id.encode() for p in predictions],
-        [prediction_json(p) for p in predictions],
-    )
+    keys, values = prediction_records(result.served)
+    io.send_keyed(settings.predictions_topic, keys, values)
     limit = io.record_limit_bytes(settings.dead_letter_topic)
     for rejected in result.invalid:
         record = records[rejected.position]

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from stream_fm.audit import ApplyLog
 from stream_fm.checkpoint import CheckpointStore, host_part
@@ -84,6 +87,7 @@ class Recovery:
         # A pipeline state no longer needed (the previous rollback target, or a snapshot whose
         # write failed): the next snapshot copies the model into its arrays.
         self._spare: dict[str, Any] | None = None
+        self._spare_ready: dict[str, Any] | None = None  # the same, made beside the loop
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.apply_log is not None:
@@ -111,6 +115,7 @@ class Recovery:
         self.pipeline.restore(snapshot.pipeline, partitions=())
         self.applied = dict(snapshot.applied)
         self.target, self.target_path = snapshot.as_start(), path
+        self._prepare_spare(snapshot.pipeline)
         self.metrics.mark_checkpoint(snapshot.saved_at_s)
         self._audit("restore", path=path.name, offsets=snapshot.offsets, applied=self.applied)
         log.info(
@@ -267,7 +272,8 @@ class Recovery:
         assert self.io is not None
         started = time.perf_counter()
         self.io.flush()
-        spare, self._spare = self._spare, None
+        spare = self._spare or self._spare_ready
+        self._spare = self._spare_ready = None
         snapshot = Snapshot(
             group_id=self.settings.group_id,
             saved_at_s=time.time(),
@@ -346,6 +352,8 @@ class Recovery:
         if old is not None:
             self._carry_over(old, snapshot)
             self._spare = old.pipeline
+        else:
+            self._prepare_spare(snapshot.pipeline)
         self.target, self.target_path = snapshot, path
         self.dirty = self._applied_since_snapshot > 0
         self.checkpoints += 1
@@ -356,6 +364,19 @@ class Recovery:
             "checkpoint", path=path.name, offsets=snapshot.offsets, applied=snapshot.applied
         )
         log.debug("checkpoint %s (%s)", path.name, reason)
+
+    def _prepare_spare(self, pipeline_state: dict[str, Any]) -> None:
+        """Arrays for the next snapshot's model, their pages touched on a thread of their own
+        (numpy copies without the GIL), when no earlier state will be free to reuse."""
+
+        def make() -> None:
+            engine = {
+                name: np.array(value, copy=True) if isinstance(value, np.ndarray) else value
+                for name, value in pipeline_state["engine"].items()
+            }
+            self._spare_ready = {"engine": engine}
+
+        threading.Thread(target=make, name="stream-fm-spare", daemon=True).start()
 
     def _carry_over(self, old: Snapshot, new: Snapshot) -> None:
         """Partitions taken over (or anchored) while ``new`` was being written are in the old
