@@ -220,6 +220,24 @@ class ConfluentIO:
                 time.sleep(0.2)
         return None if tp.offset == OFFSET_INVALID or tp.offset < 0 else int(tp.offset)
 
+    def position(self, partition: Partition) -> int:
+        """librdkafka knows a position once it fetched; before that it is the committed
+        offset, or the reset's end of the log."""
+        tp = TopicPartition(*partition)
+        try:
+            (known,) = self._consumer.position([tp])
+            if known.offset >= 0:
+                return int(known.offset)
+            committed = self.committed(partition)
+            if committed is not None:
+                return committed
+            low, high = self._consumer.get_watermark_offsets(
+                tp, timeout=self.settings.produce_timeout_s, cached=False
+            )
+        except KafkaException as error:
+            raise BrokerError(f"cannot read the position of {partition}: {error}") from error
+        return int(low if client_setting("auto_offset_reset") == "earliest" else high)
+
     def commit(self, offsets: Mapping[Partition, int], wait: bool = True) -> None:
         if not offsets:
             return

@@ -169,6 +169,17 @@ class KafkaPythonIO:
             raise BrokerError(f"cannot read committed offsets: {error}") from error
         return None if offset is None else int(offset)
 
+    def position(self, partition: Partition) -> int:
+        try:
+            offset = self._consumer.position(
+                TopicPartition(*partition), timeout_ms=int(self.settings.produce_timeout_s * 1000)
+            )
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot read the position of {partition}: {error}") from error
+        if offset is None:
+            raise BrokerError(f"the position of {partition} is not known yet")
+        return int(offset)
+
     def commit(self, offsets: Mapping[Partition, int], wait: bool = True) -> None:
         """Commit next-offsets to the group (for lag monitoring; the checkpoint is the truth).
 

@@ -132,6 +132,8 @@ class Worker:
         try:
             if self.recovery.rollback_needed:
                 raise ProduceError("no checkpoint could be written at a rebalance")
+            if self.recovery.unanchored:  # partitions new to every checkpoint: start them
+                self.recovery.anchor(records)
             if records:
                 self._process(records)
             self.recovery.settle()

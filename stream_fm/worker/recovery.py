@@ -77,8 +77,8 @@ class Recovery:
         self.dirty = False
         self.checkpoints = 0
         self._committed: dict[str, int | None] = {}  # transactional mode: the group's offsets
-        # Assigned partitions with no durable state yet: their first processed offset becomes
-        # their rollback point.
+        # Assigned partitions with no durable state yet: before any of their records is
+        # processed, ``anchor`` writes a generation that starts them where they start.
         self._unanchored: set[Partition] = set()
         self._events_since = 0
         self._last_checkpoint_s = time.monotonic()
@@ -215,7 +215,7 @@ class Recovery:
             self._audit("assign", partition=partition_key(tp), offset=offset, path=source)
         self.restored = True
         log.info("assigned %s", ", ".join(partition_key(tp) for tp in partitions) or "nothing")
-        if self.target is None:
+        if self.target is None and not self._unanchored:
             # A first generation at once, so a produce failure always has a state to roll back to.
             self.dirty = True
             self.try_checkpoint(reason="first assignment", in_callback=True)
@@ -238,15 +238,39 @@ class Recovery:
             self._audit("revoke", partitions=[partition_key(tp) for tp in partitions])
 
     # the batches
+    @property
+    def unanchored(self) -> bool:
+        return bool(self._unanchored)
+
+    def anchor(self, records: Sequence[Record]) -> None:
+        """Before a batch: partitions assigned with no durable state get their start offset
+        (their first record here, else their position) and a generation that holds it, so
+        every generation says where each partition stands for its model, even a fallback."""
+        assert self.io is not None
+        first: dict[Partition, int] = {}
+        for record in records:
+            first.setdefault((record.topic, record.partition), record.offset)
+        anchored = 0
+        for tp in sorted(self._unanchored):
+            offset = first.get(tp)
+            if offset is None:
+                try:
+                    offset = self.io.position(tp)
+                except BrokerError as error:
+                    log.warning("%s; %s is anchored at its first record", error, partition_key(tp))
+                    continue
+            self._unanchored.discard(tp)
+            self.offsets[tp] = offset
+            if self.target is not None:
+                self.target.anchor(tp, offset)
+            self._audit("anchor", partition=partition_key(tp), offset=offset)
+            anchored += 1
+        if anchored:
+            self.dirty = True
+            self.try_checkpoint(reason="new partitions")
+
     def applied_batch(self, records: Sequence[Record]) -> None:
         """A batch's outputs were handed to the producer: its records are applied."""
-        if self._unanchored:
-            for record in records:
-                tp = (record.topic, record.partition)
-                if tp in self._unanchored:
-                    self._unanchored.discard(tp)
-                    if self.target is not None:
-                        self.target.anchor(tp, record.offset)
         for record in records:
             self.offsets[(record.topic, record.partition)] = record.offset + 1
         # Per batch, not per record: owned partitions' next offsets only grow.

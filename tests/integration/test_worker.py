@@ -287,7 +287,9 @@ def test_sigterm_checkpoints_and_a_restart_resumes_exactly(
     half = len(events) // 2
     produce(kafka_broker, topics["input"][0], _as_records(events[:half]))
     port = free_ports()[0]
-    env = _env(kafka_broker, topics, tmp_path / "ckpt", "sigterm-group", port)
+    # A group of its own: a member another client left behind must not delay this one's join.
+    group = f"sigterm-{topics['input'][0]}"
+    env = _env(kafka_broker, topics, tmp_path / "ckpt", group, port)
     log = tmp_path / "worker.log"
 
     first = _start_worker_process(env, log)
@@ -341,7 +343,7 @@ def test_committed_offsets_without_checkpoint_are_refused_unless_cold_start(
     kafka_broker: KafkaBroker, unique_topic: UniqueTopic, tmp_path: Path
 ) -> None:
     topics = _topics(unique_topic, partitions=1)
-    group = "refuse-group"
+    group = f"refuse-{topics['input'][0]}"
     commit_offsets(kafka_broker.bootstrap_servers, group, {(topics["input"][0], 0): 0})
     port = free_ports()[0]
     env = _env(kafka_broker, topics, tmp_path / "empty-ckpt", group, port)
