@@ -27,15 +27,13 @@ from confluent_kafka import (
 
 from stream_fm.config import Settings
 from stream_fm.errors import BrokerError, ProduceError
-from stream_fm.kafka.admin import topic_limits
 from stream_fm.kafka.base import Headers, Partition, Rebalance, Record
-from stream_fm.kafka.probe import any_broker_answers
+from stream_fm.kafka.common import ClientCommon
 from stream_fm.kafka.settings import client_setting, librdkafka_consumer, librdkafka_producer
 from stream_fm.outputs import record_size_bytes
 
 log = logging.getLogger("stream_fm.kafka")
 
-REACHABLE_CACHE_S: Final = 1.0
 #: Refused records that no retry can change (as ``kafka_python.PERMANENT_ERRORS``); librdkafka
 #: reports a record above ``message.max.bytes`` locally with the broker's MSG_SIZE_TOO_LARGE.
 SIZE_CODES: Final = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
@@ -95,13 +93,11 @@ def produce_error(
     )
 
 
-class ConfluentIO:
+class ConfluentIO(ClientCommon):
     """A consumer of the input topics and a producer of the output topics (``KafkaIO``)."""
 
     def __init__(self, settings: Settings, output_topics: Sequence[str] = ()) -> None:
-        self.settings = settings
-        self._max_request = int(client_setting("max_request_size_bytes"))
-        self._limits: dict[str, int] = topic_limits(settings, output_topics)
+        super().__init__(settings, output_topics)
         self._on_assigned: Rebalance | None = None
         self._on_revoked: Rebalance | None = None
         self._seeks: dict[Partition, int] | None = None  # collected while on_assigned runs
@@ -114,15 +110,9 @@ class ConfluentIO:
             ) from error
         self._unflushed = 0
         self._send_failure: ProduceError | None = None
-        self._reachable_at_s = -REACHABLE_CACHE_S
-        self._reachable = False
-
-    @property
-    def transactional(self) -> bool:
-        return bool(self.settings.transactional_id)
 
     def _new_producer(self) -> Producer:
-        batch = min([int(client_setting("batch_size_bytes")), *self._limits.values()])
+        batch = self.batch_size_bytes()
         producer = Producer(librdkafka_producer(self.settings, batch_size_bytes=batch))
         if self.settings.transactional_id:
             producer.init_transactions(self.settings.produce_timeout_s)
@@ -279,13 +269,6 @@ class ConfluentIO:
                 out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
         return out
 
-    def reachable(self, timeout_s: float = 0.5) -> bool:
-        now = time.monotonic()
-        if now - self._reachable_at_s >= REACHABLE_CACHE_S:
-            self._reachable = any_broker_answers(self.settings, timeout_s)
-            self._reachable_at_s = time.monotonic()
-        return self._reachable
-
     def partitions_for(self, topic: str) -> set[int]:
         try:
             metadata = self._consumer.list_topics(topic, timeout=5)
@@ -296,26 +279,7 @@ class ConfluentIO:
             return set()
         return set(found.partitions)
 
-    def wait_for_topics(self, topics: Sequence[str], timeout_s: float) -> list[str]:
-        deadline = time.monotonic() + timeout_s
-        missing = list(topics)
-        while missing and time.monotonic() < deadline:
-            missing = [t for t in missing if not self.partitions_for(t)]
-            if missing:
-                time.sleep(0.2)
-        return missing
-
     # producer
-    def record_limit_bytes(self, topic: str) -> int:
-        return min(self._limits.get(topic, self._max_request), self._max_request)
-
-    def record_rejected(self, topic: str, nbytes: int) -> None:
-        lowered = min(self.record_limit_bytes(topic), nbytes) * 3 // 4
-        log.warning(
-            "%s refused a %d-byte record; its records now stay below %d", topic, nbytes, lowered
-        )
-        self._limits[topic] = lowered
-
     def _report(self, topic: str, nbytes: int | None) -> Any:
         def delivered(error: KafkaError | None, _message: Message) -> None:
             if error is not None and self._send_failure is None:

@@ -22,17 +22,14 @@ from kafka.structs import OffsetAndMetadata
 from stream_fm.config import Settings
 from stream_fm.errors import BrokerError, ProduceError
 from stream_fm.kafka import lenient  # noqa: F401 - readable header keys, see there
-from stream_fm.kafka.admin import topic_limits
 from stream_fm.kafka.base import Headers, Partition, Rebalance, Record, UnreadableRecord
+from stream_fm.kafka.common import ClientCommon
 from stream_fm.kafka.partitioner import key_partitions
-from stream_fm.kafka.probe import any_broker_answers
-from stream_fm.kafka.settings import client_setting, consumer_config, producer_config
+from stream_fm.kafka.settings import consumer_config, producer_config
 from stream_fm.outputs import record_size_bytes
 
 log = logging.getLogger("stream_fm.kafka")
 
-# /readyz and the stream_fm_ready gauge ask at every scrape; one probe a second is enough.
-REACHABLE_CACHE_S: Final = 1.0
 #: Refused records that no retry can change: send them again as they are and they fail again.
 PERMANENT_ERRORS: Final = (
     kafka_errors.MessageSizeTooLargeError,
@@ -70,14 +67,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._on_assigned(sorted((tp.topic, tp.partition) for tp in assigned))
 
 
-class KafkaPythonIO:
+class KafkaPythonIO(ClientCommon):
     """A consumer of the input topics and a producer of the output topics (``KafkaIO``)."""
 
     def __init__(self, settings: Settings, output_topics: Sequence[str] = ()) -> None:
-        self.settings = settings
-        self._max_request = int(client_setting("max_request_size_bytes"))
-        # Kept per topic: a refusal lowers a topic's limit below the refused size.
-        self._limits: dict[str, int] = topic_limits(settings, output_topics)
+        super().__init__(settings, output_topics)
         try:
             self._consumer = KafkaConsumer(**consumer_config(settings))
             self._producer = self._new_producer()
@@ -87,18 +81,11 @@ class KafkaPythonIO:
             ) from error
         self._unflushed = 0
         self._send_failure: ProduceError | None = None
-        self._reachable_at_s = -REACHABLE_CACHE_S
-        self._reachable = False
-
-    @property
-    def transactional(self) -> bool:
-        return bool(self.settings.transactional_id)
 
     def _new_producer(self) -> KafkaProducer:
         """A producer; in transactional mode with its transaction begun. Starting one fences
         any earlier producer of the same transactional id and aborts its open transaction."""
-        # A batch must fit the smallest output topic, or a batch of small records is refused.
-        batch = min([int(client_setting("batch_size_bytes")), *self._limits.values()])
+        batch = self.batch_size_bytes()
         producer = KafkaProducer(**producer_config(self.settings, batch_size_bytes=batch))
         if self.settings.transactional_id:
             producer.init_transactions()
@@ -227,44 +214,13 @@ class KafkaPythonIO:
                 out[(tp.topic, tp.partition)] = max(0, int(high) - int(position))
         return out
 
-    def reachable(self, timeout_s: float = 0.5) -> bool:
-        """Whether a bootstrap broker answered a request within the last second (/readyz)."""
-        now = time.monotonic()
-        if now - self._reachable_at_s >= REACHABLE_CACHE_S:
-            self._reachable = any_broker_answers(self.settings, timeout_s)
-            self._reachable_at_s = time.monotonic()
-        return self._reachable
-
     def partitions_for(self, topic: str) -> set[int]:
         try:
             return set(self._consumer.partitions_for_topic(topic) or ())
         except kafka_errors.KafkaError as error:
             raise BrokerError(f"cannot read the partitions of {topic}: {error}") from error
 
-    def wait_for_topics(self, topics: Sequence[str], timeout_s: float) -> list[str]:
-        """Wait until the cluster metadata lists ``topics``; return those still missing.
-
-        Subscribing before the metadata arrived gets an empty first assignment.
-        """
-        deadline = time.monotonic() + timeout_s
-        missing = list(topics)
-        while missing and time.monotonic() < deadline:
-            missing = [t for t in missing if not self.partitions_for(t)]
-            if missing:
-                time.sleep(0.2)
-        return missing
-
     # producer
-    def record_limit_bytes(self, topic: str) -> int:
-        return min(self._limits.get(topic, self._max_request), self._max_request)
-
-    def record_rejected(self, topic: str, nbytes: int) -> None:
-        lowered = min(self.record_limit_bytes(topic), nbytes) * 3 // 4
-        log.warning(
-            "%s refused a %d-byte record; its records now stay below %d", topic, nbytes, lowered
-        )
-        self._limits[topic] = lowered
-
     def send(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
     ) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import pytest
 
 from stream_fm.audit import read_apply_log
 from stream_fm.checkpoint import CheckpointStore
+from stream_fm.tools.broker import KafkaBroker
 from tests.integration.oracle import (
     FaultRig,
     applied_since_start,
@@ -84,6 +86,40 @@ def test_1_kill9_at_20_random_points_keeps_invariant_i(rig: FaultRig) -> None:
         duplicate_bound=verdict.duplicate_bound,
         final_drain_s=round(drained_s, 1),
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["window", "click_early"])
+def test_1_kill9_keeps_invariant_i_under_every_label_policy(
+    kafka_broker: KafkaBroker, tmp_path: Path, policy: str
+) -> None:
+    """Every other scenario runs the default (fake_negative); these two policies hold
+    impressions, and clicked ones, until their window closes: that state must survive too."""
+    rig = FaultRig(kafka_broker, tmp_path, overrides={"label_policy": policy})
+    try:
+        rng = random.Random(64)
+        rig.produce(simulated(20_000, seed=64))
+        log = rig.apply_log()
+        for _ in range(6):
+            proc = rig.start()
+            target = rng.randrange(1, 1_500)
+            wait_until(
+                lambda n=target: applied_since_start(log) >= n, 90, f"{target} records", proc
+            )
+            proc.kill9()
+        drain_and_stop(rig)
+        verdict = check_invariant(rig)
+        assert verdict.restarts == 6
+        report(
+            f"1 kill -9, label_policy={policy}",
+            kills=6,
+            records=verdict.records,
+            undone_records=verdict.undone_records,
+            duplicate_predictions=verdict.duplicate_predictions,
+            duplicate_bound=verdict.duplicate_bound,
+        )
+    finally:
+        rig.close()
 
 
 @pytest.mark.slow
