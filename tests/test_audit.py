@@ -29,3 +29,24 @@ def test_damage_before_the_last_line_is_an_error(tmp_path: Path) -> None:
     path.write_bytes(b'{"event":"start"}\nnot json\n{"event":"apply","records":[]}\n')
     with pytest.raises(ValueError, match=r"apply\.jsonl:2"):
         read_apply_log(path)
+
+
+def test_a_line_torn_by_a_kill_is_dropped_when_the_next_process_starts(tmp_path: Path) -> None:
+    """A kill during a write longer than a page can stop it at a page boundary: the next
+    process starts on a line of its own, and the torn one is left out."""
+    path = tmp_path / "apply.jsonl"
+    first = ApplyLog(path)
+    first.write("start", writer="a")
+    first.close()
+    with path.open("ab") as file:
+        file.write(b'{"event":"apply","records":[["t",0,0],["t",0')  # cut at a page
+    second = ApplyLog(path)
+    second.write("start", writer="b")
+    second.write("apply", records=[["t", 0, 0]])
+    second.close()
+    events = read_apply_log(path)
+    assert [(e["event"], e.get("writer")) for e in events] == [
+        ("start", "a"),
+        ("start", "b"),
+        ("apply", None),
+    ]

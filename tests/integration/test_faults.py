@@ -28,6 +28,13 @@ from tests.integration.oracle import (
 pytestmark = pytest.mark.usefixtures("kafka_client")
 
 
+def starts(apply_log: Path) -> int:
+    """Processes that got as far as their first log line."""
+    if not apply_log.exists():
+        return 0
+    return sum(1 for event in read_apply_log(apply_log) if event["event"] == "start")
+
+
 def drain_and_stop(rig: FaultRig, timeout_s: float = 120.0) -> float:
     """Start a worker, wait until its checkpoint covers the whole input, SIGTERM it.
 
@@ -100,9 +107,11 @@ def test_1_kill9_keeps_invariant_i_under_every_label_policy(
         rng = random.Random(64)
         rig.produce(simulated(20_000, seed=64))
         log = rig.apply_log()
-        for _ in range(6):
+        for kill in range(6):
             proc = rig.start()
             target = rng.randrange(1, 1_500)
+            # Each kill after this process's own start, so every one interrupts real work.
+            wait_until(lambda k=kill: starts(log) > k, 90, "the worker's start", proc)
             wait_until(
                 lambda n=target: applied_since_start(log) >= n, 90, f"{target} records", proc
             )
