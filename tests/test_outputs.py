@@ -14,7 +14,7 @@ from stream_fm.outputs import (
     TRUNCATED_KEY_BYTES,
     dead_letter,
     label_json,
-    prediction_json,
+    prediction_records,
     record_size_bytes,
 )
 
@@ -22,8 +22,10 @@ MIB = 1 << 20
 
 
 def test_prediction_record_is_the_design_json() -> None:
-    P = namedtuple("P", "id p_click ts_ms model_version")
-    record = orjson.loads(prediction_json(P('imp-"1"\n', 0.1234, 17, 99)))
+    S = namedtuple("S", "id p_served ts_ms model_version")
+    keys, values = prediction_records([S('imp-"1"\n', 0.1234, 17, 99)])
+    assert keys == [b'imp-"1"\n']
+    record = orjson.loads(values[0])
     assert record == {"id": 'imp-"1"\n', "p_click": 0.1234, "ts": 17, "model_version": 99}
 
 

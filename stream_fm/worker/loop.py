@@ -134,6 +134,8 @@ class Worker:
                 raise ProduceError("no checkpoint could be written at a rebalance")
             if self.recovery.unanchored:  # partitions new to every checkpoint: start them
                 self.recovery.anchor(records)
+            if self.recovery.resumed:
+                self.recovery.commit_resumed()
             if records:
                 self._process(records)
             self.recovery.settle()

@@ -80,6 +80,9 @@ class Recovery:
         # Assigned partitions with no durable state yet: before any of their records is
         # processed, ``anchor`` writes a generation that starts them where they start.
         self._unanchored: set[Partition] = set()
+        # Partitions resumed from a file whose offsets may never have been committed (a crash
+        # between its rename and the commit): committed by the loop, outside the callback.
+        self._resumed: dict[Partition, int] = {}
         self._events_since = 0
         self._last_checkpoint_s = time.monotonic()
         self._applied_since_snapshot = 0  # batches applied after the snapshot being written
@@ -208,6 +211,7 @@ class Recovery:
             offset, joiner, source = found
             self.io.seek(tp, offset)
             self.offsets[tp] = offset
+            self._resumed[tp] = offset
             if joiner is not None:
                 self.pipeline.restore_partition(tp[1], joiner)
             if self.target is not None:
@@ -231,6 +235,7 @@ class Recovery:
                 self.rollback_needed = True
         for tp in partitions:
             self.offsets.pop(tp, None)
+            self._resumed.pop(tp, None)
             self._unanchored.discard(tp)
             self.metrics.forget_partition(*tp)
         self.pipeline.drop_partitions(keep={p for _, p in self.offsets})
@@ -241,6 +246,33 @@ class Recovery:
     @property
     def unanchored(self) -> bool:
         return bool(self._unanchored)
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self._resumed)
+
+    def commit_resumed(self) -> None:
+        """Commit the offsets partitions were resumed at: their file is durable, and with no
+        new record nothing else would ever commit them (the group's lag would stay wrong).
+        Transactional mode needs nothing: a file counts only once its offsets committed."""
+        assert self.io is not None
+        resumed = {tp: o for tp, o in self._resumed.items() if self.offsets.get(tp) == o}
+        self._resumed = {}
+        if self.io.transactional or not resumed:
+            return
+        try:
+            self.io.commit(resumed, wait=True)
+        except BrokerError as error:
+            log.warning("%s; offsets stay in the checkpoint", error)
+            return
+        if self.target_path is not None and not self._applied_since_snapshot and not self.dirty:
+            # Nothing applied since the restore: the file covers all, and is now committed.
+            self._audit(
+                "checkpoint",
+                path=self.target_path.name,
+                offsets={partition_key(tp): offset for tp, offset in self.offsets.items()},
+                applied=self.applied,
+            )
 
     def anchor(self, records: Sequence[Record]) -> None:
         """Before a batch: partitions assigned with no durable state get their start offset
