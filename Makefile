@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-setup lint bench broker clean
+.PHONY: install demo test test-setup test-repeat kill9-rounds lint bench broker clean
 
 $(BIN)/stream-fm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ test-setup: install
 
 test: test-setup
 	$(BIN)/python -m pytest
+
+# The flake budget: the integration and fault suites N times in one run (make test-repeat N=5).
+N ?= 5
+test-repeat: test-setup
+	$(BIN)/python -m pytest tests/integration --repeat $(N)
+
+# The kill -9 scenario N rounds per client, a new seed each round (make kill9-rounds N=30).
+kill9-rounds: test-setup
+	$(BIN)/python -m pytest -s tests/integration/test_faults.py -k test_1_kill9_at_20 --repeat $(N)
 
 lint: install
 	$(BIN)/ruff check stream_fm tests

@@ -273,7 +273,7 @@ class CheckpointStore:
         )
         self._progress_cache: dict[str, tuple[tuple[int, int], dict[str, int]]] = {}
         # Test-only fault injection, called at each step of a checkpoint ("temp_written",
-        # "renamed"; the worker adds "committing" and "committed").
+        # "renamed"; the worker adds "restoring", "committing" and "committed").
         self.fault_hook: Callable[[str], None] | None = None
 
     def path_for(self, generation: int, writer: str | None = None) -> Path:

@@ -102,6 +102,7 @@ class Recovery:
         start cold over committed offsets."""
         self.io = io
         self._audit("start", writer=self.store.writer)
+        self.store.fault("restoring")  # a crash here leaves a start with no restore
         if io.transactional:
             self._committed = self._group_offsets()
             loaded = self.store.load_latest(accept=self._transaction_committed)

@@ -1,7 +1,8 @@
 """`stream-fm run` with a test-only fault: SIGKILL itself at a checkpoint step.
 
 Settings come from STREAM_FM_* as for `stream-fm run`. ``FAULT_STEP`` (one of the steps
-``CheckpointStore.fault`` is called with: temp_written, renamed, committing, committed) and
+``CheckpointStore.fault`` is called with: restoring, temp_written, renamed, committing,
+committed) and
 ``FAULT_NTH`` (kill at the n-th time that step is reached) arm the fault; unset, this is the
 plain worker.
 """

@@ -358,11 +358,16 @@ def reconstruct(events: list[dict[str, Any]]) -> History:
 
     for event in events:
         kind = event["event"]
-        if before_start is not None and kind != "restore":
+        if before_start is not None and kind not in ("restore", "start"):
             settle_start(0)  # nothing in the store: a new model from offset 0
         if kind == "start":
             starts += 1
-            before_start = effective
+            # A start right after a start: the process before was killed before it restored
+            # (or before anything else). It changed nothing, so the state it would have
+            # restored is still the one to match (issue 19: taken for a cold start, this
+            # failed every later generation).
+            if before_start is None:
+                before_start = effective
             final = None
         elif kind == "restore":
             assert before_start is not None
@@ -391,8 +396,8 @@ def reconstruct(events: list[dict[str, Any]]) -> History:
                 )
             if offset is None and expected is not None:
                 problems.append(f"{key} assigned without state after {expected} records applied")
-    if before_start is not None:
-        settle_start(0)
+    if before_start is not None:  # the last process died before restoring: nothing changed
+        settle_start(len(before_start))
     return History(effective, undone, final, starts, rollbacks, problems)
 
 
