@@ -1,9 +1,14 @@
-"""Replay: every file format through the worker's pipeline, on the real logs in ../shared/data."""
+"""Replay: every file format through the worker's pipeline.
+
+Format tests read the made-up fixtures in tests/data (a plain clone has them); the tests on the
+real public logs take ``real_data`` and are skipped, with the reason, where the logs are absent.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 import orjson
@@ -14,10 +19,20 @@ from stream_fm.config import build_settings
 from stream_fm.events import Click, EventDecoder, Impression, Labeled
 from stream_fm.features import FeatureHasher
 from stream_fm.pipeline import Pipeline
-from stream_fm.replay import FORMATS, read_batches, replay
+from stream_fm.replay import FORMATS, ReplayReport, read_batches, replay
+from tests.data.make_fixtures import POSITIVES, ROWS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).parent / "data"
 SETTINGS = build_settings({"hash_bits": 16, "k": 4, "attribution_window_s": 3600.0})
+
+# (format, fixture) for every labeled-row format
+FIXTURE_LOGS = [
+    ("libsvm", "ipinyou_like.libsvm"),
+    ("libsvm", "xlearn_like.libffm"),
+    ("criteo", "criteo_like.csv"),
+    ("criteo_tsv", "criteo_like.tsv"),
+    ("avazu", "avazu_like.csv"),
+]
 
 # (format, file, rows to read at least, share of positives between)
 REAL_LOGS = [
@@ -38,12 +53,33 @@ def _events(path: Path, fmt: str) -> list[object]:
     return [e for events, _ in read_batches(path, fmt, _decoder()) for _, e in events]
 
 
+@pytest.mark.parametrize(("fmt", "name"), FIXTURE_LOGS, ids=[f[1] for f in FIXTURE_LOGS])
+def test_every_labeled_format_replays_each_row_once(fmt: str, name: str) -> None:
+    path = FIXTURES / name
+    events = _events(path, fmt)
+    assert len(events) == ROWS
+    assert all(type(e) is Labeled and e.keys for e in events)
+    assert sum(e.label for e in events) == POSITIVES[name]
+    report = replay(Pipeline.from_settings(SETTINGS), read_batches(path, fmt, _decoder()))
+    assert report.examples == ROWS and report.invalid_events == {}
+    assert report.positives == POSITIVES[name]
+    assert 0.0 < report.logloss < 1.0
+
+
+def test_the_fixtures_are_what_their_generator_writes(tmp_path: Path) -> None:
+    """tests/data is made by tests/data/make_fixtures.py, never edited by hand."""
+    from tests.data import make_fixtures
+
+    for name, write in make_fixtures.WRITERS.items():
+        assert (FIXTURES / name).read_text() == write(random.Random(name)), name
+
+
 @pytest.mark.parametrize(("fmt", "name", "rows", "ctr"), REAL_LOGS, ids=[r[1] for r in REAL_LOGS])
 def test_real_labeled_logs_replay_with_their_click_rate(
-    fmt: str, name: str, rows: int, ctr: tuple[float, float]
+    real_data: Path, fmt: str, name: str, rows: int, ctr: tuple[float, float]
 ) -> None:
-    path = DATA / name
-    assert path.is_file(), f"{path}: the shared data must sit beside the repository"
+    path = real_data / name
+    assert path.is_file(), f"{path}: missing from the real-log folder"
     events = _events(path, fmt)
     assert len(events) == rows
     assert all(type(e) is Labeled and e.keys for e in events)
@@ -66,15 +102,28 @@ def test_criteo_tsv_keeps_counts_numeric_and_skips_empty_fields(tmp_path: Path) 
         _events(bad, "criteo_tsv")
 
 
-def test_talkingdata_conversions_join_with_their_real_delays() -> None:
-    path = DATA / "talkingdata" / "train_sample.sorted.csv"
+def _talkingdata_joins(path: Path) -> tuple[list[Impression], list[Click], ReplayReport]:
     events = _events(path, "talkingdata")
     impressions = [e for e in events if type(e) is Impression]
     clicks = [e for e in events if type(e) is Click]
-    assert len(impressions) == 100_000 and 150 < len(clicks) < 300
-    ts = [e.ts_ms for e in events]  # type: ignore[attr-defined]
+    ts = [e.ts_ms for e in events]
     assert ts == sorted(ts), "conversions are emitted in event-time order among impressions"
     report = replay(Pipeline.from_settings(SETTINGS), read_batches(path, "talkingdata", _decoder()))
+    return impressions, clicks, report
+
+
+def test_talkingdata_conversions_join_with_their_delays() -> None:
+    impressions, clicks, report = _talkingdata_joins(FIXTURES / "talkingdata_like.csv")
+    assert len(impressions) == ROWS and len(clicks) == POSITIVES["talkingdata_like.csv"]
+    assert report.examples == ROWS
+    # Every conversion comes within minutes, inside the hour's window: each one joins.
+    assert report.positives == len(clicks)
+
+
+def test_real_talkingdata_conversions_join_with_their_real_delays(real_data: Path) -> None:
+    path = real_data / "talkingdata" / "train_sample.sorted.csv"
+    impressions, clicks, report = _talkingdata_joins(path)
+    assert len(impressions) == 100_000 and 150 < len(clicks) < 300
     assert report.examples == 100_000
     assert 0 < report.positives <= len(clicks)
 
@@ -122,7 +171,7 @@ def test_replay_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
     code = main(
         [
             "replay",
-            str(DATA / "xlearn_criteo" / "small_train.txt"),
+            str(FIXTURES / "xlearn_like.libffm"),
             "--format",
             "libsvm",
             "--report",
@@ -139,5 +188,5 @@ def test_replay_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
         "examples_per_second", "seconds",
     ):  # fmt: skip
         assert key in report, key
-    assert report["examples"] == 200
-    assert json.loads(capsys.readouterr().out)["examples"] == 200
+    assert report["examples"] == ROWS
+    assert json.loads(capsys.readouterr().out)["examples"] == ROWS
