@@ -109,6 +109,13 @@ class Settings:
         default=30.0,
         metadata=help_text("wait for output acknowledgements before failing the batch"),
     )
+    consumer_stall_timeout_s: float = field(
+        default=60.0,
+        metadata=help_text(
+            "a consumer behind the log end that fetched nothing for this long is replaced "
+            "(0: never)"
+        ),
+    )
     # Events and features
     max_event_bytes: int = field(
         default=65_536, metadata=help_text("records larger than this go to the dead-letter topic")
@@ -257,6 +264,11 @@ def _validate(s: Settings) -> None:
     require(s.max_poll_records >= 1, "max_poll_records", "must be >= 1")
     require(s.session_timeout_ms >= 1000, "session_timeout_ms", "must be >= 1000")
     require(s.produce_timeout_s > 0, "produce_timeout_s", "must be > 0")
+    require(
+        s.consumer_stall_timeout_s == 0 or s.consumer_stall_timeout_s >= 1,
+        "consumer_stall_timeout_s",
+        "must be >= 1 (0 turns the watchdog off)",
+    )
     require(s.max_event_bytes >= 64, "max_event_bytes", "must be >= 64")
     check_hashing(s.hash_bits, s.hash_seed, s.numeric_transform, s.max_features)
     require(

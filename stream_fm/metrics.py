@@ -238,6 +238,12 @@ class WorkerMetrics:
             "since, after a back-off that doubles until a checkpoint succeeds).",
             registry=r,
         )
+        self.consumer_rebuilds = Counter(
+            "stream_fm_consumer_rebuilds",
+            "Consumers replaced by the watchdog: behind the log end (read on a connection of "
+            "its own) yet fetching nothing for consumer_stall_timeout_s.",
+            registry=r,
+        )
 
         # Gauges.
         self.progressive_logloss = Gauge(

@@ -269,6 +269,17 @@ class TopicReader:
             for tp, o in self._consumer.end_offsets(parts).items()
         }
 
+    def end_offsets_of(self, partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> log-end offset, for the partitions given."""
+        parts = [TopicPartition(topic, partition) for topic, partition in partitions]
+        if not parts:
+            return {}
+        try:
+            ends = self._consumer.end_offsets(parts)
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot read end offsets: {error}") from error
+        return {(tp.topic, tp.partition): int(o) for tp, o in ends.items()}
+
     def total(self, topic: str) -> int:
         """Records in ``topic`` (the sum of its partitions' end offsets)."""
         return sum(self.end_offsets(topic).values())

@@ -1,5 +1,6 @@
 """What both clients do the same way, whatever library is behind them: record size limits
-per output topic, waiting for topics to appear, and the cached readiness probe."""
+per output topic, waiting for topics to appear, the cached readiness probe, and end offsets
+read on a connection of their own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Sequence
 from typing import Final
 
 from stream_fm.config import Settings
-from stream_fm.kafka.admin import topic_limits
+from stream_fm.errors import BrokerError
+from stream_fm.kafka.admin import TopicReader, topic_limits
+from stream_fm.kafka.base import Partition
 from stream_fm.kafka.probe import any_broker_answers
 from stream_fm.kafka.settings import client_setting
 
@@ -29,6 +32,7 @@ class ClientCommon:
         self._limits: dict[str, int] = topic_limits(settings, output_topics)
         self._reachable_at_s = -REACHABLE_CACHE_S
         self._reachable = False
+        self._end_reader: TopicReader | None = None
 
     def partitions_for(self, topic: str) -> set[int]:
         raise NotImplementedError
@@ -71,3 +75,19 @@ class ClientCommon:
             self._reachable = any_broker_answers(self.settings, timeout_s)
             self._reachable_at_s = time.monotonic()
         return self._reachable
+
+    def end_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        """Log-end offsets on a connection of their own, not the consumer's: a consumer that
+        stopped fetching is no witness of how far the log goes (the watchdog asks this)."""
+        try:
+            if self._end_reader is None:
+                self._end_reader = TopicReader(self.settings.bootstrap_servers, self.settings)
+            return self._end_reader.end_offsets_of(partitions)
+        except BrokerError:
+            self._close_end_reader()  # a new connection next time
+            raise
+
+    def _close_end_reader(self) -> None:
+        if self._end_reader is not None:
+            self._end_reader.close()
+            self._end_reader = None

@@ -101,6 +101,8 @@ class ConfluentIO(ClientCommon):
         self._on_assigned: Rebalance | None = None
         self._on_revoked: Rebalance | None = None
         self._seeks: dict[Partition, int] | None = None  # collected while on_assigned runs
+        self._topics: list[str] = []
+        self._muted = False  # a consumer being replaced: the worker released its partitions
         try:
             self._consumer = Consumer(librdkafka_consumer(settings))
             self._producer = self._new_producer()
@@ -124,12 +126,30 @@ class ConfluentIO(ClientCommon):
         self, topics: Sequence[str], on_assigned: Rebalance, on_revoked: Rebalance
     ) -> None:
         self._on_assigned, self._on_revoked = on_assigned, on_revoked
+        self._topics = list(topics)
         self._consumer.subscribe(
-            list(topics), on_assign=self._assign, on_revoke=self._revoke, on_lost=self._revoke
+            self._topics, on_assign=self._assign, on_revoke=self._revoke, on_lost=self._revoke
         )
+
+    def rebuild_consumer(self) -> None:
+        self._muted = True
+        try:
+            self._consumer.close()
+        except Exception as error:  # a stuck consumer may fail to leave: its session expires
+            log.warning("closing the stalled consumer failed: %s", error)
+        finally:
+            self._muted = False
+        try:
+            self._consumer = Consumer(librdkafka_consumer(self.settings))
+        except KafkaException as error:
+            raise BrokerError(f"cannot create a new consumer: {error}") from error
+        if self._on_assigned is not None and self._on_revoked is not None:
+            self.subscribe(self._topics, self._on_assigned, self._on_revoked)
 
     def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._on_assigned is not None
+        if self._muted:
+            return
         self._seeks = {}
         try:
             self._on_assigned(sorted((tp.topic, tp.partition) for tp in partitions))
@@ -146,7 +166,8 @@ class ConfluentIO(ClientCommon):
 
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._on_revoked is not None
-        self._on_revoked(sorted((tp.topic, tp.partition) for tp in partitions))
+        if not self._muted:
+            self._on_revoked(sorted((tp.topic, tp.partition) for tp in partitions))
         if self._cooperative:
             consumer.incremental_unassign(partitions)
         else:
@@ -362,6 +383,7 @@ class ConfluentIO(ClientCommon):
             self._consumer.close()
         except Exception as error:
             log.warning("closing the Kafka consumer failed: %s", error)
+        self._close_end_reader()
 
 
 def _record(message: Any) -> ConfluentRecord:

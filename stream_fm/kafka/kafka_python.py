@@ -59,12 +59,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, on_assigned: Rebalance, on_revoked: Rebalance) -> None:
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
+        self.muted = False  # a consumer being replaced: the worker released its partitions
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._on_revoked(sorted((tp.topic, tp.partition) for tp in revoked))
+        if not self.muted:
+            self._on_revoked(sorted((tp.topic, tp.partition) for tp in revoked))
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._on_assigned(sorted((tp.topic, tp.partition) for tp in assigned))
+        if not self.muted:
+            self._on_assigned(sorted((tp.topic, tp.partition) for tp in assigned))
 
 
 class KafkaPythonIO(ClientCommon):
@@ -81,6 +84,8 @@ class KafkaPythonIO(ClientCommon):
             ) from error
         self._unflushed = 0
         self._send_failure: ProduceError | None = None
+        self._topics: list[str] = []
+        self._listener: _Listener | None = None
 
     def _new_producer(self) -> KafkaProducer:
         """A producer; in transactional mode with its transaction begun. Starting one fences
@@ -96,7 +101,25 @@ class KafkaPythonIO(ClientCommon):
     def subscribe(
         self, topics: Sequence[str], on_assigned: Rebalance, on_revoked: Rebalance
     ) -> None:
-        self._consumer.subscribe(topics=list(topics), listener=_Listener(on_assigned, on_revoked))
+        self._topics, self._listener = list(topics), _Listener(on_assigned, on_revoked)
+        self._consumer.subscribe(topics=self._topics, listener=self._listener)
+
+    def rebuild_consumer(self) -> None:
+        old, listener = self._consumer, self._listener
+        if listener is not None:
+            listener.muted = True
+        try:
+            old.close(autocommit=False, timeout_ms=5_000)
+        except Exception as error:  # a stuck consumer may fail to leave: its session expires
+            log.warning("closing the stalled consumer failed: %s", error)
+        try:
+            self._consumer = KafkaConsumer(**consumer_config(self.settings))
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot create a new consumer: {error}") from error
+        if listener is not None:
+            fresh = _Listener(listener._on_assigned, listener._on_revoked)
+            self._listener = fresh
+            self._consumer.subscribe(topics=self._topics, listener=fresh)
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
         """Records of all assigned partitions, each partition's in offset order."""
@@ -330,6 +353,7 @@ class KafkaPythonIO(ClientCommon):
             self._consumer.close()
         except Exception as error:
             log.warning("closing the Kafka consumer failed: %s", error)
+        self._close_end_reader()
 
 
 def _offsets(offsets: Mapping[Partition, int]) -> dict[TopicPartition, OffsetAndMetadata]:

@@ -1,11 +1,13 @@
 """The worker loop: poll -> pipeline -> publish -> record -> observe -> checkpoint.
 
 A produce failure rolls the state back to the last checkpoint and waits before redoing
-anything (``Retry``); ``Recovery`` owns checkpoints, offsets and rebalances.
+anything (``Retry``); ``Recovery`` owns checkpoints, offsets and rebalances; a consumer that
+stops fetching while behind the log end is replaced (``Watchdog``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,7 +20,7 @@ from stream_fm import __version__
 from stream_fm.config import Settings, describe
 from stream_fm.errors import BrokerError, CheckpointError, InvalidEvent, ProduceError
 from stream_fm.events import REASONS
-from stream_fm.kafka import KafkaIO, Record, UnreadableRecord, connect
+from stream_fm.kafka import KafkaIO, Partition, Record, UnreadableRecord, connect
 from stream_fm.metrics import MetricsServer, WorkerMetrics
 from stream_fm.model.base import Engine
 from stream_fm.pipeline import Pipeline
@@ -27,6 +29,7 @@ from stream_fm.worker.observe import Observer
 from stream_fm.worker.publish import publish
 from stream_fm.worker.recovery import Recovery
 from stream_fm.worker.retry import Retry
+from stream_fm.worker.watchdog import Behind, Watchdog
 
 log = logging.getLogger("stream_fm.worker")
 BROKER_RETRY_S = 1.0
@@ -42,6 +45,8 @@ class Worker:
         self.pipeline = Pipeline.from_settings(settings)
         self.recovery = Recovery(settings, self.pipeline, self.metrics)
         self.retry = Retry()
+        self.watchdog = Watchdog(settings.consumer_stall_timeout_s)
+        self._consumer_lost = False  # a replacement consumer could not be made yet
         self.observer = Observer(self.metrics, self.pipeline)
         self.health = Health(settings, self.recovery, self.retry)
         self.metrics.pending_impressions_limit.set(settings.max_pending_impressions)
@@ -118,9 +123,12 @@ class Worker:
             time.sleep(min(wait_s, 0.2))
             self.health.beat()
             self._polled_at = None  # a deliberate wait, not a pause of the loop
+            self.watchdog.rest()
             return
         self._pause_ended()
         try:
+            if self._consumer_lost:
+                self._new_consumer()
             records = self.io.poll(self.settings.poll_timeout_ms, self.settings.max_poll_records)
             self._polled_at = time.perf_counter()
         except BrokerError as error:
@@ -128,6 +136,7 @@ class Worker:
             time.sleep(BROKER_RETRY_S)
             self._polled_at = None
             records = []
+        self.watchdog.polled(len(records))
         self._raise_fatal()
         try:
             if self.recovery.rollback_needed:
@@ -143,8 +152,58 @@ class Worker:
                 self.recovery.begin_checkpoint(reason="periodic")
         except ProduceError as error:
             self._produce_failed(error)
+        if self.watchdog.due():
+            self._check_stall()
         self.health.beat()
         self.observer.lag(self.io)
+
+    def _check_stall(self) -> None:
+        """Nothing fetched for the watchdog's timeout: replace the consumer if the log goes
+        further than the worker (read on a connection of its own), else it is only quiet."""
+        assert self.io is not None
+        owned = self.io.assignment()
+        try:
+            behind = self.watchdog.behind(self.io.end_offsets(owned), self._positions(owned))
+        except BrokerError as error:
+            log.warning("%s; the consumer watchdog looks again later", error)
+            self.watchdog.rest()
+            return
+        if behind:
+            self._replace_consumer(behind)
+
+    def _positions(self, owned: list[Partition]) -> dict[Partition, int]:
+        """Where the worker stands in each owned partition: the next offset it would process,
+        or the consumer's position when that is further (transaction markers are skipped)."""
+        assert self.io is not None
+        positions = {}
+        for tp in owned:
+            known = self.recovery.offsets.get(tp)
+            with contextlib.suppress(BrokerError):  # a position not known: ours stands
+                known = max(known or 0, self.io.position(tp))
+            if known is not None:
+                positions[tp] = known
+        return positions
+
+    def _replace_consumer(self, behind: Behind) -> None:
+        """Release the partitions (a checkpoint, as at a revocation: nothing is lost), then a
+        new consumer joins; the partitions come back from that checkpoint."""
+        assert self.io is not None
+        log.warning(
+            "the consumer fetched nothing for %gs while behind the log end (%s); replacing it",
+            self.watchdog.timeout_s,
+            ", ".join(f"{t}:{p} at {at} of {end}" for (t, p), (at, end) in behind.items()),
+        )
+        self.recovery.release(self.io.assignment())
+        self.metrics.consumer_rebuilds.inc()
+        self.observer.totals["consumer_rebuilds"] += 1
+        self._consumer_lost = True
+        self._new_consumer()
+
+    def _new_consumer(self) -> None:
+        assert self.io is not None
+        self.io.rebuild_consumer()  # BrokerError: tried again at the next step
+        self._consumer_lost = False
+        self.watchdog.rest()
 
     def _pause_ended(self) -> None:
         """The loop is back at its poll: the time since the last one returned was a pause."""

@@ -104,4 +104,5 @@ class Observer:
             f"pending={self.pipeline.pending_count} late={t['late_clicks']} "
             f"orphan={t['orphan_clicks']} evicted={t['evicted']} "
             f"checkpoints={checkpoints} rollbacks={t['rollbacks']}"
+            f" consumer_rebuilds={t['consumer_rebuilds']}"
         )

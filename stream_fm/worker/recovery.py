@@ -225,10 +225,15 @@ class Recovery:
             self.dirty = True
             self.try_checkpoint(reason="first assignment", in_callback=True)
 
-    def _revoke(self, partitions: list[Partition]) -> None:
+    def release(self, partitions: list[Partition]) -> None:
+        """Give ``partitions`` up as at a revocation, outside a callback (a consumer is being
+        replaced): checkpoint, commit, drop their joiners."""
+        self._revoke(partitions, in_callback=False)
+
+    def _revoke(self, partitions: list[Partition], in_callback: bool = True) -> None:
         if partitions and self.dirty:
             try:
-                self.checkpoint(reason="revocation", in_callback=True)
+                self.checkpoint(reason="revocation", in_callback=in_callback)
             except (ProduceError, CheckpointError) as error:
                 # The partitions' next owner resumes from their last durable state; this
                 # worker's model learned past it, so it rolls back too, at its next step.

@@ -183,10 +183,18 @@ class FaultRig:
         return load_settings(env=env)
 
     def start(
-        self, name: str | None = None, fault_step: str = "", fault_nth: int = 1
+        self,
+        name: str | None = None,
+        fault_step: str = "",
+        fault_nth: int = 1,
+        wedge_after: int = 0,
     ) -> WorkerProc:
+        """A worker process; ``fault_step``/``fault_nth`` and ``wedge_after``: see
+        fault_worker.py."""
         port = free_ports("127.0.0.1", 1)[0]
         fault = {"FAULT_STEP": fault_step, "FAULT_NTH": str(fault_nth)} if fault_step else {}
+        if wedge_after:
+            fault["FAULT_WEDGE_AFTER"] = str(wedge_after)
         proc = WorkerProc(
             self.env(self.apply_log(name), port), self.work / f"{name or self.name}.log", fault
         )

@@ -230,3 +230,42 @@ def test_3_sigterm_under_load_exits_0_within_10s_and_nothing_is_reprocessed(rig:
     assert verdict.restarts == 1 and verdict.undone_records == 0, "a restart reprocessed records"
     assert verdict.duplicate_predictions == 0
     report("3 SIGTERM under load", exit_s=round(seconds, 2), records=verdict.records, reprocessed=0)
+
+
+@pytest.mark.slow
+def test_12_a_consumer_stalled_behind_the_log_end_is_replaced_and_nothing_is_lost(
+    rig: FaultRig,
+) -> None:
+    """Issue 19: a consumer that fetches nothing while its partitions have records (forced:
+    its client pauses them behind the worker's back) is replaced by the watchdog; the worker
+    keeps its model, redoes nothing, and a quiet stream afterwards is not taken for a stall."""
+    timeout_s = 3.0
+    rig.overrides["consumer_stall_timeout_s"] = str(timeout_s)
+    events = simulated(9_000, seed=66)
+    rig.produce(events[:3_000])
+    log = rig.apply_log()
+    proc = rig.start(wedge_after=1_000)
+    wait_until(lambda: "consumer wedged" in proc.tail(200), 90, "the wedge", proc)
+    wedged_at = time.monotonic()
+    rig.produce(events[3_000:])  # the log goes on while the consumer fetches nothing
+    ends = end_offsets(rig.broker, rig.topics["input"])
+    wait_until(lambda: last_checkpoint_offsets(log) == ends, 90, "drained by a new consumer", proc)
+    drained_s = time.monotonic() - wedged_at
+    rebuilds = proc.metrics().get("stream_fm_consumer_rebuilds_total")
+    assert rebuilds == 1, f"{rebuilds} consumer rebuilds:\n{proc.tail()}"
+    time.sleep(3 * timeout_s)  # caught up and quiet: an idle stream, not a stall
+    assert proc.metrics().get("stream_fm_consumer_rebuilds_total") == 1, proc.tail()
+    code, _ = proc.sigterm()
+    assert code == 0, proc.tail()
+    verdict = check_invariant(rig)
+    assert verdict.restarts == 0 and verdict.undone_records == 0
+    assert verdict.duplicate_predictions == 0
+    report(
+        "12 stalled consumer",
+        stall_timeout_s=timeout_s,
+        drained_after_wedge_s=round(drained_s, 1),
+        consumer_rebuilds=1,
+        records=verdict.records,
+        undone_records=0,
+        duplicate_predictions=0,
+    )
