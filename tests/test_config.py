@@ -32,6 +32,7 @@ def test_precedence(tmp_path: Path) -> None:
         ({"env": {"STREAM_FM_MAX_POLL_RECORDS": "many"}}, "max_poll_records"),
         ({"env": {"STREAM_FM_MAX_POLL_RECORDS": "0"}}, "max_poll_records"),
         ({"overrides": {"attribution_window_s": "-1"}}, "attribution_window_s"),
+        ({"overrides": {"consumer_stall_timeout_s": "0.5"}}, "consumer_stall_timeout_s"),
         ({"overrides": {"security_protocol": "TLS"}}, "security_protocol"),
         ({"overrides": {"security_protocol": "SASL_SSL"}}, "sasl_mechanism"),
         ({"overrides": {"ssl_cafile": "/nonexistent/ca.pem"}}, "ssl_cafile"),

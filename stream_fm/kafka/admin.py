@@ -269,13 +269,15 @@ class TopicReader:
             for tp, o in self._consumer.end_offsets(parts).items()
         }
 
-    def end_offsets_of(self, partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    def end_offsets_of(
+        self, partitions: Iterable[tuple[str, int]], timeout_ms: int = 5_000
+    ) -> dict[tuple[str, int], int]:
         """(topic, partition) -> log-end offset, for the partitions given."""
         parts = [TopicPartition(topic, partition) for topic, partition in partitions]
         if not parts:
             return {}
         try:
-            ends = self._consumer.end_offsets(parts)
+            ends = self._consumer.end_offsets(parts, timeout_ms=timeout_ms)
         except kafka_errors.KafkaError as error:
             raise BrokerError(f"cannot read end offsets: {error}") from error
         return {(tp.topic, tp.partition): int(o) for tp, o in ends.items()}

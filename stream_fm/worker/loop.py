@@ -162,6 +162,9 @@ class Worker:
         further than the worker (read on a connection of its own), else it is only quiet."""
         assert self.io is not None
         owned = self.io.assignment()
+        if not owned or not self.io.reachable():  # a broker away is no stall of the consumer
+            self.watchdog.rest()
+            return
         try:
             behind = self.watchdog.behind(self.io.end_offsets(owned), self._positions(owned))
         except BrokerError as error:

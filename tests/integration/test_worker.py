@@ -394,7 +394,11 @@ def test_broker_restart_the_worker_waits_and_reconnects(
     # Last in this file: it takes the shared broker down for a few seconds.
     topics = _topics(unique_topic, partitions=1)
     produce(kafka_broker, topics["input"][0], _impressions("before", 200, 1_700_000_000_000))
-    settings = worker_settings(kafka_broker, tmp_path / "ckpt", topics, produce_timeout_s=5.0)
+    # A consumer that fetches nothing once the broker is back (kafka-python did, once, for
+    # 120 s: issue 19) is replaced by the watchdog after 10 s.
+    settings = worker_settings(
+        kafka_broker, tmp_path / "ckpt", topics, produce_timeout_s=5.0, consumer_stall_timeout_s=10
+    )
     with WorkerThread(settings) as running:
         running.wait_for(lambda w: w.totals["events"] >= 200)
         kafka_broker.stop()
