@@ -19,6 +19,9 @@ BENCH_STREAMS = (
     "simulated", "simulated-100", "simulated-drift", "simulated-long", "talkingdata",
     "ipinyou", "criteo-10k", "avazu-9k", "criteo-2k", "avazu-3k", "xlearn",
 )  # fmt: skip
+# Every stream with clicks that come late or labels from a real log; simulated-long is left out
+# (N runs of it per row).
+SYNC_STREAMS = ("simulated", "talkingdata", "ipinyou", "criteo-10k", "avazu-9k")
 REPLAY_FORMATS = ("jsonl", "libsvm", "criteo", "criteo_tsv", "avazu", "talkingdata")
 
 
@@ -206,10 +209,31 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_setting_flags(bench, LEARNING_SETTINGS)
     targets = bench.add_subparsers(
         dest="bench_target",
-        metavar="kafka",
-        help="`stream-fm bench kafka --help`: the worker on a real broker "
-        "(default: the model benchmark)",
+        metavar="kafka|sync",
+        help="`stream-fm bench kafka --help`: the worker on a real broker; `stream-fm bench "
+        "sync --help`: N workers as one model (default: the model benchmark)",
     )
+    sync = targets.add_parser(
+        "sync",
+        help="N workers of one group as independent models and as one model kept in step by "
+        "exchanging increments, offline: served log loss against one worker",
+    )
+    _with_defaults(
+        sync,
+        (
+            "--streams",
+            {
+                "default": ",".join(SYNC_STREAMS),
+                "help": "comma-separated, of: " + ", ".join(BENCH_STREAMS),
+            },
+        ),
+        ("--workers", {"default": "2,4", "help": "comma-separated numbers of workers"}),
+        ("--every", {"default": "100,1000", "help": "comma-separated events between exchanges"}),
+        ("--events", {"type": int, "default": 2_000_000, "help": "events of simulated-long"}),
+        ("--data-dir", {"type": Path, "default": Path("../shared/data"), "help": "real logs"}),
+        ("--json", {"type": Path, "help": "write all figures as JSON here"}),
+    )
+    _add_setting_flags(sync, LEARNING_SETTINGS)
     kafka = targets.add_parser(
         "kafka",
         help="the worker against bare client loops and a bare Quix Streams application on a "
@@ -372,6 +396,13 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise StreamFMError(f"bench: {flag}: not whole numbers: {text!r}") from None
+
+
 def _bench(args: argparse.Namespace) -> int:
     if getattr(args, "bench_target", None) == "kafka":
         from stream_fm.tools.bench.kafka import KafkaBenchOptions, main_kafka_bench
@@ -398,6 +429,18 @@ def _bench(args: argparse.Namespace) -> int:
             scale_out_partitions=args.scale_out_partitions,
         )
         return main_kafka_bench(options, args.json)
+    if getattr(args, "bench_target", None) == "sync":
+        from stream_fm.tools.bench.sync import main_sync_bench
+
+        return main_sync_bench(
+            _settings(args),
+            [s.strip() for s in args.streams.split(",") if s.strip()],
+            _ints(args.workers, "--workers"),
+            _ints(args.every, "--every"),
+            long_events=args.events,
+            data_dir=args.data_dir,
+            json_path=args.json,
+        )
     from stream_fm.tools.bench.model import main_bench
 
     streams = [s.strip() for s in args.streams.split(",") if s.strip()]

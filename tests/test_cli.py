@@ -38,7 +38,7 @@ def test_run_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[
     assert "(default: 127.0.0.1:9092)" in _words(text) and "(default: 3600.0)" in _words(text)
 
 
-@pytest.mark.parametrize("command", [("replay",), ("bench",)])
+@pytest.mark.parametrize("command", [("replay",), ("bench",), ("bench", "sync")])
 def test_offline_commands_show_only_the_settings_they_read(
     capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
 ) -> None:
@@ -48,7 +48,16 @@ def test_offline_commands_show_only_the_settings_they_read(
 
 
 @pytest.mark.parametrize(
-    "command", [("replay",), ("simulate",), ("demo",), ("bench",), ("bench", "kafka"), ("run",)]
+    "command",
+    [
+        ("replay",),
+        ("simulate",),
+        ("demo",),
+        ("bench",),
+        ("bench", "kafka"),
+        ("bench", "sync"),
+        ("run",),
+    ],
 )
 def test_every_option_has_help(
     capsys: pytest.CaptureFixture[str], command: tuple[str, ...]

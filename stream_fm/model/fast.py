@@ -252,6 +252,11 @@ class FastFM:
             raise ValueError(f"vectors must have shape {(idx.shape[0], self._params.k)}")
         self._v[idx] = vecs
 
+    def live_arrays(self) -> dict[str, npt.NDArray[np.generic]]:
+        """The engine's own state arrays, not copies (``delta``: increments are read from and
+        added to them in place); layout in ``kernel``."""
+        return self._arrays()
+
     # -- internals -------------------------------------------------------------------------
 
     def _buckets(self, buckets: IndexLike) -> npt.NDArray[np.int64]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -17,15 +19,22 @@ from stream_fm.model import (
     RiverFM,
     SparseExample,
 )
+from stream_fm.model.delta import DeltaTracker
 
 N_BUCKETS = 1 << 12
 K = 4
 OPTIMIZERS = ("sgd", "adagrad", "ftrl")
 
-AnyEngine = FastFM | RiverFM
-ENGINES: dict[str, tuple[type[AnyEngine], str]] = {
+def tracked(params: FMParams) -> DeltaTracker:
+    """FastFM whose increments are taken for a group's exchange: the same engine."""
+    return DeltaTracker(FastFM(params))
+
+
+AnyEngine = FastFM | RiverFM | DeltaTracker
+ENGINES: dict[str, tuple[Callable[[FMParams], AnyEngine], str]] = {
     **{f"fast-{opt}": (FastFM, opt) for opt in (*OPTIMIZERS, "adaptive")},
     **{f"river-{opt}": (RiverFM, opt) for opt in OPTIMIZERS},
+    **{f"tracked-{opt}": (tracked, opt) for opt in ("sgd", "adaptive")},
 }
 
 
@@ -204,7 +213,7 @@ def test_non_strict_load_keeps_configured_step_sizes(name: str) -> None:
 
 def test_loading_another_engines_state_fails(name: str) -> None:
     engine = make(name)
-    other = "river-sgd" if name.startswith("fast") else "fast-sgd"
+    other = "fast-sgd" if name.startswith("river") else "river-sgd"
     with pytest.raises(ModelStateMismatch, match="engine"):
         engine.load_state(make(other).state())
 

@@ -1,0 +1,232 @@
+"""Model increments: what an engine learned since it last gave them away, and how the
+increments of several workers combine into one model.
+
+The first piece of one model per consumer group (issue 20): each worker learns from its own
+partitions and the workers exchange what they learned, so each holds the group's model.
+``DeltaTracker`` wraps a ``FastFM`` (it is an Engine like any other: the pipeline runs it) and
+notes the buckets each learn op touches. ``take()`` returns a ``Delta``: for the touched
+buckets, the increments since the last ``take`` of every state value that adds up (weights,
+latents, the optimizer's squared-gradient sums, FTRL's ``z``) and the value itself where the
+optimizer combines by maximum (the adaptive optimizer's largest |x| per feature); plus the
+intercept's state and the learned-example count.
+
+``combine`` merges the deltas of one interval under a rule, and ``exchange`` moves every
+worker to the same model: the base they shared plus the combined increments (synchronously,
+like Vowpal Wabbit's allreduce; ``stream-fm bench sync`` measures the rules):
+
+- ``sum`` adds every increment (Downpour SGD, Hogwild). Right for buckets one worker moved,
+  wrong for those several moved the same way: a young model's intercept moved by N workers at
+  once moves N times too far.
+- ``average`` (the default) takes the mean move of each weight, latent and the intercept over
+  the workers that moved it, and adds the optimizer's sums (every gradient did happen).
+
+>>> import numpy as np
+>>> from stream_fm.model import FastFM, FMParams, SparseExample
+>>> a, b = (DeltaTracker(FastFM(FMParams(n_buckets=64, k=2, seed=1))) for _ in range(2))
+>>> a.learn_one(SparseExample(np.array([3, 9], dtype=np.int32), np.ones(2)), 1)
+>>> b.learn_one(SparseExample(np.array([9, 40], dtype=np.int32), np.ones(2)), 0)
+>>> exchange([a, b], "average")
+>>> bool(np.array_equal(a.engine.state()["lin"], b.engine.state()["lin"]))
+True
+>>> a.take().buckets.tolist(), a.n_learned  # nothing learned since; both examples counted
+([], 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_fm.model import kernel
+from stream_fm.model.base import LEARN_KINDS, OpBatch, SparseExample, StateValue
+from stream_fm.model.fast import FastFM
+
+F64 = npt.NDArray[np.float64]
+I32 = npt.NDArray[np.int32]
+Arrays = dict[str, npt.NDArray[Any]]
+
+RULES: Final = ("average", "sum")
+#: Per optimizer, the ``lin`` columns that combine by maximum (the others add up).
+MAX_COLUMNS: Final = {"sgd": (), "adagrad": (), "ftrl": (), "adaptive": (kernel.LIN_S,)}
+#: The ``lin`` and ``bias`` columns a worker's move of which ``average`` takes the mean of.
+MOVED_LIN: Final = (kernel.LIN_W,)
+MOVED_BIAS: Final = (kernel.B_W0,)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Increments of one engine over one interval, touched buckets only (see the module)."""
+
+    buckets: I32
+    lin: F64
+    v: F64
+    v_acc: F64  # no rows without per-latent sums (SGD)
+    bias: F64
+    learned: int
+
+    def __len__(self) -> int:
+        return int(self.buckets.shape[0])
+
+
+class DeltaTracker:
+    """An engine whose learning can be taken as increments (see the module docstring)."""
+
+    def __init__(self, engine: FastFM) -> None:
+        self.engine = engine
+        self.max_columns: tuple[int, ...] = MAX_COLUMNS[engine.params.optimizer]
+        self.has_acc = self._live()["v_acc"].shape[0] > 0
+        self._rows: tuple[str, ...] = ("lin", "v", "v_acc") if self.has_acc else ("lin", "v")
+        self._touched: list[I32] = []
+        self._base = _copy(self._live())
+        # The last take: its buckets, their rows before it, and what it counted as learned.
+        self._taken: tuple[I32, Arrays, int] | None = None
+
+    # -- the Engine protocol: the wrapped engine's, with the touched buckets noted -----------
+    @property
+    def n_learned(self) -> int:
+        return self.engine.n_learned
+
+    @property
+    def refused_updates(self) -> int:
+        return self.engine.refused_updates
+
+    @property
+    def nonfinite_outputs(self) -> int:
+        return self.engine.nonfinite_outputs
+
+    def predict_proba_one(self, x: SparseExample) -> float:
+        return self.engine.predict_proba_one(x)
+
+    def learn_one(self, x: SparseExample, y: int) -> None:
+        self._touched.append(np.asarray(x.indices, dtype=np.int32))
+        self.engine.learn_one(x, y)
+
+    def run_batch(self, batch: OpBatch) -> F64:
+        rows = batch.op_row[np.isin(batch.op_kind, LEARN_KINDS)]
+        if rows.size:
+            starts, ends = batch.indptr[rows].tolist(), batch.indptr[rows + 1].tolist()
+            self._touched += [batch.indices[a:b] for a, b in zip(starts, ends, strict=True)]
+        return self.engine.run_batch(batch)
+
+    def state(self, into: Mapping[str, StateValue] | None = None) -> dict[str, StateValue]:
+        return self.engine.state(into)
+
+    def load_state(self, state: dict[str, StateValue], *, strict: bool = True) -> None:
+        """A restored model is the new base."""
+        self.engine.load_state(state, strict=strict)
+        self._touched, self._taken = [], None
+        self._base = _copy(self._live())
+
+    def _live(self) -> Arrays:
+        """The engine's own arrays (written in place)."""
+        return dict(self.engine.live_arrays())
+
+    # -- increments ------------------------------------------------------------------------
+    def take(self) -> Delta:
+        """What was learned since the last ``take`` (or the start, or a restore)."""
+        live, base = self._live(), self._base
+        touched = np.concatenate(self._touched) if self._touched else np.zeros(0, np.int32)
+        buckets = np.unique(touched).astype(np.int32)
+        self._touched = []
+        before = {name: base[name][buckets] for name in self._rows}
+        before["bias"] = base["bias"].copy()
+        learned = int(live["counters"][kernel.C_LEARNED] - base["counters"][kernel.C_LEARNED])
+        lin = live["lin"][buckets] - before["lin"]
+        for column in self.max_columns:  # the value itself: it combines by maximum
+            lin[:, column] = live["lin"][buckets, column]
+        delta = Delta(
+            buckets,
+            lin,
+            live["v"][buckets] - before["v"],
+            live["v_acc"][buckets] - before["v_acc"] if self.has_acc else live["v_acc"].copy(),
+            live["bias"] - before["bias"],
+            learned,
+        )
+        for name in self._rows:
+            base[name][buckets] = live[name][buckets]
+        base["bias"][:] = live["bias"]
+        base["counters"][:] = live["counters"]
+        self._taken = (buckets, before, learned)
+        return delta
+
+    def rebase(self, combined: Delta) -> None:
+        """Become the base the last ``take`` started from plus ``combined`` (which includes
+        this worker's own delta). Workers that shared the base then hold the same model, bit
+        for bit."""
+        live, base = self._live(), self._base
+        rows = combined.buckets.astype(np.int64)
+        prev = {name: live[name][rows] for name in self._rows}
+        prev["bias"] = live["bias"].copy()
+        own_learned = 0
+        if self._taken is not None:  # this worker's own rows: back to where they started
+            own, before, own_learned = self._taken
+            where = np.searchsorted(combined.buckets, own)
+            for name in self._rows:
+                prev[name][where] = before[name]
+            prev["bias"] = before["bias"]
+        lin = prev["lin"] + combined.lin
+        for column in self.max_columns:
+            lin[:, column] = np.maximum(prev["lin"][:, column], combined.lin[:, column])
+        live["lin"][rows] = lin
+        live["v"][rows] = prev["v"] + combined.v
+        if self.has_acc:
+            live["v_acc"][rows] = prev["v_acc"] + combined.v_acc
+        live["bias"][:] = prev["bias"] + combined.bias
+        live["counters"][kernel.C_LEARNED] += combined.learned - own_learned
+        for name in self._rows:
+            base[name][rows] = live[name][rows]
+        base["bias"][:] = live["bias"]
+        base["counters"][:] = live["counters"]
+        self._taken = None
+
+
+
+def combine(
+    deltas: Sequence[Delta], rule: str, max_columns: Sequence[int] = (), has_acc: bool = True
+) -> Delta:
+    """One delta from the deltas of one interval under ``rule`` (``average`` or ``sum``)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    buckets = np.unique(np.concatenate([d.buckets for d in deltas])).astype(np.int32)
+    n, width, k = len(buckets), deltas[0].lin.shape[1], deltas[0].v.shape[1]
+    lin, v = np.zeros((n, width)), np.zeros((n, k))
+    v_acc = np.zeros((n if has_acc else 0, k))
+    movers = np.zeros(n)
+    adds = np.array([c for c in range(width) if c not in max_columns], dtype=np.int64)
+    for delta in deltas:
+        where = np.searchsorted(buckets, delta.buckets)
+        movers[where] += 1
+        lin[np.ix_(where, adds)] += delta.lin[:, adds]
+        for column in max_columns:
+            lin[where, column] = np.maximum(lin[where, column], delta.lin[:, column])
+        v[where] += delta.v
+        if has_acc:
+            v_acc[where] += delta.v_acc
+    bias = np.sum([d.bias for d in deltas], axis=0)
+    if rule == "average":
+        share = np.maximum(movers, 1)
+        for column in MOVED_LIN:
+            lin[:, column] /= share
+        v /= share[:, None]
+        for column in MOVED_BIAS:
+            bias[column] /= max(sum(1 for d in deltas if d.learned), 1)
+    return Delta(buckets, lin, v, v_acc, bias, sum(d.learned for d in deltas))
+
+
+def exchange(trackers: Sequence[DeltaTracker], rule: str = "average") -> None:
+    """Every worker takes its delta; each becomes the shared base plus the combined deltas."""
+    deltas = [tracker.take() for tracker in trackers]
+    if len(trackers) == 1:
+        return  # no peer: the model stays bit for bit what it learned alone
+    first = trackers[0]
+    combined = combine(deltas, rule, first.max_columns, first.has_acc)
+    for tracker in trackers:
+        tracker.rebase(combined)
+
+
+def _copy(arrays: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+    return {name: array.copy() for name, array in arrays.items()}

@@ -1,0 +1,154 @@
+"""``stream-fm bench sync``: N workers of one group, each learning from its own partitions, as
+independent models and as one model kept in step by exchanging increments (``model.delta``).
+
+Offline (no Kafka): a stream's events go to 8 partitions by Kafka's default partitioner on the
+impression id, partition ``p`` to worker ``p mod N``; the workers take turns on each
+interval's events, then exchange under each combine rule. Every figure is the served log loss
+of all workers' predictions together (p before learning), as a ratio to one worker on the
+whole stream, so it says what scaling out costs in quality.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stream_fm.config import Settings
+from stream_fm.errors import StreamFMError
+from stream_fm.events import Event
+from stream_fm.kafka.partitioner import key_partitions
+from stream_fm.model.delta import RULES, DeltaTracker, exchange
+from stream_fm.model.fast import FastFM
+from stream_fm.pipeline import Pipeline, decoder_for
+from stream_fm.tools.bench.model import Stream, stream_builders
+
+PARTITIONS = 8
+INDEPENDENT = "independent"
+
+
+@dataclass
+class SyncRow:
+    """One stream, one number of workers, one interval: served log loss per way of running."""
+
+    stream: str
+    workers: int
+    every: int  # events between two exchanges
+    one_worker: float
+    logloss: dict[str, float] = field(default_factory=dict)  # INDEPENDENT and each rule
+
+    def ratio(self, way: str) -> float:
+        return self.logloss[way] / self.one_worker
+
+
+def served_logloss(
+    events: Sequence[tuple[int, Event]],
+    settings: Settings,
+    workers: int,
+    every: int,
+    rule: str | None,
+) -> float:
+    """Served log loss of ``workers`` pipelines on their partitions' events; ``rule``: how
+    they exchange every ``every`` events (None: never, independent models)."""
+    trackers = [DeltaTracker(FastFM(settings.model)) for _ in range(workers)]
+    pipelines = [Pipeline.from_settings(settings, engine=t) for t in trackers]
+    step = every if rule is not None else max(len(events), 1)
+    for start in range(0, len(events), step):
+        shares: list[list[tuple[Hashable, Event | None]]] = [[] for _ in pipelines]
+        for partition, event in events[start : start + step]:
+            shares[partition % workers].append((partition, event))
+        for pipeline, share in zip(pipelines, shares, strict=True):
+            if share:
+                pipeline.process_events(share)
+        if rule is not None and workers > 1:
+            exchange(trackers, rule)
+    for pipeline in pipelines:
+        pipeline.flush()  # the end of a finite stream: every window closes
+    examples = sum(p.evaluator.examples for p in pipelines)
+    if not examples:
+        return math.nan
+    return sum(p.evaluator.logloss * p.evaluator.examples for p in pipelines) / examples
+
+
+def partitioned(stream: Stream) -> list[tuple[int, Event]]:
+    """The stream's valid events, each with the partition its id hashes to."""
+    events = [e for batch, _ in stream.batches for _, e in batch if e is not None]
+    partitions = key_partitions([e.id.encode() for e in events], PARTITIONS)
+    return list(zip(partitions, events, strict=True))
+
+
+def bench_stream(
+    stream: Stream,
+    settings: Settings,
+    workers: Sequence[int],
+    intervals: Sequence[int],
+    say: Callable[[str], None],
+) -> list[SyncRow]:
+    events = partitioned(stream)
+    one = served_logloss(events, settings, 1, len(events), None)
+    rows = []
+    for n in workers:
+        independent = served_logloss(events, settings, n, len(events), None)
+        for every in intervals:
+            say(f"{stream.name}: {n} workers, exchanging every {every:,} events")
+            row = SyncRow(stream.name, n, every, one, {INDEPENDENT: independent})
+            for rule in RULES:
+                row.logloss[rule] = served_logloss(events, settings, n, every, rule)
+            rows.append(row)
+    return rows
+
+
+def format_rows(rows: Sequence[SyncRow]) -> str:
+    ways = (INDEPENDENT, *RULES)
+    head = f"{'stream':<16} {'N':>2} {'every':>7} {'1 worker':>9} " + " ".join(
+        f"{w:>12}" for w in ways
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        figures = " ".join(f"{r.ratio(w):>12.4f}" for w in ways)
+        lines.append(f"{r.stream:<16} {r.workers:>2} {r.every:>7,} {r.one_worker:>9.5f} {figures}")
+    lines.append(
+        "log loss of N workers / 1 worker, served (p before learning), all workers' predictions "
+        "together; independent = no exchange (today's group); sum / average: see model.delta"
+    )
+    return "\n".join(lines)
+
+
+def main_sync_bench(
+    settings: Settings,
+    streams: Sequence[str],
+    workers: Sequence[int],
+    intervals: Sequence[int],
+    *,
+    long_events: int,
+    data_dir: Path,
+    json_path: Path | None = None,
+) -> int:
+    builders = stream_builders(data_dir, long_events)
+    unknown = [s for s in streams if s not in builders]
+    if unknown:
+        raise StreamFMError(
+            f"unknown bench stream(s) {', '.join(unknown)}; choose from {', '.join(builders)}"
+        )
+    if not workers or min(workers) < 2 or not intervals or min(intervals) < 1:
+        raise StreamFMError("bench sync: --workers must be >= 2 and --every >= 1")
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    decoder = decoder_for(settings)
+    rows: list[SyncRow] = []
+    for name in streams:
+        say(f"{name}: decoding")
+        found = bench_stream(builders[name](decoder), settings, workers, intervals, say)
+        print(format_rows(found), flush=True)
+        rows += found
+    if json_path:
+        import json
+
+        payload: list[dict[str, Any]] = [asdict(r) for r in rows]
+        json_path.write_text(json.dumps(payload, indent=2))
+    return 0
