@@ -12,20 +12,24 @@ intercept's state and the learned-example count.
 
 ``combine`` merges the deltas of one interval under a rule, and ``exchange`` moves every
 worker to the same model: the base they shared plus the combined increments (synchronously,
-like Vowpal Wabbit's allreduce; ``stream-fm bench sync`` measures the rules):
+like Vowpal Wabbit's allreduce). ``stream-fm bench sync`` measures the rules; none is within
+1% of one worker on every stream yet (docs/benchmarks.md):
 
-- ``sum`` adds every increment (Downpour SGD, Hogwild). Right for buckets one worker moved,
-  wrong for those several moved the same way: a young model's intercept moved by N workers at
-  once moves N times too far.
-- ``average`` (the default) takes the mean move of each weight, latent and the intercept over
-  the workers that moved it, and adds the optimizer's sums (every gradient did happen).
+- ``sum`` adds every increment (Downpour SGD, Hogwild): right for a parameter one worker moved
+  or one that moves a little per example, wrong for one that several workers moved to the
+  same place (a young model's intercept, moved by N workers at once, moves N times too far).
+- ``average`` takes the mean move of each weight, latent and the intercept over the workers
+  that moved it, and adds the optimizer's sums (every gradient did happen).
+- ``scaled`` scales each worker's move by sqrt(its squared-gradient sum / everyone's), both
+  counted from the shared base: AdaGrad's rate over N times the examples (adagrad and
+  adaptive; the other optimizers have no sums to read and combine by ``sum``).
 
 >>> import numpy as np
 >>> from stream_fm.model import FastFM, FMParams, SparseExample
 >>> a, b = (DeltaTracker(FastFM(FMParams(n_buckets=64, k=2, seed=1))) for _ in range(2))
 >>> a.learn_one(SparseExample(np.array([3, 9], dtype=np.int32), np.ones(2)), 1)
 >>> b.learn_one(SparseExample(np.array([9, 40], dtype=np.int32), np.ones(2)), 0)
->>> exchange([a, b], "average")
+>>> exchange([a, b], "scaled")
 >>> bool(np.array_equal(a.engine.state()["lin"], b.engine.state()["lin"]))
 True
 >>> a.take().buckets.tolist(), a.n_learned  # nothing learned since; both examples counted
@@ -34,7 +38,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -49,7 +53,9 @@ F64 = npt.NDArray[np.float64]
 I32 = npt.NDArray[np.int32]
 Arrays = dict[str, npt.NDArray[Any]]
 
-RULES: Final = ("average", "sum")
+RULES: Final = ("scaled", "average", "sum")
+#: Optimizers whose squared-gradient sums ``scaled`` reads (the others combine by ``sum``).
+SCALED_OPTIMIZERS: Final = ("adagrad", "adaptive")
 #: Per optimizer, the ``lin`` columns that combine by maximum (the others add up).
 MAX_COLUMNS: Final = {"sgd": (), "adagrad": (), "ftrl": (), "adaptive": (kernel.LIN_S,)}
 #: The ``lin`` and ``bias`` columns a worker's move of which ``average`` takes the mean of.
@@ -153,6 +159,19 @@ class DeltaTracker:
         self._taken = (buckets, before, learned)
         return delta
 
+    def base_rows(self, buckets: I32) -> Arrays:
+        """The rows of ``buckets`` as they were before the last ``take`` (its shared base)."""
+        base = self._base
+        rows = {name: base[name][buckets] for name in self._rows}
+        rows["bias"] = base["bias"].copy()
+        if self._taken is not None:
+            own, before, _ = self._taken
+            where = np.searchsorted(buckets, own)
+            for name in self._rows:
+                rows[name][where] = before[name]
+            rows["bias"] = before["bias"]
+        return rows
+
     def rebase(self, combined: Delta) -> None:
         """Become the base the last ``take`` started from plus ``combined`` (which includes
         this worker's own delta). Workers that shared the base then hold the same model, bit
@@ -184,14 +203,22 @@ class DeltaTracker:
         self._taken = None
 
 
-
 def combine(
-    deltas: Sequence[Delta], rule: str, max_columns: Sequence[int] = (), has_acc: bool = True
+    deltas: Sequence[Delta],
+    rule: str,
+    max_columns: Sequence[int] = (),
+    has_acc: bool = True,
+    base: Callable[[I32], Arrays] | None = None,
 ) -> Delta:
-    """One delta from the deltas of one interval under ``rule`` (``average`` or ``sum``)."""
+    """One delta from the deltas of one interval under ``rule`` (see the module docstring);
+    ``scaled`` reads the shared base's squared-gradient sums through ``base``."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     buckets = np.unique(np.concatenate([d.buckets for d in deltas])).astype(np.int32)
+    if rule == "scaled":
+        if base is None:
+            raise ValueError("rule 'scaled' needs the base's squared-gradient sums")
+        return _scaled(deltas, buckets, base(buckets), max_columns, has_acc)
     n, width, k = len(buckets), deltas[0].lin.shape[1], deltas[0].v.shape[1]
     lin, v = np.zeros((n, width)), np.zeros((n, k))
     v_acc = np.zeros((n if has_acc else 0, k))
@@ -217,13 +244,70 @@ def combine(
     return Delta(buckets, lin, v, v_acc, bias, sum(d.learned for d in deltas))
 
 
-def exchange(trackers: Sequence[DeltaTracker], rule: str = "average") -> None:
+def _scaled(
+    deltas: Sequence[Delta],
+    buckets: I32,
+    base: Arrays,
+    max_columns: Sequence[int],
+    has_acc: bool,
+) -> Delta:
+    """Each worker's move of a weight, latent or the intercept, scaled by how large its step
+    was against the step of one learner that had seen every worker's gradients:
+    sqrt((G0 + g_i) / (G0 + sum g)), G0 the shared squared-gradient sum, g_i this worker's part
+    of it. A parameter one worker moved keeps its move (a sum); one that N fresh workers moved
+    alike moves sqrt(N) times one move, as AdaGrad's 1/sqrt(G) rate does over N times the
+    examples; the sums themselves add up."""
+    n, width, k = len(buckets), deltas[0].lin.shape[1], deltas[0].v.shape[1]
+    g_lin = np.zeros(n)
+    g_acc = np.zeros((n if has_acc else 0, k))
+    g_bias = sum(d.bias[kernel.B_N0] for d in deltas)
+    for delta in deltas:
+        where = np.searchsorted(buckets, delta.buckets)
+        g_lin[where] += delta.lin[:, kernel.LIN_N]
+        if has_acc:
+            g_acc[where] += delta.v_acc
+    lin, v = np.zeros((n, width)), np.zeros((n, k))
+    v_acc = np.zeros((n if has_acc else 0, k))
+    bias = np.zeros_like(deltas[0].bias)
+    adds = np.array([c for c in range(width) if c not in max_columns], dtype=np.int64)
+    n0 = float(base["bias"][kernel.B_N0])
+    for delta in deltas:
+        where = np.searchsorted(buckets, delta.buckets)
+        base_n = base["lin"][where, kernel.LIN_N]
+        own = _ratio(base_n + delta.lin[:, kernel.LIN_N], base_n + g_lin[where])
+        moved = delta.lin.copy()
+        moved[:, kernel.LIN_W] *= own
+        lin[np.ix_(where, adds)] += moved[:, adds]
+        for column in max_columns:
+            lin[where, column] = np.maximum(lin[where, column], delta.lin[:, column])
+        if has_acc:
+            base_acc = base["v_acc"][where]
+            v[where] += delta.v * _ratio(base_acc + delta.v_acc, base_acc + g_acc[where])
+            v_acc[where] += delta.v_acc
+        else:
+            v[where] += delta.v
+        step = delta.bias.copy()
+        step[kernel.B_W0] *= float(
+            _ratio(np.array(n0 + delta.bias[kernel.B_N0]), np.array(n0 + g_bias))
+        )
+        bias += step
+    return Delta(buckets, lin, v, v_acc, bias, sum(d.learned for d in deltas))
+
+
+def _ratio(own: F64, total: F64) -> F64:
+    """sqrt(own / total), 1 where nothing was learned."""
+    return np.sqrt(np.divide(own, total, out=np.ones_like(total), where=total > 0))
+
+
+def exchange(trackers: Sequence[DeltaTracker], rule: str) -> None:
     """Every worker takes its delta; each becomes the shared base plus the combined deltas."""
     deltas = [tracker.take() for tracker in trackers]
     if len(trackers) == 1:
         return  # no peer: the model stays bit for bit what it learned alone
     first = trackers[0]
-    combined = combine(deltas, rule, first.max_columns, first.has_acc)
+    if rule == "scaled" and first.engine.params.optimizer not in SCALED_OPTIMIZERS:
+        rule = "sum"  # no squared-gradient sums to scale by
+    combined = combine(deltas, rule, first.max_columns, first.has_acc, first.base_rows)
     for tracker in trackers:
         tracker.rebase(combined)
 

@@ -39,13 +39,13 @@ def test_a_worker_without_peers_is_the_engine_bit_for_bit(optimizer: str) -> Non
             assert alone.predict_proba_one(x) == tracked.predict_proba_one(x)
             alone.learn_one(x, y)
             tracked.learn_one(x, y)
-        exchange([tracked])
+        exchange([tracked], "scaled")
     for name, array in alone.live_arrays().items():
         assert np.array_equal(array, tracked.engine.live_arrays()[name]), name
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@pytest.mark.parametrize("rule", ["average", "sum"])
+@pytest.mark.parametrize("rule", ["scaled", "average", "sum"])
 def test_workers_in_step_hold_one_model_bit_for_bit(optimizer: str, rule: str) -> None:
     workers = [DeltaTracker(FastFM(params(optimizer))) for _ in range(3)]
     for round_ in range(6):
@@ -114,3 +114,25 @@ def test_the_sync_bench_scores_every_prediction_of_every_worker() -> None:
     for rule in ("average", "sum", None):
         two = served_logloss(events, settings, 2, 50, rule)
         assert 0.0 < two < 1.0 and np.isfinite(one)
+
+
+def test_scaled_keeps_a_lone_move_and_gives_a_shared_fresh_one_sqrt_n_moves() -> None:
+    a, b = (DeltaTracker(FastFM(params("adagrad"))) for _ in range(2))
+    shared = SparseExample(np.array([7], dtype=np.int32), np.ones(1))
+    a.learn_one(shared, 1)
+    b.learn_one(shared, 1)
+    a.learn_one(SparseExample(np.array([9], dtype=np.int32), np.ones(1)), 0)
+    da, db = a.take(), b.take()
+    out = combine([da, db], "scaled", a.max_columns, a.has_acc, a.base_rows)
+    w = kernel.LIN_W
+    rows = {int(bucket): i for i, bucket in enumerate(out.buckets)}
+    lone = np.searchsorted(da.buckets, 9)
+    assert out.lin[rows[9], w] == da.lin[lone, w]  # one mover: its whole move
+    moved = da.lin[np.searchsorted(da.buckets, 7), w]
+    assert out.lin[rows[7], w] == pytest.approx(np.sqrt(2) * moved)  # two alike: sqrt(2) moves
+
+
+def test_scaled_needs_the_base() -> None:
+    a = DeltaTracker(FastFM(params("adagrad")))
+    with pytest.raises(ValueError, match="base"):
+        combine([a.take()], "scaled")

@@ -25,6 +25,7 @@ N_BUCKETS = 1 << 12
 K = 4
 OPTIMIZERS = ("sgd", "adagrad", "ftrl")
 
+
 def tracked(params: FMParams) -> DeltaTracker:
     """FastFM whose increments are taken for a group's exchange: the same engine."""
     return DeltaTracker(FastFM(params))
