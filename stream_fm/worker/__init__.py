@@ -3,7 +3,8 @@
 - ``loop``: the loop itself (poll, pipeline, publish, observe, checkpoint);
 - ``recovery``: checkpoints, restore, assignment, revocation, rollback, commits;
 - ``snapshot``: the checkpoint's layout;
-- ``publish``, ``observe``, ``health``, ``retry``: outputs, metrics, probes, back-off.
+- ``publish``, ``observe``, ``health``, ``retry``: outputs, metrics, probes, back-off;
+- ``watchdog``: a consumer that fetches nothing while behind the log end is replaced.
 """
 
 from __future__ import annotations
