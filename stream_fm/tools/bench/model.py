@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -455,6 +456,24 @@ def engine_only_throughput(n_examples: int = 2_000_000) -> float:
     return engine_throughput(n_examples, n_fields=20, k=8)
 
 
+def chosen_streams(
+    streams: Sequence[str], data_dir: Path, long_events: int
+) -> dict[str, Callable[[EventDecoder], Stream]]:
+    """The builders of the streams asked for; an unknown name stops the benchmark."""
+    builders = stream_builders(data_dir, long_events)
+    unknown = [s for s in streams if s not in builders]
+    if unknown:
+        raise StreamFMError(
+            f"unknown bench stream(s) {', '.join(unknown)}; choose from {', '.join(builders)}"
+        )
+    return builders
+
+
+def say(line: str) -> None:
+    """Progress, on standard error (the tables go to standard output)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def main_bench(
     settings: Settings,
     streams: Sequence[str],
@@ -466,17 +485,8 @@ def main_bench(
 ) -> int:
     """``stream-fm bench``: every engine on every stream, tables to stdout, progress to stderr."""
     import json
-    import sys
 
-    builders = stream_builders(data_dir, long_events)
-    unknown = [s for s in streams if s not in builders]
-    if unknown:
-        raise StreamFMError(
-            f"unknown bench stream(s) {', '.join(unknown)}; choose from {', '.join(builders)}"
-        )
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    builders = chosen_streams(streams, data_dir, long_events)
 
     decoder = decoder_for(settings)
     throughput = engine_only_throughput()
@@ -506,4 +516,12 @@ def main_bench(
     return 0
 
 
-__all__ = ["StreamResult", "compare", "format_table", "main_bench", "stream_builders"]
+__all__ = [
+    "StreamResult",
+    "chosen_streams",
+    "compare",
+    "format_table",
+    "main_bench",
+    "say",
+    "stream_builders",
+]

@@ -11,7 +11,6 @@ whole stream, so it says what scaling out costs in quality.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from stream_fm.kafka.partitioner import key_partitions
 from stream_fm.model.delta import RULES, DeltaTracker, exchange
 from stream_fm.model.fast import FastFM
 from stream_fm.pipeline import Pipeline, decoder_for
-from stream_fm.tools.bench.model import Stream, stream_builders
+from stream_fm.tools.bench.model import Stream, chosen_streams, say
 
 PARTITIONS = 8
 INDEPENDENT = "independent"
@@ -127,17 +126,9 @@ def main_sync_bench(
     data_dir: Path,
     json_path: Path | None = None,
 ) -> int:
-    builders = stream_builders(data_dir, long_events)
-    unknown = [s for s in streams if s not in builders]
-    if unknown:
-        raise StreamFMError(
-            f"unknown bench stream(s) {', '.join(unknown)}; choose from {', '.join(builders)}"
-        )
+    builders = chosen_streams(streams, data_dir, long_events)
     if not workers or min(workers) < 2 or not intervals or min(intervals) < 1:
         raise StreamFMError("bench sync: --workers must be >= 2 and --every >= 1")
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
     decoder = decoder_for(settings)
     rows: list[SyncRow] = []
