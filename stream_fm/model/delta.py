@@ -20,9 +20,13 @@ like Vowpal Wabbit's allreduce). ``stream-fm bench sync`` measures the rules; no
   same place (a young model's intercept, moved by N workers at once, moves N times too far).
 - ``average`` takes the mean move of each weight, latent and the intercept over the workers
   that moved it, and adds the optimizer's sums (every gradient did happen).
-- ``scaled`` scales each worker's move by sqrt(its squared-gradient sum / everyone's), both
-  counted from the shared base: AdaGrad's rate over N times the examples (adagrad and
-  adaptive; the other optimizers have no sums to read and combine by ``sum``).
+- ``share`` weighs each worker's move by its share of the squared-gradient sum, counted from
+  the shared base: (G0 + g_i) / (G0 + sum g). A fresh parameter several workers moved gets the
+  gradient-weighted mean of their moves (it would have ended near each of them); a mature one
+  (G0 large) gets their sum, one worker's move stays whole (adagrad and adaptive; the other
+  optimizers have no sums to read and combine by ``sum``).
+- ``scaled``: the same weights' square roots, AdaGrad's 1/sqrt(G) rate over N times the
+  examples (a fresh parameter N workers moved alike moves sqrt(N) times one move).
 
 >>> import numpy as np
 >>> from stream_fm.model import FastFM, FMParams, SparseExample
@@ -53,8 +57,9 @@ F64 = npt.NDArray[np.float64]
 I32 = npt.NDArray[np.int32]
 Arrays = dict[str, npt.NDArray[Any]]
 
-RULES: Final = ("scaled", "average", "sum")
-#: Optimizers whose squared-gradient sums ``scaled`` reads (the others combine by ``sum``).
+RULES: Final = ("share", "scaled", "average", "sum")
+#: Optimizers whose squared-gradient sums ``share`` and ``scaled`` read (the others combine by
+#: ``sum``).
 SCALED_OPTIMIZERS: Final = ("adagrad", "adaptive")
 #: Per optimizer, the ``lin`` columns that combine by maximum (the others add up).
 MAX_COLUMNS: Final = {"sgd": (), "adagrad": (), "ftrl": (), "adaptive": (kernel.LIN_S,)}
@@ -215,10 +220,11 @@ def combine(
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     buckets = np.unique(np.concatenate([d.buckets for d in deltas])).astype(np.int32)
-    if rule == "scaled":
+    if rule in ("share", "scaled"):
         if base is None:
-            raise ValueError("rule 'scaled' needs the base's squared-gradient sums")
-        return _scaled(deltas, buckets, base(buckets), max_columns, has_acc)
+            raise ValueError(f"rule {rule!r} needs the base's squared-gradient sums")
+        power = 1.0 if rule == "share" else 0.5
+        return _weighted(deltas, buckets, base(buckets), max_columns, has_acc, power)
     n, width, k = len(buckets), deltas[0].lin.shape[1], deltas[0].v.shape[1]
     lin, v = np.zeros((n, width)), np.zeros((n, k))
     v_acc = np.zeros((n if has_acc else 0, k))
@@ -244,19 +250,18 @@ def combine(
     return Delta(buckets, lin, v, v_acc, bias, sum(d.learned for d in deltas))
 
 
-def _scaled(
+def _weighted(
     deltas: Sequence[Delta],
     buckets: I32,
     base: Arrays,
     max_columns: Sequence[int],
     has_acc: bool,
+    power: float,
 ) -> Delta:
-    """Each worker's move of a weight, latent or the intercept, scaled by how large its step
-    was against the step of one learner that had seen every worker's gradients:
-    sqrt((G0 + g_i) / (G0 + sum g)), G0 the shared squared-gradient sum, g_i this worker's part
-    of it. A parameter one worker moved keeps its move (a sum); one that N fresh workers moved
-    alike moves sqrt(N) times one move, as AdaGrad's 1/sqrt(G) rate does over N times the
-    examples; the sums themselves add up."""
+    """Each worker's move of a weight, latent or the intercept, weighted by
+    ((G0 + g_i) / (G0 + sum g)) ** power: G0 the shared squared-gradient sum, g_i this
+    worker's part of the interval's; the sums themselves add up (``share``: power 1,
+    ``scaled``: 1/2)."""
     n, width, k = len(buckets), deltas[0].lin.shape[1], deltas[0].v.shape[1]
     g_lin = np.zeros(n)
     g_acc = np.zeros((n if has_acc else 0, k))
@@ -274,7 +279,7 @@ def _scaled(
     for delta in deltas:
         where = np.searchsorted(buckets, delta.buckets)
         base_n = base["lin"][where, kernel.LIN_N]
-        own = _ratio(base_n + delta.lin[:, kernel.LIN_N], base_n + g_lin[where])
+        own = _ratio(base_n + delta.lin[:, kernel.LIN_N], base_n + g_lin[where], power)
         moved = delta.lin.copy()
         moved[:, kernel.LIN_W] *= own
         lin[np.ix_(where, adds)] += moved[:, adds]
@@ -282,21 +287,22 @@ def _scaled(
             lin[where, column] = np.maximum(lin[where, column], delta.lin[:, column])
         if has_acc:
             base_acc = base["v_acc"][where]
-            v[where] += delta.v * _ratio(base_acc + delta.v_acc, base_acc + g_acc[where])
+            v[where] += delta.v * _ratio(base_acc + delta.v_acc, base_acc + g_acc[where], power)
             v_acc[where] += delta.v_acc
         else:
             v[where] += delta.v
         step = delta.bias.copy()
         step[kernel.B_W0] *= float(
-            _ratio(np.array(n0 + delta.bias[kernel.B_N0]), np.array(n0 + g_bias))
+            _ratio(np.array(n0 + delta.bias[kernel.B_N0]), np.array(n0 + g_bias), power)
         )
         bias += step
     return Delta(buckets, lin, v, v_acc, bias, sum(d.learned for d in deltas))
 
 
-def _ratio(own: F64, total: F64) -> F64:
-    """sqrt(own / total), 1 where nothing was learned."""
-    return np.sqrt(np.divide(own, total, out=np.ones_like(total), where=total > 0))
+def _ratio(own: F64, total: F64, power: float) -> F64:
+    """(own / total) ** power, 1 where nothing was learned."""
+    share = np.divide(own, total, out=np.ones_like(total), where=total > 0)
+    return share if power == 1.0 else np.power(share, power)
 
 
 def exchange(trackers: Sequence[DeltaTracker], rule: str) -> None:
@@ -305,7 +311,7 @@ def exchange(trackers: Sequence[DeltaTracker], rule: str) -> None:
     if len(trackers) == 1:
         return  # no peer: the model stays bit for bit what it learned alone
     first = trackers[0]
-    if rule == "scaled" and first.engine.params.optimizer not in SCALED_OPTIMIZERS:
+    if rule in ("share", "scaled") and first.engine.params.optimizer not in SCALED_OPTIMIZERS:
         rule = "sum"  # no squared-gradient sums to scale by
     combined = combine(deltas, rule, first.max_columns, first.has_acc, first.base_rows)
     for tracker in trackers:

@@ -45,7 +45,7 @@ def test_a_worker_without_peers_is_the_engine_bit_for_bit(optimizer: str) -> Non
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@pytest.mark.parametrize("rule", ["scaled", "average", "sum"])
+@pytest.mark.parametrize("rule", ["share", "scaled", "average", "sum"])
 def test_workers_in_step_hold_one_model_bit_for_bit(optimizer: str, rule: str) -> None:
     workers = [DeltaTracker(FastFM(params(optimizer))) for _ in range(3)]
     for round_ in range(6):
@@ -136,3 +136,20 @@ def test_scaled_needs_the_base() -> None:
     a = DeltaTracker(FastFM(params("adagrad")))
     with pytest.raises(ValueError, match="base"):
         combine([a.take()], "scaled")
+
+
+def test_share_gives_a_shared_fresh_move_the_gradient_weighted_mean() -> None:
+    a, b = (DeltaTracker(FastFM(params("adagrad"))) for _ in range(2))
+    shared = SparseExample(np.array([7], dtype=np.int32), np.ones(1))
+    a.learn_one(shared, 1)
+    b.learn_one(shared, 1)
+    b.learn_one(SparseExample(np.array([9], dtype=np.int32), np.ones(1)), 0)
+    da, db = a.take(), b.take()
+    out = combine([da, db], "share", a.max_columns, a.has_acc, a.base_rows)
+    w, n = kernel.LIN_W, kernel.LIN_N
+    rows = {int(bucket): i for i, bucket in enumerate(out.buckets)}
+    ia, ib = np.searchsorted(da.buckets, 7), np.searchsorted(db.buckets, 7)
+    ga, gb = da.lin[ia, n], db.lin[ib, n]
+    expected = (ga * da.lin[ia, w] + gb * db.lin[ib, w]) / (ga + gb)
+    assert out.lin[rows[7], w] == pytest.approx(expected)
+    assert out.lin[rows[9], w] == db.lin[np.searchsorted(db.buckets, 9), w]
