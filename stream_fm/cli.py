@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ BENCH_STREAMS = (
     "simulated", "simulated-100", "simulated-drift", "simulated-long", "talkingdata",
     "ipinyou", "criteo-10k", "avazu-9k", "criteo-2k", "avazu-3k", "xlearn",
 )  # fmt: skip
+# The real public ad logs: $STREAM_FM_DATA_DIR, else the shared folder beside the checkout.
+DATA_DIR = Path(os.environ.get("STREAM_FM_DATA_DIR") or "../shared/data")
 # Every stream with clicks that come late or labels from a real log; simulated-long is left out
 # (N runs of it per row).
 SYNC_STREAMS = ("simulated", "talkingdata", "ipinyou", "criteo-10k", "avazu-9k")
@@ -203,7 +206,7 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
             "--river-events",
             {"type": int, "default": 20_000, "help": "prefix every engine runs beside river"},
         ),
-        ("--data-dir", {"type": Path, "default": Path("../shared/data"), "help": "real logs"}),
+        ("--data-dir", {"type": Path, "default": DATA_DIR, "help": "real logs"}),
         ("--json", {"type": Path, "help": "write all figures as JSON here"}),
     )
     _add_setting_flags(bench, LEARNING_SETTINGS)
@@ -230,7 +233,7 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         ("--workers", {"default": "2,4", "help": "comma-separated numbers of workers"}),
         ("--every", {"default": "100,1000", "help": "comma-separated events between exchanges"}),
         ("--events", {"type": int, "default": 2_000_000, "help": "events of simulated-long"}),
-        ("--data-dir", {"type": Path, "default": Path("../shared/data"), "help": "real logs"}),
+        ("--data-dir", {"type": Path, "default": DATA_DIR, "help": "real logs"}),
         ("--json", {"type": Path, "help": "write all figures as JSON here"}),
     )
     _add_setting_flags(sync, LEARNING_SETTINGS)

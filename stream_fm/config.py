@@ -34,8 +34,11 @@ from stream_fm.join import LABEL_POLICIES
 from stream_fm.model.params import FMParams, help_text
 
 ENV_PREFIX: Final = "STREAM_FM_"
-# Variables with the prefix that are read elsewhere and are not settings.
-NON_SETTING_ENV: Final = frozenset({"STREAM_FM_KAFKA_CACHE", "STREAM_FM_KAFKA_VERSION"})
+# Variables with the prefix that are read elsewhere and are not settings (the Kafka jars'
+# cache and version; the folder of real ad logs the benchmarks and tests read).
+NON_SETTING_ENV: Final = frozenset(
+    {"STREAM_FM_KAFKA_CACHE", "STREAM_FM_KAFKA_VERSION", "STREAM_FM_DATA_DIR"}
+)
 SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS: Final = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
 KAFKA_CLIENTS: Final = {"kafka-python": "kafka", "confluent": "confluent_kafka"}  # -> module

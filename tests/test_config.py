@@ -72,3 +72,9 @@ def test_every_setting_has_help_and_settings_are_frozen() -> None:
 def test_describe_masks_the_password() -> None:
     settings = load_settings(env={"STREAM_FM_SASL_PASSWORD": "hunter2"})
     assert describe(settings)["sasl_password"] == "***"
+
+
+def test_variables_read_elsewhere_are_not_settings() -> None:
+    """The real logs' folder (tests, benchmarks) and the Kafka jars' cache share the prefix."""
+    env = {"STREAM_FM_DATA_DIR": "/data", "STREAM_FM_KAFKA_CACHE": "/cache", "STREAM_FM_K": "4"}
+    assert load_settings(env=env).model.k == 4

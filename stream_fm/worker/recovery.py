@@ -68,6 +68,9 @@ class Recovery:
         # The rollback target: the last durable state, plus partitions taken over since.
         self.target: Snapshot | None = None
         self.target_path: Path | None = None
+        # The partitions' offsets in the file at target_path itself: a partition resumed from
+        # elsewhere makes the state one no single file holds, until the next checkpoint.
+        self._file_offsets: dict[str, int] = {}
         #: The last checkpoint failure (disk full, read-only); None once one succeeds again.
         self.problem: str | None = None
         #: An exception raised in a rebalance callback (the client swallows them): the loop raises it.
@@ -119,6 +122,7 @@ class Recovery:
         self.pipeline.restore(snapshot.pipeline, partitions=())
         self.applied = dict(snapshot.applied)
         self.target, self.target_path = snapshot.as_start(), path
+        self._file_offsets = dict(snapshot.offsets)
         self._prepare_spare(snapshot.pipeline)
         self.metrics.mark_checkpoint(snapshot.saved_at_s)
         self._audit("restore", path=path.name, offsets=snapshot.offsets, applied=self.applied)
@@ -213,6 +217,9 @@ class Recovery:
             self.io.seek(tp, offset)
             self.offsets[tp] = offset
             self._resumed[tp] = offset
+            if self._file_offsets.get(partition_key(tp)) != offset:
+                # Assembled from several files: the next checkpoint writes it as one.
+                self.dirty = True
             if joiner is not None:
                 self.pipeline.restore_partition(tp[1], joiner)
             if self.target is not None:
@@ -417,6 +424,7 @@ class Recovery:
         else:
             self._prepare_spare(snapshot.pipeline)
         self.target, self.target_path = snapshot, path
+        self._file_offsets = dict(snapshot.offsets)
         self.dirty = self._applied_since_snapshot > 0
         self.checkpoints += 1
         self.metrics.mark_checkpoint(snapshot.saved_at_s)
