@@ -66,7 +66,19 @@ def report(name: str, **figures: object) -> None:
 
 @pytest.mark.slow
 def test_1_kill9_at_20_random_points_keeps_invariant_i(rig: FaultRig, round_seed: int) -> None:
-    seed = round_seed  # FAULT_SEED, plus the round under --repeat (make kill9-rounds)
+    # FAULT_SEED, plus the round under --repeat (make kill9-rounds)
+    kill9_at_20_points(rig, round_seed)
+
+
+@pytest.mark.slow
+def test_1_kill9_with_seed_65_ends_on_a_file_holding_some_partitions(rig: FaultRig) -> None:
+    """Issue 19's loop: with this seed, on both clients, a process that owned only some
+    partitions wrote the newest file and the last one had nothing left to do: the state it
+    ended on was in no single file (now the next checkpoint writes it as one)."""
+    kill9_at_20_points(rig, 65)
+
+
+def kill9_at_20_points(rig: FaultRig, seed: int) -> None:
     print(f"\n[faults] 1 kill -9: seed={seed} client={rig.kafka_client}", flush=True)
     rng = random.Random(seed)
     rig.produce(simulated(30_000, seed=seed))
@@ -91,8 +103,9 @@ def test_1_kill9_at_20_random_points_keeps_invariant_i(rig: FaultRig, round_seed
         print(f"[faults] kill {kill + 1} {plan}: {points[-1]} applied", flush=True)
     drained_s = drain_and_stop(rig)
     verdict = check_invariant(rig)
-    # A kill during Python's start-up comes before the worker's first log line.
-    assert 10 <= verdict.restarts <= 20
+    # A kill during Python's start-up comes before the worker's first log line; how many do
+    # depends on the machine's load, but a quarter of the kills at least hit a working one.
+    assert 5 <= verdict.restarts <= 20
     report(
         "1 kill -9",
         kills=20,
