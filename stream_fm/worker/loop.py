@@ -225,9 +225,12 @@ class Worker:
             [r.partition for r in records],
             now_ms=int(time.time() * 1000),
         )
+        # The state moved: recorded before its outputs leave, so an output never exists for a
+        # batch the apply log does not know (a kill in between would make it an unseen
+        # duplicate); a produce failure rolls the batch back.
+        self.recovery.applied_batch(records)
         careful = self.retry.careful(self.recovery.checkpoints)
         publish(self.io, self.settings, result, records, wait=careful)
-        self.recovery.applied_batch(records)
         self.observer.batch(result, records, time.perf_counter() - started)
 
     def _produce_failed(self, error: ProduceError) -> None:

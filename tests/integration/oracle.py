@@ -239,14 +239,17 @@ def applied_since_start(apply_log: Path) -> int:
     return n
 
 
-def last_checkpoint_offsets(apply_log: Path) -> dict[str, int] | None:
-    """Offsets of the newest checkpoint in ``apply_log``, None before the first."""
+def last_checkpoint_offsets(apply_log: Path, since_start: bool = False) -> dict[str, int] | None:
+    """Offsets of the newest checkpoint in ``apply_log``, None before the first (``since_start``:
+    one the newest process wrote)."""
     if not apply_log.exists():
         return None
     found = None
     for event in read_apply_log(apply_log):
         if event["event"] == "checkpoint":
             found = event["offsets"]
+        elif event["event"] == "start" and since_start:
+            found = None
     return found
 
 

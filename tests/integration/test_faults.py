@@ -46,10 +46,16 @@ def drain_and_stop(rig: FaultRig, timeout_s: float = 120.0) -> float:
     Returns the seconds from start to the first checkpoint covering everything.
     """
     ends = end_offsets(rig.broker, rig.topics["input"])
+    before = starts(rig.apply_log())
     started = time.monotonic()
     proc = rig.start()
+    # Its own checkpoint: the one before may have covered everything already, and a SIGTERM
+    # during Python's start-up ends the process before it can drain.
     wait_until(
-        lambda: last_checkpoint_offsets(rig.apply_log()) == ends,
+        lambda: (
+            starts(rig.apply_log()) > before
+            and last_checkpoint_offsets(rig.apply_log(), since_start=True) == ends
+        ),
         timeout_s,
         "a checkpoint covering the whole input",
         proc,
