@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stream_fm.model import FastFM, FMParams, SparseExample, kernel
-from stream_fm.model.delta import DeltaTracker, combine, exchange
+from stream_fm.model.delta import Delta, DeltaTracker, combine, exchange
 from stream_fm.tools.bench.sync import served_logloss
 
 OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adaptive")
@@ -116,13 +116,19 @@ def test_the_sync_bench_scores_every_prediction_of_every_worker() -> None:
         assert 0.0 < two < 1.0 and np.isfinite(one)
 
 
-def test_scaled_keeps_a_lone_move_and_gives_a_shared_fresh_one_sqrt_n_moves() -> None:
+def shared_and_lone(lone: int) -> tuple[DeltaTracker, Delta, Delta]:
+    """Two AdaGrad workers move bucket 7 alike; worker ``lone`` alone moves bucket 9 too.
+    Returns the first worker and both deltas."""
     a, b = (DeltaTracker(FastFM(params("adagrad"))) for _ in range(2))
     shared = SparseExample(np.array([7], dtype=np.int32), np.ones(1))
     a.learn_one(shared, 1)
     b.learn_one(shared, 1)
-    a.learn_one(SparseExample(np.array([9], dtype=np.int32), np.ones(1)), 0)
-    da, db = a.take(), b.take()
+    (a, b)[lone].learn_one(SparseExample(np.array([9], dtype=np.int32), np.ones(1)), 0)
+    return a, a.take(), b.take()
+
+
+def test_scaled_keeps_a_lone_move_and_gives_a_shared_fresh_one_sqrt_n_moves() -> None:
+    a, da, db = shared_and_lone(lone=0)
     out = combine([da, db], "scaled", a.max_columns, a.has_acc, a.base_rows)
     w = kernel.LIN_W
     rows = {int(bucket): i for i, bucket in enumerate(out.buckets)}
@@ -139,12 +145,7 @@ def test_scaled_needs_the_base() -> None:
 
 
 def test_share_gives_a_shared_fresh_move_the_gradient_weighted_mean() -> None:
-    a, b = (DeltaTracker(FastFM(params("adagrad"))) for _ in range(2))
-    shared = SparseExample(np.array([7], dtype=np.int32), np.ones(1))
-    a.learn_one(shared, 1)
-    b.learn_one(shared, 1)
-    b.learn_one(SparseExample(np.array([9], dtype=np.int32), np.ones(1)), 0)
-    da, db = a.take(), b.take()
+    a, da, db = shared_and_lone(lone=1)
     out = combine([da, db], "share", a.max_columns, a.has_acc, a.base_rows)
     w, n = kernel.LIN_W, kernel.LIN_N
     rows = {int(bucket): i for i, bucket in enumerate(out.buckets)}
