@@ -119,6 +119,19 @@ class Settings:
             "(0: never)"
         ),
     )
+    # One model per group
+    model_updates_topic: str = field(
+        default="",
+        metadata=help_text(
+            "one model per consumer group: every worker publishes what it learned to this topic "
+            "and adds its peers' updates to its model (created at start-up if absent; one "
+            "topic per group); empty = each worker learns only its own partitions"
+        ),
+    )
+    model_sync_interval_ms: int = field(
+        default=1000,
+        metadata=help_text("how often a worker publishes what it learned since it last did"),
+    )
     # Events and features
     max_event_bytes: int = field(
         default=65_536, metadata=help_text("records larger than this go to the dead-letter topic")
@@ -272,6 +285,12 @@ def _validate(s: Settings) -> None:
         "consumer_stall_timeout_s",
         "must be >= 1 (0 turns the watchdog off)",
     )
+    require(
+        s.model_updates_topic not in outputs | set(s.input_topics),
+        "model_updates_topic",
+        "must differ from the input and output topics",
+    )
+    require(s.model_sync_interval_ms >= 10, "model_sync_interval_ms", "must be >= 10")
     require(s.max_event_bytes >= 64, "max_event_bytes", "must be >= 64")
     check_hashing(s.hash_bits, s.hash_seed, s.numeric_transform, s.max_features)
     require(

@@ -65,3 +65,12 @@ class ProduceError(BrokerError):
         self.permanent = permanent
         self.topic = topic
         self.nbytes = nbytes
+
+
+class BadModelUpdate(StreamFMError):
+    """A record of the model-updates topic that is not a usable update (corrupt, truncated, of
+    another format version or of a model of another shape): it is skipped, never applied."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason

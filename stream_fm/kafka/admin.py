@@ -322,6 +322,54 @@ class TopicReader:
         return records
 
 
+class TopicFollower:
+    """Every partition of one topic, read without a group from offsets the caller keeps (the
+    model-updates topic: every worker reads all of it and records where it stands)."""
+
+    def __init__(self, settings: Settings, topic: str, read_committed: bool = False) -> None:
+        self.topic = topic
+        self._reader = TopicReader(
+            settings.bootstrap_servers,
+            settings,
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
+        )
+        self._consumer = self._reader._consumer
+        self._parts: list[TopicPartition] = []
+
+    def start(self, positions: Mapping[int, int], timeout_s: float = 30.0) -> dict[int, int]:
+        """Read from ``positions`` (partition -> next offset; the beginning of a partition
+        not in it). Returns where each partition starts."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not (partitions := self._reader.partitions(self.topic)):
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"topic {self.topic} has no partitions after {timeout_s}s")
+                time.sleep(0.2)
+            self._parts = [TopicPartition(self.topic, p) for p in partitions]
+            self._consumer.assign(self._parts)
+            begin = self._consumer.beginning_offsets(self._parts)
+            started = {}
+            for tp in self._parts:
+                # Retention may have removed what a position points at: the oldest left.
+                at = max(positions.get(tp.partition, 0), int(begin[tp]))
+                self._consumer.seek(tp, at)
+                started[tp.partition] = at
+            return started
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot read {self.topic}: {error}") from error
+
+    def fetch(self, timeout_ms: int, max_records: int) -> list[ConsumedRecord]:
+        """The next records of every partition, each partition's in offset order."""
+        try:
+            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot read {self.topic}: {error}") from error
+        return [_record(r) for batch in batches.values() for r in batch]
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 def _record(r: Any) -> ConsumedRecord:
     return ConsumedRecord(
         r.topic, r.partition, r.offset, r.key, r.value, list(r.headers), int(r.timestamp)

@@ -91,7 +91,9 @@ class DeltaTracker:
         self.max_columns: tuple[int, ...] = MAX_COLUMNS[engine.params.optimizer]
         self.has_acc = self._live()["v_acc"].shape[0] > 0
         self._rows: tuple[str, ...] = ("lin", "v", "v_acc") if self.has_acc else ("lin", "v")
-        self._touched: list[I32] = []
+        # Buckets learned since the last take: a flag per bucket, so memory stays bounded
+        # however long the interval.
+        self._touched = np.zeros(engine.params.n_buckets, dtype=bool)
         self._base = _copy(self._live())
         # The last take: its buckets, their rows before it, and what it counted as learned.
         self._taken: tuple[I32, Arrays, int] | None = None
@@ -113,14 +115,17 @@ class DeltaTracker:
         return self.engine.predict_proba_one(x)
 
     def learn_one(self, x: SparseExample, y: int) -> None:
-        self._touched.append(np.asarray(x.indices, dtype=np.int32))
+        self._touched[np.asarray(x.indices, dtype=np.int64)] = True
         self.engine.learn_one(x, y)
 
     def run_batch(self, batch: OpBatch) -> F64:
         rows = batch.op_row[np.isin(batch.op_kind, LEARN_KINDS)]
-        if rows.size:
-            starts, ends = batch.indptr[rows].tolist(), batch.indptr[rows + 1].tolist()
-            self._touched += [batch.indices[a:b] for a, b in zip(starts, ends, strict=True)]
+        if rows.size:  # the index positions inside the learned rows' ranges, vectorised
+            edges = np.zeros(len(batch.indices) + 1, dtype=np.int64)
+            np.add.at(edges, batch.indptr[rows], 1)
+            np.add.at(edges, batch.indptr[rows + 1], -1)
+            inside = np.cumsum(edges[:-1]) > 0
+            self._touched[batch.indices[inside]] = True
         return self.engine.run_batch(batch)
 
     def state(self, into: Mapping[str, StateValue] | None = None) -> dict[str, StateValue]:
@@ -129,7 +134,8 @@ class DeltaTracker:
     def load_state(self, state: dict[str, StateValue], *, strict: bool = True) -> None:
         """A restored model is the new base."""
         self.engine.load_state(state, strict=strict)
-        self._touched, self._taken = [], None
+        self._touched[:] = False
+        self._taken = None
         self._base = _copy(self._live())
 
     def _live(self) -> Arrays:
@@ -140,9 +146,8 @@ class DeltaTracker:
     def take(self) -> Delta:
         """What was learned since the last ``take`` (or the start, or a restore)."""
         live, base = self._live(), self._base
-        touched = np.concatenate(self._touched) if self._touched else np.zeros(0, np.int32)
-        buckets = np.unique(touched).astype(np.int32)
-        self._touched = []
+        buckets = np.flatnonzero(self._touched).astype(np.int32)
+        self._touched[buckets] = False
         before = {name: base[name][buckets] for name in self._rows}
         before["bias"] = base["bias"].copy()
         learned = int(live["counters"][kernel.C_LEARNED] - base["counters"][kernel.C_LEARNED])
@@ -206,6 +211,10 @@ class DeltaTracker:
         base["bias"][:] = live["bias"]
         base["counters"][:] = live["counters"]
         self._taken = None
+
+    def model_and_base(self) -> tuple[Arrays, Arrays]:
+        """The engine's arrays and the base ``take`` measures from (``rounds`` moves both)."""
+        return self._live(), self._base
 
 
 def combine(

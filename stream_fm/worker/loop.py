@@ -23,7 +23,10 @@ from stream_fm.events import REASONS
 from stream_fm.kafka import KafkaIO, Partition, Record, UnreadableRecord, connect
 from stream_fm.metrics import MetricsServer, WorkerMetrics
 from stream_fm.model.base import Engine
+from stream_fm.model.delta import DeltaTracker
+from stream_fm.model.fast import FastFM
 from stream_fm.pipeline import Pipeline
+from stream_fm.sync import ModelSync, ensure_topic
 from stream_fm.worker.health import Health
 from stream_fm.worker.observe import Observer
 from stream_fm.worker.publish import publish
@@ -42,8 +45,13 @@ class Worker:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry, invalid_reasons=REASONS, version=__version__)
-        self.pipeline = Pipeline.from_settings(settings)
+        tracker = DeltaTracker(FastFM(settings.model)) if settings.model_updates_topic else None
+        self.pipeline = Pipeline.from_settings(settings, engine=tracker)
         self.recovery = Recovery(settings, self.pipeline, self.metrics)
+        self.sync: ModelSync | None = None
+        if tracker is not None:  # one model per group: checkpoints record the updates read
+            self.sync = ModelSync(settings, tracker, self.registry, self.recovery.name)
+            self.recovery.sync = self.sync
         self.retry = Retry()
         self.watchdog = Watchdog(settings.consumer_stall_timeout_s)
         self._consumer_lost = False  # a replacement consumer could not be made yet
@@ -86,7 +94,11 @@ class Worker:
         log.info("metrics, /healthz and /readyz on %s", server.url)
         code = 0
         try:
-            self.io = self.health.io = connect(settings, settings.output_topics)
+            outputs = settings.output_topics
+            if self.sync is not None:
+                ensure_topic(settings)
+                outputs = [*outputs, settings.model_updates_topic]
+            self.io = self.health.io = connect(settings, outputs)
             missing = self.io.wait_for_topics(settings.input_topics, timeout_s=30)
             if missing:
                 log.warning("input topic(s) %s not found yet; waiting", ", ".join(missing))
@@ -147,6 +159,8 @@ class Worker:
                 self.recovery.commit_resumed()
             if records:
                 self._process(records)
+            if self.sync is not None:
+                self.sync.step(self.io)
             self.recovery.settle()
             if self.recovery.checkpoint_due():
                 self.recovery.begin_checkpoint(reason="periodic")
@@ -229,6 +243,8 @@ class Worker:
         # batch the apply log does not know (a kill in between would make it an unseen
         # duplicate); a produce failure rolls the batch back.
         self.recovery.applied_batch(records)
+        if self.sync is not None:
+            self.sync.noted(records)
         careful = self.retry.careful(self.recovery.checkpoints)
         publish(self.io, self.settings, result, records, wait=careful)
         self.observer.batch(result, records, time.perf_counter() - started)

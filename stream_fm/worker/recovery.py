@@ -34,6 +34,7 @@ from stream_fm.errors import (
 from stream_fm.kafka import KafkaIO, Partition, Record
 from stream_fm.metrics import WorkerMetrics
 from stream_fm.pipeline import Pipeline
+from stream_fm.sync import ModelSync
 from stream_fm.worker.snapshot import OFFSETS_KEY, Snapshot, parse_key, partition_key
 from stream_fm.worker.writer import CheckpointWriter
 
@@ -48,14 +49,23 @@ def writer_id() -> str:
 class Recovery:
     """Checkpoints, restore, assignment, revocation, rollback and commits of one worker."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        metrics: WorkerMetrics,
+        sync: ModelSync | None = None,
+    ) -> None:
         self.settings = settings
+        # Model sync: checkpoints record where the model stands in the updates topic.
+        self.sync = sync
         self.pipeline = pipeline
         self.metrics = metrics
+        self.name = writer_id()  # in checkpoint names and on model updates
         self.store = CheckpointStore(
             Path(settings.checkpoint_dir),
             keep=settings.checkpoint_keep,
-            writer=writer_id(),
+            writer=self.name,
             progress_key=OFFSETS_KEY,
         )
         self.apply_log = ApplyLog(settings.apply_log_path) if settings.apply_log_path else None
@@ -113,6 +123,8 @@ class Recovery:
             loaded = self.store.load_latest()
         if loaded is None:
             self._refuse_cold_start()
+            if self.sync is not None:
+                self.sync.start(None)  # a new model: every peer update kept is news to it
             return
         tree, path = loaded
         snapshot = Snapshot.from_tree(tree, str(path))
@@ -120,6 +132,8 @@ class Recovery:
         # (ModelStateMismatch names the difference and stops the start). Partitions are
         # taken from the store at assignment, not from this snapshot.
         self.pipeline.restore(snapshot.pipeline, partitions=())
+        if self.sync is not None:
+            self.sync.start(snapshot.updates)
         self.applied = dict(snapshot.applied)
         self.target, self.target_path = snapshot.as_start(), path
         self._file_offsets = dict(snapshot.offsets)
@@ -340,6 +354,8 @@ class Recovery:
         """Await every acknowledgement, then copy the state: the loop's only pause."""
         assert self.io is not None
         started = time.perf_counter()
+        if self.sync is not None:  # a durable model holds no learning its peers cannot get
+            self.sync.publish(self.io)
         self.io.flush()
         spare = self._spare or self._spare_ready
         self._spare = self._spare_ready = None
@@ -349,6 +365,7 @@ class Recovery:
             pipeline=self.pipeline.state(into=spare),
             offsets={partition_key(tp): offset for tp, offset in self.offsets.items()},
             applied=dict(self.applied),
+            updates=self.sync.checkpoint_positions() if self.sync is not None else {},
         )
         self.metrics.checkpoint_pause_seconds.observe(time.perf_counter() - started)
         self._events_since = 0
@@ -516,6 +533,8 @@ class Recovery:
         assignment = set(self.io.assignment())
         # Only owned partitions: another worker may hold the rest by now.
         self.pipeline.restore(target.pipeline, partitions={p for _, p in assignment})
+        if self.sync is not None:
+            self.sync.rewind(target.updates)
         self.offsets = {}
         self.applied = dict(target.applied)
         for key, offset in target.offsets.items():
@@ -533,6 +552,8 @@ class Recovery:
 
     def close(self) -> None:
         self.writer.take(wait=True)  # never leave a save half-way; its offsets stay uncommitted
+        if self.sync is not None:
+            self.sync.close()
         if self.apply_log is not None:
             self.apply_log.close()
 

@@ -2,7 +2,8 @@
 
 A snapshot holds the pipeline's state (model, accumulators, each owned partition's joiner),
 the owned partitions' next offsets (what the checkpoint covers: the store indexes files by
-them) and the model's applied frontier over every partition it ever learned from.
+them), the model's applied frontier over every partition it ever learned from, and (model
+sync on) where the model stands in the model-updates topic.
 
 >>> s = Snapshot("g", 1.0, {"engine": {}, "evaluator": {}, "partitions": {}}, {"t:0": 5}, {"t:1": 9})
 >>> back = Snapshot.from_tree(s.tree(), "in memory")
@@ -13,7 +14,7 @@ them) and the model's applied frontier over every partition it ever learned from
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from stream_fm.errors import CheckpointCorrupt
@@ -39,6 +40,8 @@ class Snapshot:
     pipeline: dict[str, Any]  # Pipeline.state(): engine, evaluator, partitions
     offsets: dict[str, int]  # "topic:partition" -> next offset, for the owned partitions
     applied: dict[str, int]  # the model's frontier, partitions that moved away included
+    # Model sync: the next update of each model-updates partition the model has not applied.
+    updates: dict[str, int] = field(default_factory=dict)
 
     def tree(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,7 @@ class Snapshot:
             **self.pipeline,
             OFFSETS_KEY: dict(self.offsets),
             "applied": dict(self.applied),
+            "updates": dict(self.updates),
         }
 
     @classmethod
@@ -62,6 +66,7 @@ class Snapshot:
                 pipeline={k: tree[k] for k in ("engine", "evaluator", "partitions")},
                 offsets=offsets,
                 applied={str(k): int(v) for k, v in tree.get("applied", offsets).items()},
+                updates={str(k): int(v) for k, v in tree.get("updates", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CheckpointCorrupt(f"{source}: malformed checkpoint: {error!r}") from error
@@ -75,7 +80,9 @@ class Snapshot:
         """This snapshot as a restart's rollback target: the model only; partitions come from
         the store as they are assigned."""
         pipeline = {**self.pipeline, "partitions": {}}
-        return Snapshot(self.group_id, self.saved_at_s, pipeline, {}, dict(self.applied))
+        return Snapshot(
+            self.group_id, self.saved_at_s, pipeline, {}, dict(self.applied), dict(self.updates)
+        )
 
     def take_over(
         self, partition: Partition, offset: int, joiner: Mapping[str, Any] | None

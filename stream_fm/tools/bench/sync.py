@@ -3,7 +3,8 @@ independent models and as one model kept in step by exchanging increments (``mod
 
 Offline (no Kafka): a stream's events go to 8 partitions by Kafka's default partitioner on the
 impression id, partition ``p`` to worker ``p mod N``; the workers take turns on each
-interval's events, then exchange under each combine rule. Every figure is the served log loss
+interval's events, then exchange under each combine rule, or (``absorb``, what the worker
+does) publish their increments through the wire format for every peer to absorb. Every figure is the served log loss
 of all workers' predictions together (p before learning), as a ratio to one worker on the
 whole stream, so it says what scaling out costs in quality.
 """
@@ -22,11 +23,16 @@ from stream_fm.events import Event
 from stream_fm.kafka.partitioner import key_partitions
 from stream_fm.model.delta import RULES, DeltaTracker, exchange
 from stream_fm.model.fast import FastFM
+from stream_fm.model.rounds import Rounds
 from stream_fm.pipeline import Pipeline, decoder_for
+from stream_fm.sync.peers import shape_of
+from stream_fm.sync.wire import Update, decode, encode
 from stream_fm.tools.bench.model import Stream, chosen_streams, say
 
 PARTITIONS = 8
 INDEPENDENT = "independent"
+ABSORB = "absorb"  # the worker's model sync: published increments absorbed as they come
+WAYS = (*RULES, ABSORB)
 
 
 @dataclass
@@ -54,6 +60,7 @@ def served_logloss(
     they exchange every ``every`` events (None: never, independent models)."""
     trackers = [DeltaTracker(FastFM(settings.model)) for _ in range(workers)]
     pipelines = [Pipeline.from_settings(settings, engine=t) for t in trackers]
+    rounds = [Rounds(t) for t in trackers]
     step = every if rule is not None else max(len(events), 1)
     for start in range(0, len(events), step):
         shares: list[list[tuple[Hashable, Event | None]]] = [[] for _ in pipelines]
@@ -62,7 +69,9 @@ def served_logloss(
         for pipeline, share in zip(pipelines, shares, strict=True):
             if share:
                 pipeline.process_events(share)
-        if rule is not None and workers > 1:
+        if rule == ABSORB and workers > 1:
+            post(rounds, start // step)
+        elif rule is not None and workers > 1:
             exchange(trackers, rule)
     for pipeline in pipelines:
         pipeline.flush()  # the end of a finite stream: every window closes
@@ -70,6 +79,21 @@ def served_logloss(
     if not examples:
         return math.nan
     return sum(p.evaluator.logloss * p.evaluator.examples for p in pipelines) / examples
+
+
+def post(rounds: Sequence[Rounds], round_id: int) -> None:
+    """The worker's way: each publishes its increments through the wire format and every
+    peer absorbs them as they come (``model.rounds``: no shared base, no barrier)."""
+    sent = []
+    for i, one in enumerate(rounds):
+        delta = one.publish(round_id)
+        update = Update(str(i), 0, shape_of(one.tracker), delta, round_id, {})
+        sent.append((i, [decode(part) for part in encode(update, 1 << 20)]))
+    for j, one in enumerate(rounds):
+        for i, parts in sent:
+            if i != j:
+                for part in parts:
+                    one.absorb(part.delta, part.round)
 
 
 def partitioned(stream: Stream) -> list[tuple[int, Event]]:
@@ -94,14 +118,14 @@ def bench_stream(
         for every in intervals:
             say(f"{stream.name}: {n} workers, exchanging every {every:,} events")
             row = SyncRow(stream.name, n, every, one, {INDEPENDENT: independent})
-            for rule in RULES:
+            for rule in WAYS:
                 row.logloss[rule] = served_logloss(events, settings, n, every, rule)
             rows.append(row)
     return rows
 
 
 def format_rows(rows: Sequence[SyncRow]) -> str:
-    ways = (INDEPENDENT, *RULES)
+    ways = (INDEPENDENT, *WAYS)
     head = f"{'stream':<16} {'N':>2} {'every':>7} {'1 worker':>9} " + " ".join(
         f"{w:>12}" for w in ways
     )
@@ -111,7 +135,8 @@ def format_rows(rows: Sequence[SyncRow]) -> str:
         lines.append(f"{r.stream:<16} {r.workers:>2} {r.every:>7,} {r.one_worker:>9.5f} {figures}")
     lines.append(
         "log loss of N workers / 1 worker, served (p before learning), all workers' predictions "
-        "together; independent = no exchange (today's group); sum / average: see model.delta"
+        "together; independent = no exchange (today's group); absorb = the worker's model sync "
+        "(sync.peers); the other rules: see model.delta"
     )
     return "\n".join(lines)
 

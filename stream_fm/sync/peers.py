@@ -1,0 +1,199 @@
+"""``ModelSync``: a worker's side of the one model its group serves.
+
+At every round boundary (``model_sync_interval_ms``, wall-clock aligned) the worker publishes
+what it learned since it last did (its ``DeltaTracker``'s increments, the input ranges they
+cover) to the model-updates topic, and adds every peer's updates to its model as they come,
+weighted within their round (``model.rounds``): no barrier, a slow or dead peer never holds
+anyone up. Kafka is the transport: the topic has one partition,
+so every worker reads every update in one order, and where it stands in the topic goes into
+each checkpoint: a restore (or a rollback) reads the peers' updates again from there.
+
+Before a checkpoint copies the model, the worker publishes what it learned (``publish``), so a
+durable model never holds learning its peers cannot get. With ``transactional_id`` the updates
+go out in the worker's transaction and peers read them ``read_committed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from stream_fm.config import Settings
+from stream_fm.errors import BadModelUpdate, BrokerError
+from stream_fm.kafka import KafkaIO, Record
+from stream_fm.kafka.admin import Admin, ConsumedRecord, TopicFollower
+from stream_fm.model import kernel
+from stream_fm.model.base import SparseExample
+from stream_fm.model.delta import DeltaTracker
+from stream_fm.model.rounds import Rounds
+from stream_fm.sync.metrics import SyncMetrics
+from stream_fm.sync.wire import Shape, Update, decode, encode
+
+log = logging.getLogger("stream_fm.sync")
+
+#: Updates must outlive the checkpoints that point into the topic.
+RETENTION_MS: Final = 7 * 24 * 3600 * 1000
+#: Room left in a record for its key, headers and the client's framing.
+RECORD_OVERHEAD_BYTES: Final = 1024
+#: Peers' update records applied per loop step at most (the rest at the next steps).
+MAX_APPLIED_PER_STEP: Final = 64
+
+
+def ensure_topic(settings: Settings) -> None:
+    """Create the model-updates topic if it does not exist: one partition (one order for
+    every reader), replicated like the cluster allows, kept for a week."""
+    with Admin(settings.bootstrap_servers, settings) as admin:
+        replication = max(1, min(3, admin.live_brokers()))
+        admin.create_topics(
+            [settings.model_updates_topic],
+            partitions=1,
+            replication=replication,
+            configs={"retention.ms": str(RETENTION_MS), "cleanup.policy": "delete"},
+        )
+
+
+def shape_of(tracker: DeltaTracker) -> Shape:
+    params = tracker.engine.params
+    return Shape(
+        params.n_buckets, params.k, params.optimizer, kernel.LIN_WIDTH[params.optimizer],
+        tracker.has_acc,
+    )  # fmt: skip
+
+
+class ModelSync:
+    """Publishes this worker's learning and applies its peers' (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tracker: DeltaTracker,
+        registry: CollectorRegistry,
+        writer: str,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.model_updates_topic
+        self.interval_s = settings.model_sync_interval_ms / 1000
+        self.tracker = tracker
+        self.rounds = Rounds(tracker)
+        self.writer = writer
+        self._key = writer.encode()
+        self.shape = shape_of(tracker)
+        self.metrics = SyncMetrics(registry)
+        self.follower: TopicFollower | None = None
+        self.positions: dict[int, int] = {}  # topic partition -> next update to apply
+        self._covered: dict[str, tuple[int, int]] = {}  # input ranges learned since publish
+        self._seq = 0
+        self._round_published = self.round_now()
+        self._refused: set[str] = set()  # peers whose model shape differs (logged once)
+        rng = np.random.default_rng(20)
+        probe = np.unique(rng.integers(0, self.shape.n_buckets, 16)).astype(np.int32)
+        self._probe = SparseExample(probe, np.ones(len(probe)))
+
+    # where the model stands in the topic
+    def start(self, positions: Mapping[str, int] | None) -> None:
+        """Read peers' updates from ``positions`` (the restored checkpoint's), or from the
+        oldest kept (no checkpoint: the model has none of them)."""
+        if self.follower is None:
+            self.follower = TopicFollower(
+                self.settings, self.topic, read_committed=bool(self.settings.transactional_id)
+            )
+        wanted = {_partition(key): offset for key, offset in (positions or {}).items()}
+        self.positions = self.follower.start(wanted)
+        log.info("model updates from %s at %s", self.topic, self.positions)
+
+    def rewind(self, positions: Mapping[str, int]) -> None:
+        """The model went back to a checkpoint: its peers' updates are read again from there."""
+        self.start(positions)
+
+    def checkpoint_positions(self) -> dict[str, int]:
+        return {f"{self.topic}:{p}": offset for p, offset in self.positions.items()}
+
+    # this worker's learning
+    def noted(self, records: Sequence[Record]) -> None:
+        """A batch was applied: the next update covers its records."""
+        for record in records:
+            key = f"{record.topic}:{record.partition}"
+            first, _ = self._covered.get(key, (record.offset, 0))
+            self._covered[key] = (first, record.offset + 1)
+
+    def publish(self, io: KafkaIO) -> int:
+        """Send what was learned since the last publish; returns the records sent."""
+        round_id = self._round_published = self.round_now()
+        delta = self.rounds.publish(round_id)
+        if not len(delta) and not delta.learned and not np.any(delta.bias != 0):
+            self._covered = {}
+            return 0
+        update = Update(self.writer, self._seq, self.shape, delta, round_id, dict(self._covered))
+        self._covered = {}
+        self._seq += 1
+        limit = io.record_limit_bytes(self.topic) - RECORD_OVERHEAD_BYTES - len(self._key)
+        parts = encode(update, limit)
+        for part in parts:
+            io.send(self.topic, self._key, part)
+            self.metrics.update_bytes.labels(direction="published").inc(len(part))
+        self.metrics.published.inc(len(parts))
+        return len(parts)
+
+    def round_now(self) -> int:
+        """Rounds are wall-clock aligned: every worker's round r is the same interval."""
+        return int(time.time() // self.interval_s)
+
+    # the loop's share
+    def step(self, io: KafkaIO) -> None:
+        """Publish if the interval passed; apply the peers' updates that arrived."""
+        if self.round_now() != self._round_published:
+            self.publish(io)
+            self.metrics.refresh_lag()
+            self.metrics.probe.set(self.tracker.predict_proba_one(self._probe))
+        self.catch_up()
+
+    def catch_up(self, timeout_ms: int = 0) -> int:
+        """Apply the peers' updates that arrived; returns how many records were applied."""
+        if self.follower is None:
+            return 0
+        try:
+            records = self.follower.fetch(timeout_ms, MAX_APPLIED_PER_STEP)
+        except BrokerError as error:
+            log.warning("%s; model updates are read again at the next step", error)
+            return 0
+        applied = 0
+        for record in records:
+            self.positions[record.partition] = record.offset + 1
+            if record.key == self._key:
+                continue  # this worker's own learning is in its model already
+            applied += self._apply(record)
+        return applied
+
+    def _apply(self, record: ConsumedRecord) -> int:
+        value = record.value or b""
+        try:
+            update = decode(value)
+            if update.shape != self.shape:
+                raise BadModelUpdate("other_model", f"{update.shape} is not {self.shape}")
+        except BadModelUpdate as error:
+            self.metrics.rejected.labels(reason=error.reason).inc()
+            peer = (record.key or b"?").decode(errors="replace")
+            if peer not in self._refused:
+                self._refused.add(peer)
+                log.error("skipping model updates of %s at offset %d: %s", peer, record.offset,
+                          error)  # fmt: skip
+            return 0
+        self.rounds.absorb(update.delta, update.round)
+        self.metrics.applied.inc()
+        self.metrics.update_bytes.labels(direction="applied").inc(len(value))
+        self.metrics.peer_update(update.writer, record.timestamp / 1000)
+        return 1
+
+    def close(self) -> None:
+        if self.follower is not None:
+            self.follower.close()
+            self.follower = None
+
+
+def _partition(key: str) -> int:
+    return int(key.rpartition(":")[2])

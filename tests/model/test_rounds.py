@@ -1,0 +1,97 @@
+"""Peers' increments absorbed per round: one round with every worker's increments is the
+synchronous ``share`` exchange, nothing echoes back, and a lone worker is untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream_fm.model import FastFM, SparseExample
+from stream_fm.model.delta import DeltaTracker, exchange
+from stream_fm.model.rounds import Rounds
+from tests.model.test_delta import OPTIMIZERS, examples, params
+
+
+def workers(n: int, optimizer: str) -> list[Rounds]:
+    return [Rounds(DeltaTracker(FastFM(params(optimizer)))) for _ in range(n)]
+
+
+def learn(rounds: list[Rounds], round_: int) -> None:
+    for w, one in enumerate(rounds):
+        for x, y in examples(15, seed=100 * round_ + w):
+            one.tracker.learn_one(x, y)
+
+
+def post(rounds: list[Rounds], round_: int, order: list[int] | None = None) -> None:
+    deltas = [one.publish(round_) for one in rounds]
+    for j, one in enumerate(rounds):
+        for i in order or range(len(rounds)):
+            if i != j:
+                one.absorb(deltas[i], round_)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_absorbing_every_peer_of_a_round_is_the_share_exchange(optimizer: str) -> None:
+    synced = [DeltaTracker(FastFM(params(optimizer))) for _ in range(3)]
+    absorbed = workers(3, optimizer)
+    for round_ in range(5):
+        learn([Rounds(t) for t in synced], round_)
+        exchange(synced, "share")
+        learn(absorbed, round_)
+        post(absorbed, round_)
+        for one in absorbed:
+            for name in ("lin", "v", "v_acc", "bias"):
+                got = one.tracker.engine.live_arrays()[name]
+                want = synced[0].engine.live_arrays()[name]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert all(one.tracker.n_learned == 3 * 5 * 15 for one in absorbed)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_the_order_peers_arrive_in_does_not_matter(optimizer: str) -> None:
+    a, b = workers(3, optimizer), workers(3, optimizer)
+    for round_ in range(3):
+        learn(a, round_)
+        learn(b, round_)
+        post(a, round_, order=[0, 1, 2])
+        post(b, round_, order=[2, 1, 0])
+    for x, y in zip(a, b, strict=True):
+        for name, array in x.tracker.engine.live_arrays().items():
+            np.testing.assert_allclose(array, y.tracker.engine.live_arrays()[name], rtol=1e-9)
+
+
+def test_an_absorbed_increment_never_echoes_back() -> None:
+    a, b = workers(2, "adaptive")
+    learn([a], 0)
+    b.absorb(a.publish(0), 0)
+    assert len(b.publish(1)) == 0  # b learned nothing itself: nothing to send
+    x = SparseExample(np.array([1, 2], dtype=np.int32), np.ones(2))
+    b.tracker.learn_one(x, 1)
+    assert b.publish(2).buckets.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_worker_alone_is_the_engine_bit_for_bit(optimizer: str) -> None:
+    alone = FastFM(params(optimizer))
+    [one] = workers(1, optimizer)
+    for round_ in range(4):
+        for x, y in examples(30, seed=round_):
+            assert alone.predict_proba_one(x) == one.tracker.predict_proba_one(x)
+            alone.learn_one(x, y)
+            one.tracker.learn_one(x, y)
+        one.publish(round_)
+    for name, array in alone.live_arrays().items():
+        assert np.array_equal(array, one.tracker.engine.live_arrays()[name]), name
+
+
+def test_a_late_peer_of_an_older_round_still_counts_once() -> None:
+    a, b = workers(2, "adagrad")
+    learn([a], 0)
+    late = a.publish(0)
+    for round_ in range(1, 7):  # b moves on past what it remembers
+        learn([b], round_)
+        b.publish(round_)
+    before = b.tracker.n_learned
+    b.absorb(late, 0)
+    assert b.tracker.n_learned == before + 15
+    assert np.isfinite(b.tracker.engine.live_arrays()["lin"]).all()
