@@ -212,10 +212,30 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_setting_flags(bench, LEARNING_SETTINGS)
     targets = bench.add_subparsers(
         dest="bench_target",
-        metavar="kafka|sync",
+        metavar="kafka|sync|scale",
         help="`stream-fm bench kafka --help`: the worker on a real broker; `stream-fm bench "
-        "sync --help`: N workers as one model (default: the model benchmark)",
+        "sync --help`: N workers as one model, offline; `stream-fm bench scale --help`: a group "
+        "of N real workers with model sync (default: the model benchmark)",
     )
+    scale = targets.add_parser(
+        "scale",
+        help="one group of N real `stream-fm run` processes on a local broker, with model sync "
+        "and without: served log loss, events/s and update traffic against one worker",
+    )
+    _with_defaults(
+        scale,
+        ("--streams", {"default": ",".join(SYNC_STREAMS), "help": "comma-separated, of: "
+                       + ", ".join(("simulated", *SYNC_STREAMS[1:]))}),
+        ("--workers", {"default": "1,2,4", "help": "comma-separated numbers of workers (1 too)"}),
+        ("--interval-ms", {"type": int, "default": 1000, "help": "model_sync_interval_ms"}),
+        ("--no-independent", {"action": "store_true",
+                              "help": "skip the groups without model sync"}),
+        ("--kafka-client", {"default": "kafka-python", "help": "the workers' kafka_client"}),
+        ("--data-dir", {"type": Path, "default": DATA_DIR, "help": "real logs"}),
+        ("--work-dir", {"type": Path, "default": Path("bench-scale"),
+                        "help": "broker log, worker logs, checkpoints"}),
+        ("--json", {"type": Path, "help": "write all figures as JSON here"}),
+    )  # fmt: skip
     sync = targets.add_parser(
         "sync",
         help="N workers of one group as independent models and as one model kept in step by "
@@ -432,6 +452,19 @@ def _bench(args: argparse.Namespace) -> int:
             scale_out_partitions=args.scale_out_partitions,
         )
         return main_kafka_bench(options, args.json)
+    if getattr(args, "bench_target", None) == "scale":
+        from stream_fm.tools.bench.scale import main_scale_bench
+
+        return main_scale_bench(
+            [s.strip() for s in args.streams.split(",") if s.strip()],
+            _ints(args.workers, "--workers"),
+            interval_ms=args.interval_ms,
+            independent=not args.no_independent,
+            kafka_client=args.kafka_client,
+            data_dir=args.data_dir,
+            work_dir=args.work_dir,
+            json_path=args.json,
+        )
     if getattr(args, "bench_target", None) == "sync":
         from stream_fm.tools.bench.sync import main_sync_bench
 

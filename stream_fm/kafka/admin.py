@@ -358,6 +358,14 @@ class TopicFollower:
         except kafka_errors.KafkaError as error:
             raise BrokerError(f"cannot read {self.topic}: {error}") from error
 
+    def end_offsets(self) -> dict[int, int]:
+        """Each partition's log end (``read_committed``: where the open transactions begin)."""
+        try:
+            ends = self._consumer.end_offsets(self._parts)
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot read the end of {self.topic}: {error}") from error
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+
     def fetch(self, timeout_ms: int, max_records: int) -> list[ConsumedRecord]:
         """The next records of every partition, each partition's in offset order."""
         try:

@@ -43,14 +43,14 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from stream_fm.model import kernel
-from stream_fm.model.base import LEARN_KINDS, OpBatch, SparseExample, StateValue
+from stream_fm.model.base import LEARN_KINDS, OP_SCORE, OpBatch, SparseExample, StateValue
 from stream_fm.model.fast import FastFM
 
 F64 = npt.NDArray[np.float64]
@@ -95,6 +95,9 @@ class DeltaTracker:
         # however long the interval.
         self._touched = np.zeros(engine.params.n_buckets, dtype=bool)
         self._base = _copy(self._live())
+        #: False while records the model learned already (through updates from the topic)
+        #: are processed again: they are scored and joined, their learn steps skipped.
+        self.learning = True
         # The last take: its buckets, their rows before it, and what it counted as learned.
         self._taken: tuple[I32, Arrays, int] | None = None
 
@@ -115,11 +118,17 @@ class DeltaTracker:
         return self.engine.predict_proba_one(x)
 
     def learn_one(self, x: SparseExample, y: int) -> None:
+        if not self.learning:
+            return
         self._touched[np.asarray(x.indices, dtype=np.int64)] = True
         self.engine.learn_one(x, y)
 
     def run_batch(self, batch: OpBatch) -> F64:
-        rows = batch.op_row[np.isin(batch.op_kind, LEARN_KINDS)]
+        learn = np.isin(batch.op_kind, LEARN_KINDS)
+        if not self.learning:  # each learn step becomes the score it starts with
+            kinds = np.where(learn, OP_SCORE, batch.op_kind).astype(np.int8)
+            return self.engine.run_batch(replace(batch, op_kind=kinds))
+        rows = batch.op_row[learn]
         if rows.size:  # the index positions inside the learned rows' ranges, vectorised
             edges = np.zeros(len(batch.indices) + 1, dtype=np.int64)
             np.add.at(edges, batch.indptr[rows], 1)

@@ -8,7 +8,8 @@ the others. Within a round, a weight, a latent or the intercept ends at
     base + sum_i m_i (G0 + g_i) / (G0 + sum_i g_i)
 
 over the increments that arrived so far: ``m_i`` a worker's move, ``g_i`` its part of the
-squared-gradient sum, ``G0`` the sum before the round. A fresh parameter several workers moved
+squared-gradient sum, ``G0`` the sum before the round (the mean of what each worker had: it
+travels with the increments, so every worker computes the same round). A fresh parameter several workers moved
 alike gets the weighted mean of their moves, a mature one (G0 large) their sum, one moved by a
 single worker that worker's move, and a peer that never publishes holds nobody up. The sums
 themselves add up and the maximum columns take the maximum. Every adjustment also moves the
@@ -21,8 +22,8 @@ Optimizers without squared-gradient sums (sgd, ftrl's linear part) add increment
 >>> a, b = (Rounds(DeltaTracker(FastFM(FMParams(n_buckets=64, k=2, seed=1)))) for _ in "ab")
 >>> x = SparseExample(np.array([3, 9], dtype=np.int32), np.ones(2))
 >>> a.tracker.learn_one(x, 1); b.tracker.learn_one(x, 1)  # both move buckets 3 and 9 alike
->>> da, db = a.publish(round_id=0), b.publish(round_id=0)
->>> a.absorb(db, round_id=0); b.absorb(da, round_id=0)
+>>> (da, ga), (db, gb) = a.publish(round_id=0), b.publish(round_id=0)
+>>> a.absorb(db, gb, round_id=0); b.absorb(da, ga, round_id=0)
 >>> w = lambda r: r.tracker.engine.live_arrays()["lin"][3, 0]
 >>> bool(np.isclose(w(a), w(b))), a.tracker.n_learned  # the mean move, both examples counted
 (True, 2)
@@ -46,40 +47,60 @@ I64 = npt.NDArray[np.int64]
 KEEP_ROUNDS: Final = 4
 
 
+@dataclass(frozen=True)
+class Bases:
+    """A worker's squared-gradient sums before its increments (its G0): per touched bucket
+    the linear sum and the latents' mean sum, and the intercept's. They travel with the
+    increments so every worker weighs a round alike."""
+
+    lin: F64
+    acc: F64
+    bias: float
+
+
 @dataclass
 class _Share:
-    """Per parameter of one round: G0, sum m_i (G0 + g_i), G0 + sum g_i, and the part of the
-    model this round contributes now (``cur``)."""
+    """Per parameter of one round, over the increments that arrived: sum of moves, of move
+    times sum, of sums, of G0s, their count, and what the round contributes to the model now."""
 
+    m: F64
+    mg: F64
+    g: F64
     g0: F64
-    a: F64
-    s: F64
+    n: F64
     cur: F64
 
     @classmethod
     def empty(cls, shape: tuple[int, ...]) -> _Share:
-        return cls(*(np.zeros(shape) for _ in range(4)))
+        return cls(*(np.zeros(shape) for _ in range(6)))
 
-    def grow(self, merged: I64, old: I64, new: I64, g0_new: F64) -> _Share:
-        """Rows of ``new`` buckets (sorted ``merged`` = ``old`` + ``new``) start at G0."""
-        shape = (len(merged), *self.g0.shape[1:])
-        out = _Share.empty(shape)
-        at_old, at_new = np.searchsorted(merged, old), np.searchsorted(merged, new)
-        for name in ("g0", "a", "s", "cur"):
-            getattr(out, name)[at_old] = getattr(self, name)
-        out.g0[at_new] = g0_new
-        out.s[at_new] = g0_new
+    def grow(self, merged: I64, old: I64) -> _Share:
+        """Room for the buckets of sorted ``merged`` not in ``old`` (zeros)."""
+        out = _Share.empty((len(merged), *self.m.shape[1:]))
+        at = np.searchsorted(merged, old)
+        for name in ("m", "mg", "g", "g0", "n", "cur"):
+            getattr(out, name)[at] = getattr(self, name)
         return out
 
-    def add(self, rows: I64 | slice, move: F64, g: F64, own: bool) -> F64:
-        """One increment's move and sum at ``rows``; returns how far the model must move."""
+    def add(self, rows: I64 | slice, move: F64, g: F64, g0: F64, own: bool) -> F64:
+        """One increment at ``rows``; returns how far the model must move. The round ends
+        at ``(G0 sum m_i + sum m_i g_i) / (G0 + sum g_i)``, G0 the mean of the workers' G0s:
+        the same on every worker once the same increments arrived."""
         if own:  # the worker's own move is in its model already
             self.cur[rows] += move
-        self.a[rows] += move * (self.g0[rows] + g)
-        self.s[rows] += g
+        self.m[rows] += move
+        self.mg[rows] += move * g
+        self.g[rows] += g
+        self.g0[rows] += g0
+        self.n[rows] += 1
+        g0_mean = self.g0[rows] / self.n[rows]
+        total = g0_mean + self.g[rows]
+        weighted = g0_mean * self.m[rows] + self.mg[rows]
         before = self.cur[rows].copy()
-        summed = before if own else before + move  # no gradient at all: moves add up
-        after = np.divide(self.a[rows], self.s[rows], out=summed, where=self.s[rows] > 0)
+        # No gradient at all (a sum of zero): the moves add up; one move stands as it is
+        # (bit for bit: a worker without peers is the engine alone).
+        after = np.divide(weighted, total, out=self.m[rows].copy(), where=total > 0)
+        after = np.where(self.n[rows] == 1, self.m[rows], after)
         self.cur[rows] = after
         return np.asarray(after - before, dtype=np.float64)
 
@@ -101,59 +122,57 @@ class Rounds:
         self.weighted = tracker.engine.params.optimizer in SCALED_OPTIMIZERS and tracker.has_acc
         self._rounds: dict[int, _Round] = {}
 
-    def publish(self, round_id: int) -> Delta:
-        """This worker's increments since its last publish, counted in round ``round_id``."""
+    def publish(self, round_id: int) -> tuple[Delta, Bases]:
+        """This worker's increments since its last publish, counted in round ``round_id``,
+        and its G0s (peers receive the increments in float32: the workers' models agree to
+        about 1e-7)."""
         delta = self.tracker.take()
-        if self.weighted and len(delta):
-            before = self.tracker.base_rows(delta.buckets)
-            g0 = (
-                before["lin"][:, kernel.LIN_N],
-                before["v_acc"],
-                float(before["bias"][kernel.B_N0]),
-            )
-            self._merge(round_id, delta, g0, own=True)
-        return delta
+        if not self.weighted:  # the moves add up: no sums to weigh them by
+            return delta, Bases(np.zeros(len(delta)), np.zeros(len(delta)), 0.0)
+        before = self.tracker.base_rows(delta.buckets)
+        bases = Bases(
+            before["lin"][:, kernel.LIN_N].astype(np.float64),
+            before["v_acc"].mean(axis=1),
+            float(before["bias"][kernel.B_N0]),
+        )
+        if len(delta):
+            self._merge(round_id, delta, bases, own=True)
+        return delta, bases
 
-    def absorb(self, delta: Delta, round_id: int) -> None:
+    def absorb(self, delta: Delta, bases: Bases, round_id: int) -> None:
         """A peer's increments of round ``round_id``, added to the model (and its base)."""
-        live, _ = self.tracker.model_and_base()
         rows = delta.buckets.astype(np.int64)
         if self.weighted:
-            g0 = (
-                live["lin"][rows, kernel.LIN_N],
-                live["v_acc"][rows],
-                float(live["bias"][kernel.B_N0]),
-            )
-            self._merge(round_id, delta, g0, own=False)
+            self._merge(round_id, delta, bases, own=False)
         else:
             self._move(rows, delta.lin[:, kernel.LIN_W], delta.v, float(delta.bias[kernel.B_W0]))
         self._add_sums(rows, delta)
 
-    def _merge(self, round_id: int, delta: Delta, g0: tuple[F64, F64, float], own: bool) -> None:
-        rnd = self._round(round_id, delta.buckets.astype(np.int64), g0)
+    def _merge(self, round_id: int, delta: Delta, bases: Bases, own: bool) -> None:
+        rnd = self._round(round_id, delta.buckets.astype(np.int64))
         at = np.searchsorted(rnd.buckets, delta.buckets)
-        d_lin = rnd.lin.add(at, delta.lin[:, kernel.LIN_W], delta.lin[:, kernel.LIN_N], own)
-        d_v = rnd.v.add(at, delta.v, delta.v_acc, own)
-        bias = delta.bias
-        d_bias = rnd.bias.add(slice(0, 1), bias[[kernel.B_W0]], bias[[kernel.B_N0]], own)
+        lin, bias = delta.lin, delta.bias
+        d_lin = rnd.lin.add(at, lin[:, kernel.LIN_W], lin[:, kernel.LIN_N], bases.lin, own)
+        d_v = rnd.v.add(at, delta.v, delta.v_acc, bases.acc[:, None], own)
+        d_bias = rnd.bias.add(
+            slice(0, 1), bias[[kernel.B_W0]], bias[[kernel.B_N0]], np.array([bases.bias]), own
+        )
         self._move(delta.buckets.astype(np.int64), d_lin, d_v, float(d_bias[0]))
 
-    def _round(self, round_id: int, buckets: I64, g0: tuple[F64, F64, float]) -> _Round:
+    def _round(self, round_id: int, buckets: I64) -> _Round:
         rnd = self._rounds.get(round_id)
         if rnd is None:
             k = self.tracker.engine.params.k
             rnd = _Round(np.zeros(0, np.int64), _Share.empty((0,)), _Share.empty((0, k)),
                          _Share.empty((1,)))  # fmt: skip
-            rnd.bias.g0[0] = rnd.bias.s[0] = g0[2]
             self._rounds[round_id] = rnd
             while len(self._rounds) > self.keep:
                 del self._rounds[min(self._rounds)]
         fresh = ~np.isin(buckets, rnd.buckets, assume_unique=True)
         if fresh.any():
-            new = buckets[fresh]
-            merged = np.union1d(rnd.buckets, new)
-            rnd.lin = rnd.lin.grow(merged, rnd.buckets, new, g0[0][fresh])
-            rnd.v = rnd.v.grow(merged, rnd.buckets, new, g0[1][fresh])
+            merged = np.union1d(rnd.buckets, buckets[fresh])
+            rnd.lin = rnd.lin.grow(merged, rnd.buckets)
+            rnd.v = rnd.v.grow(merged, rnd.buckets)
             rnd.buckets = merged
         return rnd
 

@@ -40,8 +40,8 @@ log = logging.getLogger("stream_fm.sync")
 RETENTION_MS: Final = 7 * 24 * 3600 * 1000
 #: Room left in a record for its key, headers and the client's framing.
 RECORD_OVERHEAD_BYTES: Final = 1024
-#: Peers' update records applied per loop step at most (the rest at the next steps).
-MAX_APPLIED_PER_STEP: Final = 64
+#: Update records read per loop step at most (the rest at the next steps).
+MAX_PER_STEP: Final = 64
 
 
 def ensure_topic(settings: Settings) -> None:
@@ -115,7 +115,7 @@ class ModelSync:
 
     # this worker's learning
     def noted(self, records: Sequence[Record]) -> None:
-        """A batch was applied: the next update covers its records."""
+        """A batch was learned from: the next update covers its records."""
         for record in records:
             key = f"{record.topic}:{record.partition}"
             first, _ = self._covered.get(key, (record.offset, 0))
@@ -124,11 +124,13 @@ class ModelSync:
     def publish(self, io: KafkaIO) -> int:
         """Send what was learned since the last publish; returns the records sent."""
         round_id = self._round_published = self.round_now()
-        delta = self.rounds.publish(round_id)
+        delta, bases = self.rounds.publish(round_id)
         if not len(delta) and not delta.learned and not np.any(delta.bias != 0):
             self._covered = {}
             return 0
-        update = Update(self.writer, self._seq, self.shape, delta, round_id, dict(self._covered))
+        update = Update(
+            self.writer, self._seq, self.shape, delta, bases, round_id, dict(self._covered)
+        )
         self._covered = {}
         self._seq += 1
         limit = io.record_limit_bytes(self.topic) - RECORD_OVERHEAD_BYTES - len(self._key)
@@ -144,32 +146,61 @@ class ModelSync:
         return int(time.time() // self.interval_s)
 
     # the loop's share
-    def step(self, io: KafkaIO) -> None:
-        """Publish if the interval passed; apply the peers' updates that arrived."""
+    def step(self, io: KafkaIO, applied: dict[str, int]) -> None:
+        """Publish when a round ended; apply the peers' updates that arrived."""
         if self.round_now() != self._round_published:
             self.publish(io)
             self.metrics.refresh_lag()
             self.metrics.probe.set(self.tracker.predict_proba_one(self._probe))
-        self.catch_up()
+        self.catch_up(applied)
 
-    def catch_up(self, timeout_ms: int = 0) -> int:
-        """Apply the peers' updates that arrived; returns how many records were applied."""
+    def split(
+        self, records: Sequence[Record], applied: Mapping[str, int]
+    ) -> tuple[list[Record], list[Record]]:
+        """(learned already, to learn): a record below its partition's applied frontier was
+        learned by the model through an update (a previous owner's, or this worker's before a
+        crash or a rollback): it is processed again without learning."""
+        done: list[Record] = []
+        new: list[Record] = []
+        for record in records:
+            frontier = applied.get(f"{record.topic}:{record.partition}", -1)
+            (done if record.offset < frontier else new).append(record)
+        return done, new
+
+    def catch_up(
+        self, applied: dict[str, int], timeout_ms: int = 0, max_records: int = MAX_PER_STEP
+    ) -> int:
+        """Apply the updates that arrived; returns how many records were applied."""
         if self.follower is None:
             return 0
         try:
-            records = self.follower.fetch(timeout_ms, MAX_APPLIED_PER_STEP)
+            records = self.follower.fetch(timeout_ms, max_records)
         except BrokerError as error:
             log.warning("%s; model updates are read again at the next step", error)
             return 0
-        applied = 0
+        applied_now = 0
         for record in records:
+            applied_now += self._apply(record, applied)
             self.positions[record.partition] = record.offset + 1
-            if record.key == self._key:
-                continue  # this worker's own learning is in its model already
-            applied += self._apply(record)
-        return applied
+        return applied_now
 
-    def _apply(self, record: ConsumedRecord) -> int:
+    def catch_up_to_end(self, applied: dict[str, int], timeout_s: float = 60.0) -> int:
+        """Apply every update published so far: before partitions are processed after a
+        restore, an assignment or a rollback, so what the topic says the group learned of
+        them is never learned again."""
+        assert self.follower is not None
+        deadline = time.monotonic() + timeout_s
+        ends = self.follower.end_offsets()
+        done = 0
+        while any(self.positions.get(p, 0) < end for p, end in ends.items()):
+            if time.monotonic() > deadline:
+                log.warning("model updates not read to their end in %gs: %s of %s",
+                            timeout_s, self.positions, ends)  # fmt: skip
+                break
+            done += self.catch_up(applied, timeout_ms=200, max_records=1000)
+        return done
+
+    def _apply(self, record: ConsumedRecord, applied: dict[str, int]) -> int:
         value = record.value or b""
         try:
             update = decode(value)
@@ -177,22 +208,34 @@ class ModelSync:
                 raise BadModelUpdate("other_model", f"{update.shape} is not {self.shape}")
         except BadModelUpdate as error:
             self.metrics.rejected.labels(reason=error.reason).inc()
-            peer = (record.key or b"?").decode(errors="replace")
-            if peer not in self._refused:
-                self._refused.add(peer)
-                log.error("skipping model updates of %s at offset %d: %s", peer, record.offset,
-                          error)  # fmt: skip
+            self._refuse(record, str(error))
             return 0
-        self.rounds.absorb(update.delta, update.round)
+        if _contained(update.covered, applied) or (not update.covered and record.key == self._key):
+            return 0  # in the model already: this worker's own, or learned before a restore
+        self.rounds.absorb(update.delta, update.bases, update.round)
+        if update.part == update.parts - 1:  # the input it covers is learned, everywhere
+            for key, (_, after) in update.covered.items():
+                applied[key] = max(applied.get(key, 0), after)
         self.metrics.applied.inc()
         self.metrics.update_bytes.labels(direction="applied").inc(len(value))
         self.metrics.peer_update(update.writer, record.timestamp / 1000)
         return 1
 
+    def _refuse(self, record: ConsumedRecord, why: str) -> None:
+        peer = (record.key or b"?").decode(errors="replace")
+        if peer not in self._refused:  # once per writer: a peer of another model keeps coming
+            self._refused.add(peer)
+            log.error("skipping model updates of %s at offset %d: %s", peer, record.offset, why)
+
     def close(self) -> None:
         if self.follower is not None:
             self.follower.close()
             self.follower = None
+
+
+def _contained(covered: Mapping[str, tuple[int, int]], applied: Mapping[str, int]) -> bool:
+    """Every input range the update covers is below the model's applied frontier."""
+    return bool(covered) and all(applied.get(k, -1) >= after for k, (_, after) in covered.items())
 
 
 def _partition(key: str) -> int:

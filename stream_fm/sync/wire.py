@@ -5,17 +5,19 @@ A record is ``HEADER`` (magic ``SFMU``, format version, the model's shape, this 
 and the part count, the writer's sequence number, the round it was published in, examples learned, rows, covered ranges,
 writer name length, CRC-32 of the body), then the body: the writer's name; the input ranges
 the update covers (topic, partition, first offset, next offset); the touched buckets (int32);
-their ``lin``, ``v``, ``v_acc`` increments (float32: an increment needs no more); the
-intercept's increments (float64).
+their ``lin``, ``v``, ``v_acc`` increments and the writer's sums before them (float32: an
+increment needs no more); the intercept's increments and its sum before them (float64).
 An update too large for the topic is split by rows; the intercept and the example count go
 with part 0 only, so the parts can be applied in any order, each once.
 
 >>> import numpy as np
 >>> from stream_fm.model.delta import Delta
+>>> from stream_fm.model.rounds import Bases
 >>> shape = Shape(n_buckets=64, k=2, optimizer="adagrad", lin_width=2, has_acc=True)
 >>> d = Delta(np.array([3, 9], np.int32), np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)),
 ...           np.zeros(5), learned=2)
->>> update = Update("w1", 7, shape, d, 41, {"ad-events:0": (0, 2)})
+>>> g0 = Bases(np.zeros(2), np.zeros(2), 0.0)
+>>> update = Update("w1", 7, shape, d, g0, 41, {"ad-events:0": (0, 2)})
 >>> [part] = encode(update, limit_bytes=1 << 20)
 >>> back = decode(part)
 >>> back.writer, back.round, back.delta.buckets.tolist(), back.covered, back.delta.learned
@@ -36,6 +38,7 @@ import numpy.typing as npt
 from stream_fm.errors import BadModelUpdate
 from stream_fm.model import kernel
 from stream_fm.model.delta import Delta
+from stream_fm.model.rounds import Bases
 
 MAGIC: Final = b"SFMU"
 VERSION: Final = 1
@@ -69,6 +72,7 @@ class Update:
     seq: int
     shape: Shape
     delta: Delta
+    bases: Bases  # the writer's sums before the increments (``model.rounds``)
     round: int  # the wall-clock round it was published in (``model.rounds``)
     covered: Mapping[str, tuple[int, int]]  # "topic:partition" -> (first, next) offset
     part: int = 0
@@ -77,7 +81,7 @@ class Update:
 
 def row_bytes(shape: Shape) -> int:
     """Bytes per touched bucket: its id, lin, v, v_acc and its sum after, in float32."""
-    return 4 + 4 * (shape.lin_width + shape.k * (2 if shape.has_acc else 1))
+    return 4 + 4 * (shape.lin_width + shape.k * (2 if shape.has_acc else 1) + 2)
 
 
 def encode(update: Update, limit_bytes: int) -> list[bytes]:
@@ -129,9 +133,11 @@ def _body(update: Update, start: int, stop: int, with_bias: bool) -> bytes:
         chunks += [struct.pack("<H", len(name)), name, _RANGE.pack(int(partition), first, after)]
     chunks.append(np.ascontiguousarray(d.buckets[rows], dtype="<i4").tobytes())
     arrays = [d.lin[rows], d.v[rows]] + ([d.v_acc[rows]] if update.shape.has_acc else [])
+    arrays += [update.bases.lin[rows], update.bases.acc[rows]]
     chunks += [np.ascontiguousarray(a, dtype="<f4").tobytes() for a in arrays]
     if with_bias:
-        chunks.append(np.ascontiguousarray(d.bias, dtype="<f8").tobytes())
+        bias = np.append(d.bias, update.bases.bias)
+        chunks.append(np.ascontiguousarray(bias, dtype="<f8").tobytes())
     return b"".join(chunks)
 
 
@@ -194,12 +200,16 @@ def _parse(
     v = take("<f4", rows * shape.k).astype(np.float64).reshape(rows, shape.k)
     acc_rows = rows if shape.has_acc else 0
     v_acc = take("<f4", acc_rows * shape.k).astype(np.float64).reshape(acc_rows, shape.k)
-    bias = take("<f8", n_bias).astype(np.float64) if n_bias else np.zeros(kernel.N_BIAS)
+    base_lin = take("<f4", rows).astype(np.float64)
+    base_acc = take("<f4", rows).astype(np.float64)
+    bias = take("<f8", n_bias + 1).astype(np.float64) if n_bias else np.zeros(kernel.N_BIAS + 1)
     if at != len(body):
         raise ValueError(f"{len(body) - at} bytes after the last array")
+    bases = Bases(base_lin, base_acc, float(bias[-1]))
+    bias = bias[:-1]
     if len(bias) != kernel.N_BIAS:
         raise ValueError(f"an intercept of {len(bias)} values, expected {kernel.N_BIAS}")
-    if not all(np.isfinite(a).all() for a in (lin, v, v_acc, bias)):
+    if not all(np.isfinite(a).all() for a in (lin, v, v_acc, bias, base_lin, base_acc, bias)):
         raise ValueError("a value that is not finite")
     delta = Delta(buckets, lin, v, v_acc, bias, learned)
-    return Update(writer, seq, shape, delta, round_id, covered, part, parts)
+    return Update(writer, seq, shape, delta, bases, round_id, covered, part, parts)

@@ -160,7 +160,7 @@ class Worker:
             if records:
                 self._process(records)
             if self.sync is not None:
-                self.sync.step(self.io)
+                self.sync.step(self.io, self.recovery.applied)
             self.recovery.settle()
             if self.recovery.checkpoint_due():
                 self.recovery.begin_checkpoint(reason="periodic")
@@ -232,6 +232,25 @@ class Worker:
             self.metrics.loop_longest_pause_seconds.set(pause_s)
 
     def _process(self, records: Sequence[Record]) -> None:
+        sync = self.sync
+        if sync is None:
+            self._process_part(records)
+            return
+        if self.recovery.sync_pending:  # partitions came: what the group learned of them first
+            sync.catch_up_to_end(self.recovery.applied)
+            self.recovery.sync_pending = False
+        learned, new = sync.split(records, self.recovery.applied)
+        if learned:
+            sync.tracker.learning = False
+            try:
+                self._process_part(learned)
+            finally:
+                sync.tracker.learning = True
+        if new:
+            self._process_part(new)
+            sync.noted(new)
+
+    def _process_part(self, records: Sequence[Record]) -> None:
         assert self.io is not None
         started = time.perf_counter()
         result = self.pipeline.process_columns(
@@ -243,8 +262,6 @@ class Worker:
         # batch the apply log does not know (a kill in between would make it an unseen
         # duplicate); a produce failure rolls the batch back.
         self.recovery.applied_batch(records)
-        if self.sync is not None:
-            self.sync.noted(records)
         careful = self.retry.careful(self.recovery.checkpoints)
         publish(self.io, self.settings, result, records, wait=careful)
         self.observer.batch(result, records, time.perf_counter() - started)

@@ -87,6 +87,9 @@ class Recovery:
         self.fatal: BaseException | None = None
         self.restored = False
         self.rollback_needed = False  # no checkpoint could be written at a revocation
+        # Model sync: partitions were assigned; the updates are read to their end before
+        # any of their records is processed.
+        self.sync_pending = False
         self.dirty = False
         self.checkpoints = 0
         self._committed: dict[str, int | None] = {}  # transactional mode: the group's offsets
@@ -116,15 +119,16 @@ class Recovery:
         self.io = io
         self._audit("start", writer=self.store.writer)
         self.store.fault("restoring")  # a crash here leaves a start with no restore
-        if io.transactional:
-            self._committed = self._group_offsets()
-            loaded = self.store.load_latest(accept=self._transaction_committed)
-        else:
-            loaded = self.store.load_latest()
+        loaded = self._load_latest()
+        if loaded is None and any(o is not None for o in self._group_offsets().values()):
+            # A peer starting at the same time commits only once its first checkpoint is
+            # durable: that checkpoint is in the store now.
+            loaded = self._load_latest()
         if loaded is None:
             self._refuse_cold_start()
             if self.sync is not None:
                 self.sync.start(None)  # a new model: every peer update kept is news to it
+                self.sync.catch_up_to_end(self.applied)
             return
         tree, path = loaded
         snapshot = Snapshot.from_tree(tree, str(path))
@@ -132,9 +136,10 @@ class Recovery:
         # (ModelStateMismatch names the difference and stops the start). Partitions are
         # taken from the store at assignment, not from this snapshot.
         self.pipeline.restore(snapshot.pipeline, partitions=())
+        self.applied = dict(snapshot.applied)
         if self.sync is not None:
             self.sync.start(snapshot.updates)
-        self.applied = dict(snapshot.applied)
+            self.sync.catch_up_to_end(self.applied)
         self.target, self.target_path = snapshot.as_start(), path
         self._file_offsets = dict(snapshot.offsets)
         self._prepare_spare(snapshot.pipeline)
@@ -146,6 +151,13 @@ class Recovery:
             self.pipeline.engine.n_learned,
             self.pipeline.evaluator.examples,
         )
+
+    def _load_latest(self) -> tuple[Any, Path] | None:
+        assert self.io is not None
+        if self.io.transactional:
+            self._committed = self._group_offsets()
+            return self.store.load_latest(accept=self._transaction_committed)
+        return self.store.load_latest()
 
     def _refuse_cold_start(self) -> None:
         assert self.io is not None
@@ -240,6 +252,8 @@ class Recovery:
                 self.target.take_over(tp, offset, joiner)
             self._audit("assign", partition=partition_key(tp), offset=offset, path=source)
         self.restored = True
+        if self.sync is not None and partitions:
+            self.sync_pending = True  # the loop reads the updates to their end first
         log.info("assigned %s", ", ".join(partition_key(tp) for tp in partitions) or "nothing")
         if self.target is None and not self._unanchored:
             # A first generation at once, so a produce failure always has a state to roll back to.
@@ -333,7 +347,12 @@ class Recovery:
         for record in records:
             self.offsets[(record.topic, record.partition)] = record.offset + 1
         # Per batch, not per record: owned partitions' next offsets only grow.
-        self.applied.update({partition_key(tp): offset for tp, offset in self.offsets.items()})
+        if self.sync is None:
+            self.applied.update({partition_key(tp): o for tp, o in self.offsets.items()})
+        else:  # records learned through updates are processed again below the frontier
+            for tp, offset in self.offsets.items():
+                key = partition_key(tp)
+                self.applied[key] = max(self.applied.get(key, 0), offset)
         if self.apply_log is not None:  # the list costs a record's worth of work each
             self._audit("apply", records=[[r.topic, r.partition, r.offset] for r in records])
         self.dirty = True
@@ -533,10 +552,11 @@ class Recovery:
         assignment = set(self.io.assignment())
         # Only owned partitions: another worker may hold the rest by now.
         self.pipeline.restore(target.pipeline, partitions={p for _, p in assignment})
-        if self.sync is not None:
-            self.sync.rewind(target.updates)
         self.offsets = {}
         self.applied = dict(target.applied)
+        if self.sync is not None:  # what was published since comes back from the topic
+            self.sync.rewind(target.updates)
+            self.sync.catch_up_to_end(self.applied)
         for key, offset in target.offsets.items():
             tp = parse_key(key)
             if tp in assignment:

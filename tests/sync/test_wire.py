@@ -11,6 +11,7 @@ import pytest
 from stream_fm.errors import BadModelUpdate
 from stream_fm.model import kernel
 from stream_fm.model.delta import Delta
+from stream_fm.model.rounds import Bases
 from stream_fm.sync.wire import HEADER, Shape, Update, decode, encode, row_bytes
 
 SHAPE = Shape(n_buckets=1 << 12, k=4, optimizer="adaptive", lin_width=4, has_acc=True)
@@ -28,7 +29,8 @@ def update(rows: int = 300, seed: int = 1) -> Update:
         learned=123,
     )
     covered = {"ad-events:0": (10, 400), "ad-events:3": (0, 7)}
-    return Update("host_1_abc", 5, SHAPE, delta, 1_765_000_000, covered)
+    bases = Bases(rng.random(rows) * 9, rng.random(rows), 12.5)
+    return Update("host_1_abc", 5, SHAPE, delta, bases, 1_765_000_000, covered)
 
 
 def test_a_round_trip_keeps_everything_at_float32() -> None:
@@ -41,6 +43,8 @@ def test_a_round_trip_keeps_everything_at_float32() -> None:
     assert got.delta.buckets.tolist() == sent.delta.buckets.tolist()
     assert got.delta.learned == 123
     np.testing.assert_array_equal(got.delta.bias, sent.delta.bias)  # float64
+    assert got.bases.bias == 12.5
+    np.testing.assert_allclose(got.bases.lin, sent.bases.lin, rtol=1e-6)
     for name in ("lin", "v", "v_acc"):
         np.testing.assert_allclose(getattr(got.delta, name), getattr(sent.delta, name), rtol=1e-6)
     assert len(record) <= HEADER.size + 200 + 300 * row_bytes(SHAPE)
@@ -88,7 +92,7 @@ def test_a_damaged_record_is_refused_with_its_reason(
 def test_a_record_whose_rows_do_not_add_up_is_malformed() -> None:
     [record] = encode(update(), 1 << 20)
     fields = list(HEADER.unpack_from(record))
-    fields[12] += 1  # one row more than the body holds (the checksum still matches)
+    fields[13] += 1  # one row more than the body holds (the checksum still matches)
     with pytest.raises(BadModelUpdate) as caught:
         decode(HEADER.pack(*fields) + record[HEADER.size :])
     assert caught.value.reason == "malformed"

@@ -119,15 +119,34 @@ def from_file(
     return Stream(name, about, batches, HOUR_S, delayed)
 
 
+#: The real logs of ``../shared/data``: per stream, what it is and its (path, format) files.
+STREAM_FILES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "talkingdata": ("100k ad clicks joined with app downloads at their real delays",
+                    (("talkingdata/train_sample.sorted.csv", "talkingdata"),)),
+    "ipinyou": ("iPinYou train then test (the test has a quarter of the click rate)",
+                (("ipinyou_deepctr/train.fm.txt", "libsvm"), ("ipinyou_deepctr/test.fm.txt", "libsvm"))),
+    "criteo-10k": ("head of Criteo's Kaggle train.txt (22% clicks)",
+                   (("criteo_kaggle_head10k/train.head10k.tsv", "criteo_tsv"),)),
+    "avazu-9k": ("head of Avazu's Kaggle train.csv (17% clicks)",
+                 (("avazu_head9k/train.head9k.csv", "avazu"),)),
+    "criteo-2k": ("Criteo format sample (2k rows)", (("criteo_3idiots/train.tiny.csv", "criteo"),)),
+    "avazu-3k": ("Avazu format sample (3k rows of one hour)", (("avazu_4idiots/tr.rx.csv", "avazu"),)),
+    "xlearn": ("xLearn's libffm Criteo sample (400 rows)",
+               (("xlearn_criteo/small_train.txt", "libsvm"), ("xlearn_criteo/small_test.txt", "libsvm"))),
+}  # fmt: skip
+
+
+def _file_builder(
+    name: str, about: str, files: list[tuple[Path, str]]
+) -> Callable[[EventDecoder], Stream]:
+    return lambda dec: from_file(name, about, dec, files)
+
+
 def stream_builders(
     data_dir: Path, long_events: int
 ) -> dict[str, Callable[[EventDecoder], Stream]]:
     """Every stream ``stream-fm bench`` knows, by name, in the order it runs them."""
     d = data_dir
-
-    def files(*pairs: tuple[str, str]) -> list[tuple[Path, str]]:
-        return [(d / path, fmt) for path, fmt in pairs]
-
     return {
         "simulated": lambda dec: simulated(
             "simulated",
@@ -150,34 +169,10 @@ def stream_builders(
             f"{long_events:,} events at 10 imp/s ({long_events / 1.03 / 36_000:.0f} windows)",
             dec, n_impressions=round(long_events / 1.03), seed=7,
         ),
-        "talkingdata": lambda dec: from_file(
-            "talkingdata", "100k ad clicks joined with app downloads at their real delays",
-            dec, files(("talkingdata/train_sample.sorted.csv", "talkingdata")),
-        ),
-        "ipinyou": lambda dec: from_file(
-            "ipinyou", "iPinYou train then test (the test has a quarter of the click rate)",
-            dec, files(("ipinyou_deepctr/train.fm.txt", "libsvm"), ("ipinyou_deepctr/test.fm.txt", "libsvm")),
-        ),
-        "criteo-10k": lambda dec: from_file(
-            "criteo-10k", "head of Criteo's Kaggle train.txt (22% clicks)",
-            dec, files(("criteo_kaggle_head10k/train.head10k.tsv", "criteo_tsv")),
-        ),
-        "avazu-9k": lambda dec: from_file(
-            "avazu-9k", "head of Avazu's Kaggle train.csv (17% clicks)",
-            dec, files(("avazu_head9k/train.head9k.csv", "avazu")),
-        ),
-        "criteo-2k": lambda dec: from_file(
-            "criteo-2k", "Criteo format sample (2k rows)",
-            dec, files(("criteo_3idiots/train.tiny.csv", "criteo")),
-        ),
-        "avazu-3k": lambda dec: from_file(
-            "avazu-3k", "Avazu format sample (3k rows of one hour)",
-            dec, files(("avazu_4idiots/tr.rx.csv", "avazu")),
-        ),
-        "xlearn": lambda dec: from_file(
-            "xlearn", "xLearn's libffm Criteo sample (400 rows)",
-            dec, files(("xlearn_criteo/small_train.txt", "libsvm"), ("xlearn_criteo/small_test.txt", "libsvm")),
-        ),
+        **{
+            name: _file_builder(name, about, [(d / path, fmt) for path, fmt in pairs])
+            for name, (about, pairs) in STREAM_FILES.items()
+        },
     }  # fmt: skip
 
 

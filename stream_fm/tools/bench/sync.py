@@ -86,14 +86,14 @@ def post(rounds: Sequence[Rounds], round_id: int) -> None:
     peer absorbs them as they come (``model.rounds``: no shared base, no barrier)."""
     sent = []
     for i, one in enumerate(rounds):
-        delta = one.publish(round_id)
-        update = Update(str(i), 0, shape_of(one.tracker), delta, round_id, {})
+        delta, bases = one.publish(round_id)
+        update = Update(str(i), 0, shape_of(one.tracker), delta, bases, round_id, {})
         sent.append((i, [decode(part) for part in encode(update, 1 << 20)]))
     for j, one in enumerate(rounds):
         for i, parts in sent:
             if i != j:
                 for part in parts:
-                    one.absorb(part.delta, part.round)
+                    one.absorb(part.delta, part.bases, part.round)
 
 
 def partitioned(stream: Stream) -> list[tuple[int, Event]]:

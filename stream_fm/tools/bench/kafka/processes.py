@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from stream_fm.errors import StreamFMError
@@ -43,9 +44,11 @@ class WorkerProcess:
         group_id: str | None = None,
         checkpoint_dir: Path | None = None,
         kafka_client: str = "kafka-python",
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         """``group_id`` and ``checkpoint_dir`` default to ones of this worker alone (from
-        ``name``); pass the same ones to several workers to run them as one group."""
+        ``name``); pass the same ones to several workers to run them as one group.
+        ``extra_env``: more STREAM_FM_* settings."""
         self.name = name
         self.group_id = group_id or f"bench-{name}-{uuid.uuid4().hex[:8]}"
         self.checkpoint_dir = checkpoint_dir or work / f"{name}-checkpoints"
@@ -70,6 +73,7 @@ class WorkerProcess:
         )
         if topics.get("labels"):
             env["STREAM_FM_LABELS_TOPIC"] = topics["labels"]
+        env.update(extra_env or {})
         self.log_path = work / f"{name}.log"
         self._log = self.log_path.open("wb")
         self._terminated = False

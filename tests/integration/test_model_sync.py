@@ -1,0 +1,87 @@
+"""One model per consumer group (issue 20), on the real broker through real ``stream-fm run``
+processes: every worker publishes what it learns to the model-updates topic and applies its
+peers' updates, so every worker of the group counts every example once and serves one model."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stream_fm.audit import read_apply_log
+from stream_fm.sync.wire import decode
+from stream_fm.tools.broker import KafkaBroker
+from tests.integration.oracle import (
+    FaultRig,
+    WorkerProc,
+    committed_offsets,
+    end_offsets,
+    read_topic,
+    simulated,
+    wait_until,
+)
+
+pytestmark = pytest.mark.usefixtures("kafka_client")
+
+
+def sample(proc: WorkerProc, name: str) -> float | None:
+    return proc.metrics().get(name)
+
+
+def owns(rig: FaultRig, name: str) -> bool:
+    """The worker was assigned partitions (its apply log says so)."""
+    log = rig.apply_log(name)
+    return log.exists() and any(e["event"] == "assign" for e in read_apply_log(log))
+
+
+def learned_in_updates(rig: FaultRig, topic: str) -> dict[str, int]:
+    """Examples each writer published as learned, read back from the updates topic."""
+    per_writer: dict[str, int] = {}
+    for record in read_topic(rig.broker, topic):
+        update = decode(record.value)
+        per_writer[update.writer] = per_writer.get(update.writer, 0) + update.delta.learned
+    return per_writer
+
+
+def test_two_workers_serve_one_model_every_example_counted_once_on_each(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
+    rig = FaultRig(
+        kafka_broker,
+        tmp_path,
+        partitions=4,
+        overrides={"model_updates_topic": topic, "model_sync_interval_ms": "200"},
+    )
+    a, b = rig.start("a"), rig.start("b")
+    wait_until(lambda: owns(rig, "a") and owns(rig, "b"), 90, "both workers owning partitions", b)
+    total = rig.produce(simulated(8_000, seed=20, impressions_per_s=200.0))
+    ends = end_offsets(rig.broker, rig.topics["input"])
+
+    def all_committed() -> bool:
+        return committed_offsets(rig.broker, rig.group_id, rig.topics["input"]) == ends
+
+    wait_until(all_committed, 120, f"the group through all {total} records", a)
+
+    def one_model() -> bool:
+        versions = [sample(p, "stream_fm_model_version") for p in (a, b)]
+        published = sum(learned_in_updates(rig, topic).values())
+        return versions[0] == versions[1] == published and published > 0
+
+    wait_until(one_model, 60, "both workers holding every published example", b)
+    writers = learned_in_updates(rig, topic)
+    assert len(writers) == 2 and all(n > 0 for n in writers.values()), writers
+    for proc in (a, b):
+        metrics = proc.metrics()
+        assert metrics["stream_fm_model_updates_published_total"] > 0
+        assert metrics["stream_fm_model_updates_applied_total"] > 0
+        assert metrics['stream_fm_model_update_bytes_total{direction="applied"}'] > 0
+        assert not any(
+            v for k, v in metrics.items() if k.startswith("stream_fm_model_updates_rejected_total")
+        )
+    probes = [sample(p, "stream_fm_model_probe_p") for p in (a, b)]
+    assert None not in probes and abs(probes[0] - probes[1]) < 1e-3, probes  # type: ignore[operator]
+    for proc in (a, b):
+        code, _ = proc.sigterm()
+        assert code == 0, proc.tail()
