@@ -14,6 +14,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from stream_fm.metrics import WorkerMetrics
+from stream_fm.sync.metrics import SyncMetrics
 from stream_fm.tools.dashboard import load_dashboard, panel_queries
 from tests.prometheus_helpers import (
     ALERTS,
@@ -108,6 +109,9 @@ def test_dashboard_and_rules_name_only_exported_metrics() -> None:
         batch_seconds=0.01, impression_to_prediction_s=[0.01], click_delays_s=[1.0]
     )
     metrics.set_lag("events", 0, 0)
+    sync = SyncMetrics(registry)  # model sync on: its metrics join the worker's
+    sync.peer_update("peer", 0.0)
+    sync.refresh_lag(1.0)
     exposed = {sample.name for family in registry.collect() for sample in family.samples}
     exprs = [query.expr for query in panel_queries(load_dashboard(DASHBOARD))]
     groups = yaml.safe_load(ALERTS.read_text())["groups"]

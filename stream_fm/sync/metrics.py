@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from stream_fm.sync.wire import REJECT_REASONS
 
-#: A peer silent this long is dropped from the per-peer lag (writer names change at restarts).
+#: A peer silent this long is dropped from the per-peer lag (writer names change at restarts;
+#: a worker stopped by SIGTERM says so and is dropped at once).
 PEER_FORGET_S = 900.0
 
 
@@ -58,12 +59,15 @@ class SyncMetrics:
     def peer_update(self, peer: str, published_at_s: float) -> None:
         self._newest[peer] = max(self._newest.get(peer, 0.0), published_at_s)
 
+    def forget(self, peer: str) -> None:
+        self._newest.pop(peer, None)
+        with contextlib.suppress(KeyError):
+            self.lag.remove(peer)
+
     def refresh_lag(self, now_s: float | None = None) -> None:
         now = time.time() if now_s is None else now_s
         for peer, at in list(self._newest.items()):
             if now - at > PEER_FORGET_S:
-                del self._newest[peer]
-                with contextlib.suppress(KeyError):
-                    self.lag.remove(peer)
+                self.forget(peer)
             else:
                 self.lag.labels(peer=peer).set(max(now - at, 0.0))

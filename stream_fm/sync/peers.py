@@ -40,6 +40,8 @@ log = logging.getLogger("stream_fm.sync")
 RETENTION_MS: Final = 7 * 24 * 3600 * 1000
 #: Room left in a record for its key, headers and the client's framing.
 RECORD_OVERHEAD_BYTES: Final = 1024
+#: A worker with nothing to publish still sends an empty update this often (sync lag).
+HEARTBEAT_S: Final = 10.0
 #: Update records read per loop step at most (the rest at the next steps).
 MAX_PER_STEP: Final = 64
 
@@ -89,6 +91,10 @@ class ModelSync:
         self._covered: dict[str, tuple[int, int]] = {}  # input ranges learned since publish
         self._seq = 0
         self._round_published = self.round_now()
+        self._sent_at = -HEARTBEAT_S
+        #: Set on the way out (SIGTERM): the next update is this worker's last.
+        self.leaving = False
+        self._said_goodbye = False
         self._refused: set[str] = set()  # peers whose model shape differs (logged once)
         rng = np.random.default_rng(20)
         probe = np.unique(rng.integers(0, self.shape.n_buckets, 16)).astype(np.int32)
@@ -122,17 +128,23 @@ class ModelSync:
             self._covered[key] = (first, record.offset + 1)
 
     def publish(self, io: KafkaIO) -> int:
-        """Send what was learned since the last publish; returns the records sent."""
+        """Send what was learned since the last publish (an empty update now and then, so
+        peers can tell a quiet worker from a lagging one); returns the records sent."""
+        leaving = self.leaving
         round_id = self._round_published = self.round_now()
         delta, bases = self.rounds.publish(round_id)
-        if not len(delta) and not delta.learned and not np.any(delta.bias != 0):
+        empty = not len(delta) and not delta.learned and not np.any(delta.bias != 0)
+        if empty and not leaving and time.monotonic() - self._sent_at < HEARTBEAT_S:
             self._covered = {}
             return 0
+        self._sent_at = time.monotonic()
         update = Update(
-            self.writer, self._seq, self.shape, delta, bases, round_id, dict(self._covered)
-        )
+            self.writer, self._seq, self.shape, delta, bases, round_id, dict(self._covered),
+            leaving=leaving,
+        )  # fmt: skip
         self._covered = {}
         self._seq += 1
+        self._said_goodbye = leaving
         limit = io.record_limit_bytes(self.topic) - RECORD_OVERHEAD_BYTES - len(self._key)
         parts = encode(update, limit)
         for part in parts:
@@ -140,6 +152,15 @@ class ModelSync:
             self.metrics.update_bytes.labels(direction="published").inc(len(part))
         self.metrics.published.inc(len(parts))
         return len(parts)
+
+    def say_goodbye(self, io: KafkaIO) -> None:
+        """On the way out: peers stop reporting this worker's lag. Already said if the final
+        checkpoint published; otherwise an empty update, outside any transaction's reach
+        (with ``transactional_id`` the peers forget this worker after a silence instead)."""
+        if self._said_goodbye or io.transactional:
+            return
+        self.publish(io)
+        io.flush()
 
     def round_now(self) -> int:
         """Rounds are wall-clock aligned: every worker's round r is the same interval."""
@@ -210,6 +231,10 @@ class ModelSync:
             self.metrics.rejected.labels(reason=error.reason).inc()
             self._refuse(record, str(error))
             return 0
+        if update.leaving:
+            self.metrics.forget(update.writer)  # gone on purpose: no lag to report
+        elif record.key != self._key:
+            self.metrics.peer_update(update.writer, record.timestamp / 1000)
         if _contained(update.covered, applied) or (not update.covered and record.key == self._key):
             return 0  # in the model already: this worker's own, or learned before a restore
         self.rounds.absorb(update.delta, update.bases, update.round)
@@ -218,7 +243,6 @@ class ModelSync:
                 applied[key] = max(applied.get(key, 0), after)
         self.metrics.applied.inc()
         self.metrics.update_bytes.labels(direction="applied").inc(len(value))
-        self.metrics.peer_update(update.writer, record.timestamp / 1000)
         return 1
 
     def _refuse(self, record: ConsumedRecord, why: str) -> None:

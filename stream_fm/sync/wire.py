@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
@@ -42,10 +42,13 @@ from stream_fm.model.rounds import Bases
 
 MAGIC: Final = b"SFMU"
 VERSION: Final = 1
-# magic, version, optimizer, lin width, has_acc, k, n_buckets, part, parts, seq, round,
+# magic, version, optimizer, lin width, flags (has_acc, leaving), k, n_buckets, part, parts,
+# seq, round,
 # learned, rows, covered entries, writer bytes, bias length, crc32
 HEADER: Final = struct.Struct("<4sBBBBHIHHQqQIHHBI")
 _RANGE: Final = struct.Struct("<Iqq")
+FLAG_HAS_ACC: Final = 1
+FLAG_LEAVING: Final = 2
 #: Why a record of the topic was skipped (``BadModelUpdate.reason``).
 REJECT_REASONS: Final = (
     "truncated", "not_an_update", "unknown_version", "checksum", "malformed", "other_model"
@@ -77,6 +80,7 @@ class Update:
     covered: Mapping[str, tuple[int, int]]  # "topic:partition" -> (first, next) offset
     part: int = 0
     parts: int = 1
+    leaving: bool = False  # the writer's last update: it stops (SIGTERM)
 
 
 def row_bytes(shape: Shape) -> int:
@@ -107,7 +111,7 @@ def _record(update: Update, start: int, stop: int, part: int, parts: int) -> byt
         VERSION,
         kernel.OPTIMIZER_CODES[s.optimizer],
         s.lin_width,
-        int(s.has_acc),
+        int(s.has_acc) | (FLAG_LEAVING if update.leaving else 0),
         s.k,
         s.n_buckets,
         part,
@@ -156,12 +160,13 @@ def decode(record: bytes) -> Update:
         raise BadModelUpdate("checksum", "the body does not match its CRC-32")
     if opt not in _OPTIMIZERS or part >= parts:
         raise BadModelUpdate("malformed", f"optimizer code {opt}, part {part} of {parts}")
-    shape = Shape(n_buckets, k, _OPTIMIZERS[opt], width, bool(has_acc))
+    shape = Shape(n_buckets, k, _OPTIMIZERS[opt], width, bool(has_acc & FLAG_HAS_ACC))
     try:
         counts = (rows, n_covered, n_writer, n_bias)
-        return _parse(body, shape, counts, seq, round_id, learned, part, parts)
+        update = _parse(body, shape, counts, seq, round_id, learned, part, parts)
     except (ValueError, UnicodeDecodeError, struct.error) as error:
         raise BadModelUpdate("malformed", str(error)) from error
+    return replace(update, leaving=bool(has_acc & FLAG_LEAVING))
 
 
 def _parse(

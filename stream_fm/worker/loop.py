@@ -110,7 +110,11 @@ class Worker:
             while not self._stopping.is_set():
                 self.step()
             try:
+                if self.sync is not None:
+                    self.sync.leaving = True  # the last update tells peers this one stops
                 self.recovery.final_checkpoint()
+                if self.sync is not None:
+                    self.sync.say_goodbye(self.io)
             except (ProduceError, CheckpointError) as error:
                 # Nothing is lost: the next start resumes from the last durable checkpoint.
                 if isinstance(error, ProduceError):

@@ -85,8 +85,11 @@ def test_every_panel_and_rule_evaluates_on_live_data(
         checkpoint_interval_s=5.0,
         # Below the ~10k impressions a 10 s window holds here, so evictions happen too.
         max_pending_impressions=8000,
+        # One model per group: a peer in the group, so the sync panels have data too.
+        model_updates_topic=unique_topic("updates", partitions=1),
+        model_sync_interval_ms=500,
     )
-    with WorkerThread(settings) as running:
+    with WorkerThread(settings) as running, WorkerThread(settings):
         running.wait_for(lambda w: w.server is not None and w.ready()[0], timeout_s=120)
         assert running.worker.server is not None
         metrics_url = f"{running.worker.server.url}/metrics"

@@ -3,8 +3,8 @@ a real broker, with model sync on (and, for comparison, N workers without it: ea
 model, the group before issue 20), over the same log replayed as events.
 
 Each run gets fresh topics (input with 8 partitions), starts its workers, waits until every
-worker owns partitions, then produces the whole log at once (librdkafka when installed) and
-waits until every record was processed. Figures: the served log loss of every final label in
+worker owns partitions, then produces the log (librdkafka when installed) at ``--rate``
+events/s (0: at once, a backlog) and waits until every record was processed. Figures: the served log loss of every final label in
 the labels topic (the p served for the impression before learning, whichever worker served
 it), as a ratio to one worker; events per second from the first record produced to the last
 processed; model-update bytes each worker published per second, and as a share of the input
@@ -161,6 +161,7 @@ def run_group(
     sync: bool,
     *,
     interval_ms: int,
+    rate: float,
     kafka_client: str,
     work: Path,
 ) -> ScaleRun:
@@ -203,8 +204,12 @@ def run_group(
         started = time.monotonic()
         producer = event_producer(broker.bootstrap_servers, _load_client())
         try:
-            for key, value in records:
+            for i, (key, value) in enumerate(records):
                 producer.send(topics["input"], key, value)
+                if rate and i % 100 == 0:  # the stream arrives at ``rate`` events/s
+                    ahead_s = i / rate - (time.monotonic() - started)
+                    if ahead_s > 0:
+                        time.sleep(ahead_s)
             producer.flush(timeout_s=600)
         finally:
             producer.close()
@@ -215,6 +220,7 @@ def run_group(
 
         _wait(processed, DONE_TIMEOUT_S, "processing of every record", procs)
         seconds = time.monotonic() - started
+        time.sleep(2 * interval_ms / 1000 if sync else 0)  # the last round's updates leave
         update_bytes = sum(published_update_bytes(p.url) for p in procs) if sync else 0.0
     finally:
         for proc in procs:
@@ -284,6 +290,7 @@ def main_scale_bench(
     workers: Sequence[int],
     *,
     interval_ms: int,
+    rate: float,
     independent: bool,
     kafka_client: str,
     data_dir: Path,
@@ -309,6 +316,7 @@ def main_scale_bench(
                         n,
                         sync,
                         interval_ms=interval_ms,
+                        rate=rate,
                         kafka_client=kafka_client,
                         work=work_dir,
                     )
