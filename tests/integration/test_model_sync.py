@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,14 @@ pytestmark = pytest.mark.usefixtures("kafka_client")
 
 def sample(proc: WorkerProc, name: str) -> float | None:
     return proc.metrics().get(name)
+
+
+def started(proc: WorkerProc) -> int:
+    """Runs of a worker name that got as far as their metrics server (signals handled)."""
+    try:
+        return proc.log_path.read_text(errors="replace").count("/healthz and /readyz on")
+    except OSError:
+        return 0
 
 
 def owns(rig: FaultRig, name: str) -> bool:
@@ -107,25 +116,58 @@ def test_three_workers_kill9_at_20_points_every_example_learned_once_by_each(
     again; at the end every worker's model counts every example the input holds exactly once
     (as many as one worker alone learns): nothing a crash redid was learned twice anywhere,
     nothing a dead worker published was lost."""
-    rng = random.Random(round_seed)
+    churn(kafka_broker, tmp_path, round_seed, "kill -9", lambda proc: proc.kill9())
+
+
+def test_three_workers_leaving_and_joining_20_times_every_example_learned_once_by_each(
+    kafka_broker: KafkaBroker, tmp_path: Path, round_seed: int
+) -> None:
+    """The same with workers leaving on SIGTERM (their last updates published first) and a
+    new one joining in their place, under load."""
+
+    def leave(proc: WorkerProc) -> None:
+        code, _ = proc.sigterm(timeout_s=60)
+        assert code == 0, proc.tail()
+
+    churn(kafka_broker, tmp_path, round_seed, "SIGTERM", leave, started_first=True)
+
+
+def churn(
+    broker: KafkaBroker,
+    work: Path,
+    seed: int,
+    how: str,
+    stop: Callable[[WorkerProc], None],
+    started_first: bool = False,
+) -> None:
+    """Three workers of one model; 20 times one of them stops (``stop``) at a random moment
+    under load and a new one starts; then every worker's model must count each example once.
+    ``started_first``: the victim is stopped only once its worker runs (a SIGTERM during
+    Python's start-up is a kill, which the kill -9 scenario covers)."""
+    rng = random.Random(seed)
     topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
     rig = FaultRig(
-        kafka_broker,
-        tmp_path,
+        broker,
+        work,
         partitions=6,
         overrides={"model_updates_topic": topic, "model_sync_interval_ms": "200"},
     )
     names = ("a", "b", "c")
     procs = {name: rig.start(name) for name in names}
+    runs = {name: 1 for name in names}
     wait_until(lambda: all(owns(rig, n) for n in names), 120, "three workers owning", procs["c"])
-    events = simulated(30_000, seed=round_seed)
+    events = simulated(30_000, seed=seed)
     plan = []
     for kill in range(20):
         rig.produce(events[kill * 1_500 : (kill + 1) * 1_500])
         time.sleep(rng.uniform(0.2, 3.0))
         victim = rng.choice(names)
-        procs[victim].kill9()
+        if started_first:
+            proc, n = procs[victim], runs[victim]
+            wait_until(lambda p=proc, n=n: started(p) >= n, 60, "the worker started", proc)
+        stop(procs[victim])
         procs[victim] = rig.start(victim)
+        runs[victim] += 1
         plan.append(victim)
     ends = end_offsets(rig.broker, rig.topics["input"])
     wait_until(
@@ -146,4 +188,4 @@ def test_three_workers_kill9_at_20_points_every_example_learned_once_by_each(
     for name in names:
         code, _ = procs[name].sigterm()
         assert code == 0, procs[name].tail()
-    print(f"\n[sync] kill -9 x20 of 3 workers, seed {round_seed}: {plan}; {want} examples")
+    print(f"\n[sync] {how} x20 of 3 workers, seed {seed}: {plan}; {want} examples", flush=True)

@@ -4,6 +4,7 @@ wrong with a record it cannot use."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -96,3 +97,11 @@ def test_a_record_whose_rows_do_not_add_up_is_malformed() -> None:
     with pytest.raises(BadModelUpdate) as caught:
         decode(HEADER.pack(*fields) + record[HEADER.size :])
     assert caught.value.reason == "malformed"
+
+
+def test_a_goodbye_travels_in_the_flags() -> None:
+    sent = replace(update(rows=3), leaving=True)
+    [record] = encode(sent, 1 << 20)
+    got = decode(record)
+    assert got.leaving and got.shape.has_acc
+    assert not decode(encode(update(rows=3), 1 << 20)[0]).leaving
