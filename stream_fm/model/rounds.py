@@ -122,6 +122,10 @@ class Rounds:
         self.weighted = tracker.engine.params.optimizer in SCALED_OPTIMIZERS and tracker.has_acc
         self._rounds: dict[int, _Round] = {}
 
+    def forget(self) -> None:
+        """The model went back to a checkpoint: what the rounds contributed is gone with it."""
+        self._rounds = {}
+
     def publish(self, round_id: int) -> tuple[Delta, Bases]:
         """This worker's increments since its last publish, counted in round ``round_id``,
         and its G0s (peers receive the increments in float32: the workers' models agree to

@@ -108,6 +108,8 @@ class ModelSync:
             self.follower = TopicFollower(
                 self.settings, self.topic, read_committed=bool(self.settings.transactional_id)
             )
+        self.rounds.forget()
+        self._covered = {}  # what was learned since the last publish went with the rollback
         wanted = {_partition(key): offset for key, offset in (positions or {}).items()}
         self.positions = self.follower.start(wanted)
         log.info("model updates from %s at %s", self.topic, self.positions)
