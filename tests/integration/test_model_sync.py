@@ -25,6 +25,7 @@ from tests.integration.oracle import (
     simulated,
     wait_until,
 )
+from tests.integration.test_faults_output import set_topic_config
 
 pytestmark = pytest.mark.usefixtures("kafka_client")
 
@@ -189,3 +190,49 @@ def churn(
         code, _ = procs[name].sigterm()
         assert code == 0, procs[name].tail()
     print(f"\n[sync] {how} x20 of 3 workers, seed {seed}: {plan}; {want} examples", flush=True)
+
+
+def test_rollbacks_under_model_sync_learn_every_example_once_by_each(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """The predictions topic refuses every record for a while: both workers roll back (their
+    model to the last checkpoint, the updates read again from its position) and retry; once
+    it is fixed, each model counts every example once."""
+    topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
+    rig = FaultRig(
+        kafka_broker,
+        tmp_path,
+        partitions=4,
+        overrides={"model_updates_topic": topic, "model_sync_interval_ms": "200"},
+    )
+    a, b = rig.start("a"), rig.start("b")
+    wait_until(lambda: owns(rig, "a") and owns(rig, "b"), 120, "both workers owning", b)
+    events = simulated(9_000, seed=24)
+    rig.produce(events[:3_000])
+    set_topic_config(rig.broker, rig.topics["predictions"], {"max.message.bytes": "60"})
+    rig.produce(events[3_000:6_000])
+
+    def rollbacks() -> float:
+        return sum(p.metrics().get("stream_fm_rollbacks_total", 0.0) for p in (a, b))
+
+    wait_until(lambda: rollbacks() >= 2, 60, "rollbacks while predictions are refused", a)
+    set_topic_config(rig.broker, rig.topics["predictions"], {"max.message.bytes": "1048588"})
+    rig.produce(events[6_000:])
+    ends = end_offsets(rig.broker, rig.topics["input"])
+    wait_until(
+        lambda: committed_offsets(rig.broker, rig.group_id, rig.topics["input"]) == ends,
+        180,
+        "the group through every record",
+        a,
+    )
+    want = reference_learned(rig)
+    deadline = time.monotonic() + 60
+    while [sample(p, "stream_fm_model_version") for p in (a, b)] != [want] * 2:
+        assert time.monotonic() < deadline, (
+            [sample(p, "stream_fm_model_version") for p in (a, b)],
+            want,
+        )
+        time.sleep(0.5)
+    for proc in (a, b):
+        code, _ = proc.sigterm()
+        assert code == 0, proc.tail()
