@@ -405,12 +405,15 @@ def _group_consumer(bootstrap_servers: str, group_id: str) -> Any:
 
 def committed_offsets(bootstrap_servers: str, group_id: str, topic: str) -> dict[str, int | None]:
     """``"topic:partition"`` -> the group's committed offset (None where it has none)."""
-    consumer = _group_consumer(bootstrap_servers, group_id)
     try:
-        parts = sorted(consumer.partitions_for_topic(topic) or ())
-        return {f"{topic}:{p}": consumer.committed(TopicPartition(topic, p)) for p in parts}
-    finally:
-        consumer.close()
+        consumer = _group_consumer(bootstrap_servers, group_id)
+        try:
+            parts = sorted(consumer.partitions_for_topic(topic) or ())
+            return {f"{topic}:{p}": consumer.committed(TopicPartition(topic, p)) for p in parts}
+        finally:
+            consumer.close()
+    except kafka_errors.KafkaError as error:
+        raise BrokerError(f"cannot read group {group_id}'s offsets of {topic}: {error}") from error
 
 
 def commit_offsets(

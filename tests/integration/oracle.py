@@ -35,7 +35,7 @@ import orjson
 from stream_fm.audit import read_apply_log
 from stream_fm.checkpoint import CheckpointStore
 from stream_fm.config import Settings, load_settings
-from stream_fm.errors import InvalidEvent
+from stream_fm.errors import BrokerError, InvalidEvent
 from stream_fm.events import EventDecoder, Impression
 from stream_fm.kafka import admin as kafka_admin
 from stream_fm.kafka.admin import EventProducer
@@ -278,7 +278,15 @@ def end_offsets(broker: KafkaBroker, topic: str) -> dict[str, int]:
 
 
 def committed_offsets(broker: KafkaBroker, group_id: str, topic: str) -> dict[str, int | None]:
-    return kafka_admin.committed_offsets(broker.bootstrap_servers, group_id, topic)
+    """The group's offsets; a connection the loaded broker reset is asked again (3 times)."""
+    for attempt in range(3):
+        try:
+            return kafka_admin.committed_offsets(broker.bootstrap_servers, group_id, topic)
+        except BrokerError:
+            if attempt == 2:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def simulated(n: int, seed: int = 1, impressions_per_s: float = 20.0) -> list[tuple[bytes, bytes]]:

@@ -42,16 +42,46 @@ def started(proc: WorkerProc) -> int:
         return 0
 
 
+def sync_rig(broker: KafkaBroker, work: Path, partitions: int) -> FaultRig:
+    """A fault rig whose workers serve one model (a fresh updates topic, 200 ms rounds)."""
+    topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
+    overrides = {"model_updates_topic": topic, "model_sync_interval_ms": "200"}
+    return FaultRig(broker, work, partitions=partitions, overrides=overrides)
+
+
+def wait_all_committed(rig: FaultRig, proc: WorkerProc, timeout_s: float) -> None:
+    ends = end_offsets(rig.broker, rig.topics["input"])
+    wait_until(
+        lambda: committed_offsets(rig.broker, rig.group_id, rig.topics["input"]) == ends,
+        timeout_s,
+        "the group through every record",
+        proc,
+    )
+
+
+def assert_one_model(rig: FaultRig, procs: list[WorkerProc], timeout_s: float) -> int:
+    """Every worker's model counts the examples one worker alone learns from the input, each
+    once; returns that count."""
+    want = reference_learned(rig)
+    deadline = time.monotonic() + timeout_s
+    while (versions := [sample(p, "stream_fm_model_version") for p in procs]) != [want] * len(
+        procs
+    ):
+        assert time.monotonic() < deadline, f"models at {versions} examples, one worker {want}"
+        time.sleep(0.5)
+    return want
+
+
 def owns(rig: FaultRig, name: str) -> bool:
     """The worker was assigned partitions (its apply log says so)."""
     log = rig.apply_log(name)
     return log.exists() and any(e["event"] == "assign" for e in read_apply_log(log))
 
 
-def learned_in_updates(rig: FaultRig, topic: str) -> dict[str, int]:
+def learned_in_updates(rig: FaultRig) -> dict[str, int]:
     """Examples each writer published as learned, read back from the updates topic."""
     per_writer: dict[str, int] = {}
-    for record in read_topic(rig.broker, topic):
+    for record in read_topic(rig.broker, rig.overrides["model_updates_topic"]):
         update = decode(record.value)
         per_writer[update.writer] = per_writer.get(update.writer, 0) + update.delta.learned
     return per_writer
@@ -60,31 +90,17 @@ def learned_in_updates(rig: FaultRig, topic: str) -> dict[str, int]:
 def test_two_workers_serve_one_model_every_example_counted_once_on_each(
     kafka_broker: KafkaBroker, tmp_path: Path
 ) -> None:
-    topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
-    rig = FaultRig(
-        kafka_broker,
-        tmp_path,
-        partitions=4,
-        overrides={"model_updates_topic": topic, "model_sync_interval_ms": "200"},
-    )
+    rig = sync_rig(kafka_broker, tmp_path, partitions=4)
     a, b = rig.start("a"), rig.start("b")
     wait_until(lambda: owns(rig, "a") and owns(rig, "b"), 90, "both workers owning partitions", b)
     total = rig.produce(simulated(8_000, seed=20, impressions_per_s=200.0))
-    ends = end_offsets(rig.broker, rig.topics["input"])
+    wait_all_committed(rig, a, 120)
+    assert total == 8_000
 
-    def all_committed() -> bool:
-        return committed_offsets(rig.broker, rig.group_id, rig.topics["input"]) == ends
-
-    wait_until(all_committed, 120, f"the group through all {total} records", a)
-
-    def one_model() -> bool:
-        versions = [sample(p, "stream_fm_model_version") for p in (a, b)]
-        published = sum(learned_in_updates(rig, topic).values())
-        return versions[0] == versions[1] == published and published > 0
-
-    wait_until(one_model, 60, "both workers holding every published example", b)
-    writers = learned_in_updates(rig, topic)
+    want = assert_one_model(rig, [a, b], 60)
+    writers = learned_in_updates(rig)  # each example published once, by the one learning it
     assert len(writers) == 2 and all(n > 0 for n in writers.values()), writers
+    assert sum(writers.values()) == want, (writers, want)
     for proc in (a, b):
         metrics = proc.metrics()
         assert metrics["stream_fm_model_updates_published_total"] > 0
@@ -146,13 +162,7 @@ def churn(
     ``started_first``: the victim is stopped only once its worker runs (a SIGTERM during
     Python's start-up is a kill, which the kill -9 scenario covers)."""
     rng = random.Random(seed)
-    topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
-    rig = FaultRig(
-        broker,
-        work,
-        partitions=6,
-        overrides={"model_updates_topic": topic, "model_sync_interval_ms": "200"},
-    )
+    rig = sync_rig(broker, work, partitions=6)
     names = ("a", "b", "c")
     procs = {name: rig.start(name) for name in names}
     runs = {name: 1 for name in names}
@@ -170,22 +180,8 @@ def churn(
         procs[victim] = rig.start(victim)
         runs[victim] += 1
         plan.append(victim)
-    ends = end_offsets(rig.broker, rig.topics["input"])
-    wait_until(
-        lambda: committed_offsets(rig.broker, rig.group_id, rig.topics["input"]) == ends,
-        240,
-        "the group through every record",
-        procs["a"],
-    )
-    want = reference_learned(rig)
-
-    def versions() -> list[float | None]:
-        return [sample(procs[n], "stream_fm_model_version") for n in names]
-
-    deadline = time.monotonic() + 120
-    while versions() != [want] * 3 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert versions() == [want] * 3, f"models at {versions()} examples, one worker alone {want}"
+    wait_all_committed(rig, procs["a"], 240)
+    want = assert_one_model(rig, [procs[n] for n in names], 120)
     for name in names:
         code, _ = procs[name].sigterm()
         assert code == 0, procs[name].tail()
@@ -198,13 +194,7 @@ def test_rollbacks_under_model_sync_learn_every_example_once_by_each(
     """The predictions topic refuses every record for a while: both workers roll back (their
     model to the last checkpoint, the updates read again from its position) and retry; once
     it is fixed, each model counts every example once."""
-    topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
-    rig = FaultRig(
-        kafka_broker,
-        tmp_path,
-        partitions=4,
-        overrides={"model_updates_topic": topic, "model_sync_interval_ms": "200"},
-    )
+    rig = sync_rig(kafka_broker, tmp_path, partitions=4)
     a, b = rig.start("a"), rig.start("b")
     wait_until(lambda: owns(rig, "a") and owns(rig, "b"), 120, "both workers owning", b)
     events = simulated(9_000, seed=24)
@@ -218,21 +208,8 @@ def test_rollbacks_under_model_sync_learn_every_example_once_by_each(
     wait_until(lambda: rollbacks() >= 2, 60, "rollbacks while predictions are refused", a)
     set_topic_config(rig.broker, rig.topics["predictions"], {"max.message.bytes": "1048588"})
     rig.produce(events[6_000:])
-    ends = end_offsets(rig.broker, rig.topics["input"])
-    wait_until(
-        lambda: committed_offsets(rig.broker, rig.group_id, rig.topics["input"]) == ends,
-        180,
-        "the group through every record",
-        a,
-    )
-    want = reference_learned(rig)
-    deadline = time.monotonic() + 60
-    while [sample(p, "stream_fm_model_version") for p in (a, b)] != [want] * 2:
-        assert time.monotonic() < deadline, (
-            [sample(p, "stream_fm_model_version") for p in (a, b)],
-            want,
-        )
-        time.sleep(0.5)
+    wait_all_committed(rig, a, 180)
+    assert_one_model(rig, [a, b], 60)
     for proc in (a, b):
         code, _ = proc.sigterm()
         assert code == 0, proc.tail()
