@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,11 +42,26 @@ def started(proc: WorkerProc) -> int:
         return 0
 
 
-def sync_rig(broker: KafkaBroker, work: Path, partitions: int) -> FaultRig:
-    """A fault rig whose workers serve one model (a fresh updates topic, 200 ms rounds)."""
-    topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
-    overrides = {"model_updates_topic": topic, "model_sync_interval_ms": "200"}
-    return FaultRig(broker, work, partitions=partitions, overrides=overrides)
+SyncRig = Callable[[int], FaultRig]
+
+
+@pytest.fixture
+def sync_rig(kafka_broker: KafkaBroker, tmp_path: Path) -> Iterator[SyncRig]:
+    """``sync_rig(partitions)``: a fault rig whose workers serve one model (a fresh updates
+    topic, 200 ms rounds); its workers are stopped afterwards, whatever the outcome."""
+    made: list[FaultRig] = []
+
+    def make(partitions: int) -> FaultRig:
+        topic = f"sync-{uuid.uuid4().hex[:8]}-updates"
+        overrides = {"model_updates_topic": topic, "model_sync_interval_ms": "200"}
+        made.append(FaultRig(kafka_broker, tmp_path, partitions=partitions, overrides=overrides))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for rig in made:
+            rig.close()
 
 
 def wait_all_committed(rig: FaultRig, proc: WorkerProc, timeout_s: float) -> None:
@@ -88,9 +103,9 @@ def learned_in_updates(rig: FaultRig) -> dict[str, int]:
 
 
 def test_two_workers_serve_one_model_every_example_counted_once_on_each(
-    kafka_broker: KafkaBroker, tmp_path: Path
+    sync_rig: SyncRig,
 ) -> None:
-    rig = sync_rig(kafka_broker, tmp_path, partitions=4)
+    rig = sync_rig(4)
     a, b = rig.start("a"), rig.start("b")
     wait_until(lambda: owns(rig, "a") and owns(rig, "b"), 90, "both workers owning partitions", b)
     total = rig.produce(simulated(8_000, seed=20, impressions_per_s=200.0))
@@ -127,17 +142,17 @@ def reference_learned(rig: FaultRig) -> int:
 
 
 def test_three_workers_kill9_at_20_points_every_example_learned_once_by_each(
-    kafka_broker: KafkaBroker, tmp_path: Path, round_seed: int
+    sync_rig: SyncRig, round_seed: int
 ) -> None:
     """Issue 20's invariant: one of three workers is killed at 20 random points and started
     again; at the end every worker's model counts every example the input holds exactly once
     (as many as one worker alone learns): nothing a crash redid was learned twice anywhere,
     nothing a dead worker published was lost."""
-    churn(kafka_broker, tmp_path, round_seed, "kill -9", lambda proc: proc.kill9())
+    churn(sync_rig(6), round_seed, "kill -9", lambda proc: proc.kill9())
 
 
 def test_three_workers_leaving_and_joining_20_times_every_example_learned_once_by_each(
-    kafka_broker: KafkaBroker, tmp_path: Path, round_seed: int
+    sync_rig: SyncRig, round_seed: int
 ) -> None:
     """The same with workers leaving on SIGTERM (their last updates published first) and a
     new one joining in their place, under load."""
@@ -146,12 +161,11 @@ def test_three_workers_leaving_and_joining_20_times_every_example_learned_once_b
         code, _ = proc.sigterm(timeout_s=60)
         assert code == 0, proc.tail()
 
-    churn(kafka_broker, tmp_path, round_seed, "SIGTERM", leave, started_first=True)
+    churn(sync_rig(6), round_seed, "SIGTERM", leave, started_first=True)
 
 
 def churn(
-    broker: KafkaBroker,
-    work: Path,
+    rig: FaultRig,
     seed: int,
     how: str,
     stop: Callable[[WorkerProc], None],
@@ -162,7 +176,6 @@ def churn(
     ``started_first``: the victim is stopped only once its worker runs (a SIGTERM during
     Python's start-up is a kill, which the kill -9 scenario covers)."""
     rng = random.Random(seed)
-    rig = sync_rig(broker, work, partitions=6)
     names = ("a", "b", "c")
     procs = {name: rig.start(name) for name in names}
     runs = {name: 1 for name in names}
@@ -189,12 +202,12 @@ def churn(
 
 
 def test_rollbacks_under_model_sync_learn_every_example_once_by_each(
-    kafka_broker: KafkaBroker, tmp_path: Path
+    sync_rig: SyncRig,
 ) -> None:
     """The predictions topic refuses every record for a while: both workers roll back (their
     model to the last checkpoint, the updates read again from its position) and retry; once
     it is fixed, each model counts every example once."""
-    rig = sync_rig(kafka_broker, tmp_path, partitions=4)
+    rig = sync_rig(4)
     a, b = rig.start("a"), rig.start("b")
     wait_until(lambda: owns(rig, "a") and owns(rig, "b"), 120, "both workers owning", b)
     events = simulated(9_000, seed=24)
