@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import time
 import urllib.request
 import uuid
@@ -227,6 +228,9 @@ def run_group(
             proc.terminate()
         for proc in procs:
             proc.stop()
+        # A run's checkpoints (about 180 MB per file at the default 2^20 buckets) are not
+        # needed after it: 25 runs would keep tens of GB.
+        shutil.rmtree(work / f"{run}-checkpoints", ignore_errors=True)
     logloss, examples = served_logloss(broker.bootstrap_servers, topics["labels"])
     size = sum(len(v) for _, v in records)
     return ScaleRun(
