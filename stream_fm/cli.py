@@ -227,7 +227,7 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         ("--streams", {"default": ",".join(SYNC_STREAMS), "help": "comma-separated, of: "
                        + ", ".join(("simulated", *SYNC_STREAMS[1:]))}),
         ("--workers", {"default": "1,2,4", "help": "comma-separated numbers of workers (1 too)"}),
-        ("--interval-ms", {"type": int, "default": 1000, "help": "model_sync_interval_ms"}),
+        ("--interval-ms", {"type": int, "default": 200, "help": "model_sync_interval_ms"}),
         ("--rate", {"type": float, "default": 0.0,
                     "help": "events/s the log arrives at (0: all at once, a backlog)"}),
         ("--no-independent", {"action": "store_true",

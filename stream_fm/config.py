@@ -129,8 +129,11 @@ class Settings:
         ),
     )
     model_sync_interval_ms: int = field(
-        default=1000,
-        metadata=help_text("how often a worker publishes what it learned since it last did"),
+        default=200,
+        metadata=help_text(
+            "how often a worker publishes what it learned since it last did (wall-clock "
+            "rounds; shorter keeps young models closer to one worker's, longer sends less)"
+        ),
     )
     # Events and features
     max_event_bytes: int = field(
