@@ -366,6 +366,14 @@ class TopicFollower:
             raise BrokerError(f"cannot read the end of {self.topic}: {error}") from error
         return {tp.partition: int(offset) for tp, offset in ends.items()}
 
+    def positions(self) -> dict[int, int]:
+        """Each partition's next offset to read: past transaction markers and aborted
+        records too, which never come out as records."""
+        try:
+            return {tp.partition: int(self._consumer.position(tp)) for tp in self._parts}
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot read positions in {self.topic}: {error}") from error
+
     def fetch(self, timeout_ms: int, max_records: int) -> list[ConsumedRecord]:
         """The next records of every partition, each partition's in offset order."""
         try:

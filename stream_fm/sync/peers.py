@@ -205,6 +205,12 @@ class ModelSync:
         for record in records:
             applied_now += self._apply(record, applied)
             self.positions[record.partition] = record.offset + 1
+        if len(records) < max_records:  # all read: past markers and aborted records too
+            try:
+                for partition, at in self.follower.positions().items():
+                    self.positions[partition] = max(self.positions.get(partition, 0), at)
+            except BrokerError as error:
+                log.warning("%s; model updates are read again at the next step", error)
         return applied_now
 
     def catch_up_to_end(self, applied: dict[str, int], timeout_s: float = 60.0) -> int:

@@ -188,16 +188,17 @@ class FaultRig:
         fault_step: str = "",
         fault_nth: int = 1,
         wedge_after: int = 0,
+        own: Mapping[str, str] | None = None,
     ) -> WorkerProc:
         """A worker process; ``fault_step``/``fault_nth`` and ``wedge_after``: see
-        fault_worker.py."""
+        fault_worker.py; ``own``: settings of this worker only (a transactional id)."""
         port = free_ports("127.0.0.1", 1)[0]
         fault = {"FAULT_STEP": fault_step, "FAULT_NTH": str(fault_nth)} if fault_step else {}
         if wedge_after:
             fault["FAULT_WEDGE_AFTER"] = str(wedge_after)
-        proc = WorkerProc(
-            self.env(self.apply_log(name), port), self.work / f"{name or self.name}.log", fault
-        )
+        env = self.env(self.apply_log(name), port)
+        env.update({f"STREAM_FM_{k.upper()}": v for k, v in (own or {}).items()})
+        proc = WorkerProc(env, self.work / f"{name or self.name}.log", fault)
         self.processes.append(proc)
         return proc
 

@@ -226,3 +226,19 @@ def test_rollbacks_under_model_sync_learn_every_example_once_by_each(
     for proc in (a, b):
         code, _ = proc.sigterm()
         assert code == 0, proc.tail()
+
+
+def test_two_transactional_workers_serve_one_model(sync_rig: SyncRig) -> None:
+    """With ``transactional_id`` the updates go out in each worker's transactions and are read
+    ``read_committed``: each model still counts every example once."""
+    rig = sync_rig(4)
+    run = uuid.uuid4().hex[:8]
+    a = rig.start("a", own={"transactional_id": f"sync-{run}-a"})
+    b = rig.start("b", own={"transactional_id": f"sync-{run}-b"})
+    wait_until(lambda: owns(rig, "a") and owns(rig, "b"), 120, "both workers owning", b)
+    rig.produce(simulated(8_000, seed=25, impressions_per_s=200.0))
+    wait_all_committed(rig, a, 180)
+    assert_one_model(rig, [a, b], 90)
+    for proc in (a, b):
+        code, _ = proc.sigterm()
+        assert code == 0, proc.tail()
