@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import ssl
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -93,10 +94,51 @@ class Settings:
         default="", metadata=help_text("PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI")
     )
     sasl_username: str = field(default="", metadata=help_text("SASL user name"))
-    sasl_password: str = field(default="", metadata=help_text("SASL password"))
-    ssl_cafile: str = field(default="", metadata=help_text("CA bundle for SSL"))
-    ssl_certfile: str = field(default="", metadata=help_text("client certificate for SSL"))
-    ssl_keyfile: str = field(default="", metadata=help_text("client key for SSL"))
+    sasl_password: str = field(
+        default="",
+        repr=False,
+        metadata=help_text("SASL password (prefer sasl_password_file: a flag shows in ps)"),
+    )
+    sasl_password_file: str = field(
+        default="",
+        metadata=help_text(
+            "file holding the SASL password (a mounted Secret); read at start and again after "
+            "an authentication failure, so a rotated Secret takes effect without a restart"
+        ),
+    )
+    ssl_cafile: str = field(
+        default="", metadata=help_text("CA bundle for SSL (empty: the system's CAs)")
+    )
+    ssl_certfile: str = field(
+        default="", metadata=help_text("client certificate for mutual TLS (PEM)")
+    )
+    ssl_keyfile: str = field(default="", metadata=help_text("client key for mutual TLS (PEM)"))
+    ssl_key_password: str = field(
+        default="",
+        repr=False,
+        metadata=help_text("password of an encrypted ssl_keyfile (prefer ssl_key_password_file)"),
+    )
+    ssl_key_password_file: str = field(
+        default="",
+        metadata=help_text("file holding ssl_key_password; read like sasl_password_file"),
+    )
+    ssl_insecure_skip_hostname_check: bool = field(
+        default=False,
+        metadata=help_text("INSECURE: accept a broker certificate issued for another host name"),
+    )
+    ssl_insecure_skip_verify: bool = field(
+        default=False,
+        metadata=help_text(
+            "INSECURE: accept any broker certificate (no CA and no host name check)"
+        ),
+    )
+    auth_failure_exit_s: float = field(
+        default=300.0,
+        metadata=help_text(
+            "a refusal by the cluster (authentication, certificate or ACL) that lasts this long "
+            "ends the worker with exit code 3, so an orchestrator shows it; 0 = never"
+        ),
+    )
     poll_timeout_ms: int = field(
         default=200, metadata=help_text("longest wait for records in one poll")
     )
@@ -279,6 +321,17 @@ def _validate(s: Settings) -> None:
     for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         path = getattr(s, name)
         require(not path or Path(path).is_file(), name, f"file not found: {path}")
+        require(not path or os.access(path, os.R_OK), name, f"cannot read {path}")
+    require(
+        bool(s.ssl_certfile) == bool(s.ssl_keyfile),
+        "ssl_keyfile" if s.ssl_certfile else "ssl_certfile",
+        "mutual TLS needs both ssl_certfile and ssl_keyfile",
+    )
+    require(
+        math.isfinite(s.auth_failure_exit_s) and s.auth_failure_exit_s >= 0,
+        "auth_failure_exit_s",
+        "must be >= 0 (0: never exit)",
+    )
     require(s.poll_timeout_ms >= 0, "poll_timeout_ms", "must be >= 0")
     require(s.max_poll_records >= 1, "max_poll_records", "must be >= 1")
     require(s.session_timeout_ms >= 1000, "session_timeout_ms", "must be >= 1000")
@@ -460,7 +513,62 @@ def build_settings(chosen: Mapping[str, Any]) -> Settings:
     except TypeError as error:
         raise ConfigError("model", str(error)) from None
     top = {k: v for k, v in chosen.items() if not SPECS[k].in_model}
-    return Settings(model=model, **top)
+    for name in SECRETS:
+        if top.get(name) and top.get(f"{name}_file"):
+            raise ConfigError(f"{name}_file", f"give {name} or {name}_file, not both")
+    settings = read_secret_files(Settings(model=model, **top))
+    check_tls_files(settings)
+    return settings
+
+
+def check_tls_files(settings: Settings) -> None:
+    """Load the CA bundle and the client key as the clients will, so a file that is not PEM
+    or a wrong key password fails at start-up naming its setting, not at the first connect."""
+    if not settings.security_protocol.endswith("SSL"):
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if settings.ssl_cafile:
+        try:
+            context.load_verify_locations(settings.ssl_cafile)
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(
+                "ssl_cafile", f"{settings.ssl_cafile} holds no usable PEM certificate ({error})"
+            ) from None
+    if settings.ssl_certfile:
+        try:
+            context.load_cert_chain(
+                settings.ssl_certfile, settings.ssl_keyfile, lambda: settings.ssl_key_password
+            )
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(
+                "ssl_keyfile",
+                f"cannot load {settings.ssl_certfile} with {settings.ssl_keyfile}: not a "
+                f"matching PEM certificate and key, or a wrong ssl_key_password ({error})",
+            ) from None
+
+
+#: Settings that are secrets: never shown, each may come from a file ``<name>_file``
+#: (``STREAM_FM_<NAME>_FILE``, the convention of Docker and Kubernetes secrets).
+SECRETS: Final = ("sasl_password", "ssl_key_password")
+
+
+def read_secret_files(settings: Settings) -> Settings:
+    """``settings`` with each secret read from its ``*_file`` (again: after a refusal, a
+    rotated Secret is picked up this way). One trailing newline is not part of the secret."""
+    values: dict[str, Any] = {}
+    for name in SECRETS:
+        path = getattr(settings, f"{name}_file")
+        if not path:
+            continue
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or type(error).__name__
+            raise ConfigError(f"{name}_file", f"cannot read {path}: {reason}") from None
+        values[name] = text[:-1] if text.endswith("\n") else text
+        if not values[name]:
+            raise ConfigError(f"{name}_file", f"{path} is empty")
+    return dataclasses.replace(settings, **values) if values else settings
 
 
 def _flatten_toml(document: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -478,5 +586,5 @@ def describe(settings: Settings) -> dict[str, Any]:
     for spec in SPECS.values():
         owner: Any = settings.model if spec.in_model else settings
         value = getattr(owner, spec.name)
-        out[spec.name] = "***" if spec.name == "sasl_password" and value else value
+        out[spec.name] = "***" if spec.name in SECRETS and value else value
     return out

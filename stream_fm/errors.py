@@ -74,3 +74,13 @@ class BadModelUpdate(StreamFMError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+class ClusterRefused(BrokerError):
+    """The cluster refused this worker: ``cause`` is authentication, certificate or
+    authorization; the message names the setting or the ACL to fix."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(f"refused by the cluster ({cause}): {detail}")
+        self.cause = cause
+        self.detail = detail

@@ -16,12 +16,27 @@ from typing import Any, NamedTuple, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kafka_errors
-from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
+from kafka.admin import (
+    ACL,
+    ACLFilter,
+    ACLOperation,
+    ACLPermissionType,
+    ACLResourcePatternType,
+    ConfigResource,
+    ConfigResourceType,
+    KafkaAdminClient,
+    NewTopic,
+    ResourcePattern,
+    ResourcePatternFilter,
+    ResourceType,
+    UserScramCredentialUpsertion,
+)
 from kafka.structs import OffsetAndMetadata
 
 from stream_fm.config import Settings
 from stream_fm.errors import BrokerError, ProduceError
 from stream_fm.kafka import lenient  # noqa: F401 - readable header keys, see there
+from stream_fm.kafka.acls import AclNeed
 from stream_fm.kafka.settings import client_setting, security_config
 
 log = logging.getLogger("stream_fm.kafka")
@@ -119,6 +134,45 @@ class Admin:
         entry = described.get("topic", {}).get(topic, {}).get(name)
         value = entry.get("value") if isinstance(entry, dict) else entry
         return None if value is None else str(value)
+
+    def grant(self, principal: str, needs: Iterable[AclNeed]) -> None:
+        """ALLOW ``principal`` (``User:name``) each need, from any host."""
+        acls = [
+            ACL(
+                principal, "*", ACLOperation[n.operation], ACLPermissionType.ALLOW,
+                ResourcePattern(ResourceType[n.resource], n.name, ACLResourcePatternType.LITERAL),
+            )
+            for n in needs
+        ]  # fmt: skip
+        try:
+            result = self._client.create_acls(acls)
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot create ACLs for {principal}: {error}") from error
+        if result.get("failed"):
+            raise BrokerError(f"ACLs refused for {principal}: {result['failed']}")
+
+    def revoke(self, principal: str, need: AclNeed) -> None:
+        """Delete the ALLOW ACL ``grant`` made for ``need``."""
+        pattern = ResourcePatternFilter(
+            ResourceType[need.resource], need.name, ACLResourcePatternType.LITERAL
+        )
+        acl = ACLFilter(
+            principal, "*", ACLOperation[need.operation], ACLPermissionType.ALLOW, pattern
+        )
+        try:
+            self._client.delete_acls([acl])
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot delete an ACL of {principal}: {error}") from error
+
+    def set_scram_password(self, user: str, mechanism: str, password: str) -> None:
+        """Create or rotate a SCRAM credential (the broker stores only its salted hash)."""
+        upsert = UserScramCredentialUpsertion(user, mechanism, password)
+        try:
+            errors = self._client.alter_user_scram_credentials([upsert])
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot set the SCRAM credential of {user}: {error}") from error
+        if errors and any(errors.values()):
+            raise BrokerError(f"cannot set the SCRAM credential of {user}: {errors}")
 
     def alter_topic_config(self, topic: str, configs: Mapping[str, str]) -> None:
         try:

@@ -14,6 +14,7 @@ from stream_fm.errors import BrokerError
 from stream_fm.kafka.admin import TopicReader, topic_limits
 from stream_fm.kafka.base import Partition
 from stream_fm.kafka.probe import any_broker_answers
+from stream_fm.kafka.refusal import NOTICED
 from stream_fm.kafka.settings import client_setting
 
 log = logging.getLogger("stream_fm.kafka")
@@ -30,6 +31,9 @@ class ClientCommon:
         self._max_request = int(client_setting("max_request_size_bytes"))
         # Kept per topic: a refusal lowers a topic's limit below the refused size.
         self._limits: dict[str, int] = topic_limits(settings, output_topics)
+        refusal = NOTICED.recent(settings)
+        if refusal is not None:  # the admin login was refused: so would the clients' be
+            raise refusal
         self._reachable_at_s = -REACHABLE_CACHE_S
         self._reachable = False
         self._end_reader: TopicReader | None = None

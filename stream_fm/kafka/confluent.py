@@ -29,6 +29,7 @@ from stream_fm.config import Settings
 from stream_fm.errors import BrokerError, ProduceError
 from stream_fm.kafka.base import Headers, Partition, Rebalance, Record
 from stream_fm.kafka.common import ClientCommon
+from stream_fm.kafka.refusal import NOTICED
 from stream_fm.kafka.settings import client_setting, librdkafka_consumer, librdkafka_producer
 from stream_fm.outputs import record_size_bytes
 
@@ -71,6 +72,11 @@ def _transient(error: KafkaException) -> bool:
     return bool(kafka_error.retriable()) or kafka_error.code() in TRANSIENT_CODES
 
 
+def _noted(error: KafkaError) -> None:
+    """librdkafka's error callback: keeps what may be a refusal for the worker to read."""
+    NOTICED.note(f"{error.name()}: {error.str()}")
+
+
 class ConfluentRecord(NamedTuple):
     topic: str
     partition: int
@@ -104,7 +110,7 @@ class ConfluentIO(ClientCommon):
         self._topics: list[str] = []
         self._muted = False  # a consumer being replaced: the worker released its partitions
         try:
-            self._consumer = Consumer(librdkafka_consumer(settings))
+            self._consumer = Consumer({**librdkafka_consumer(settings), "error_cb": _noted})
             self._producer = self._new_producer()
         except KafkaException as error:
             raise BrokerError(
@@ -115,7 +121,8 @@ class ConfluentIO(ClientCommon):
 
     def _new_producer(self) -> Producer:
         batch = self.batch_size_bytes()
-        producer = Producer(librdkafka_producer(self.settings, batch_size_bytes=batch))
+        config = librdkafka_producer(self.settings, batch_size_bytes=batch)
+        producer = Producer({**config, "error_cb": _noted})
         if self.settings.transactional_id:
             producer.init_transactions(self.settings.produce_timeout_s)
             producer.begin_transaction()
@@ -140,7 +147,7 @@ class ConfluentIO(ClientCommon):
         finally:
             self._muted = False
         try:
-            self._consumer = Consumer(librdkafka_consumer(self.settings))
+            self._consumer = Consumer({**librdkafka_consumer(self.settings), "error_cb": _noted})
         except KafkaException as error:
             raise BrokerError(f"cannot create a new consumer: {error}") from error
         if self._on_assigned is not None and self._on_revoked is not None:
@@ -202,6 +209,7 @@ class ConfluentIO(ClientCommon):
             if problem is not None:
                 if problem.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer: %s", problem.str())
+                    _noted(problem)
                 continue
             out.append(_record(message))
         return out

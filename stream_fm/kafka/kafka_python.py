@@ -25,6 +25,7 @@ from stream_fm.kafka import lenient  # noqa: F401 - readable header keys, see th
 from stream_fm.kafka.base import Headers, Partition, Rebalance, Record, UnreadableRecord
 from stream_fm.kafka.common import ClientCommon
 from stream_fm.kafka.partitioner import key_partitions
+from stream_fm.kafka.refusal import sniff_kafka_python
 from stream_fm.kafka.settings import consumer_config, producer_config
 from stream_fm.outputs import record_size_bytes
 
@@ -74,6 +75,7 @@ class KafkaPythonIO(ClientCommon):
     """A consumer of the input topics and a producer of the output topics (``KafkaIO``)."""
 
     def __init__(self, settings: Settings, output_topics: Sequence[str] = ()) -> None:
+        sniff_kafka_python()  # a refused login is only logged: keep it for the worker
         super().__init__(settings, output_topics)
         try:
             self._consumer = KafkaConsumer(**consumer_config(settings))

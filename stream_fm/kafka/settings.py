@@ -17,6 +17,7 @@ KeyError: "unknown Kafka client setting 'lingr_ms'"
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -98,7 +99,7 @@ def client_setting(name: str) -> Any:
 
 
 def security_config(settings: Settings | None) -> dict[str, Any]:
-    """TLS and SASL settings in the client's names; secrets are passed, never logged."""
+    """TLS and SASL settings in kafka-python's names; secrets are passed, never logged."""
     if settings is None:
         return {}
     config: dict[str, Any] = {"security_protocol": settings.security_protocol}
@@ -106,10 +107,31 @@ def security_config(settings: Settings | None) -> dict[str, Any]:
         config["sasl_mechanism"] = settings.sasl_mechanism
         config["sasl_plain_username"] = settings.sasl_username or None
         config["sasl_plain_password"] = settings.sasl_password or None
+    if not settings.security_protocol.endswith("SSL"):
+        return config
     for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         if getattr(settings, name):
             config[name] = getattr(settings, name)
+    if settings.ssl_key_password:
+        config["ssl_password"] = settings.ssl_key_password
+    if settings.ssl_insecure_skip_hostname_check:
+        config["ssl_check_hostname"] = False
+    if settings.ssl_insecure_skip_verify:
+        config["ssl_context"] = _unverified_context(settings)
     return config
+
+
+def _unverified_context(settings: Settings) -> ssl.SSLContext:
+    # kafka-python always verifies unless handed a context of its own.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if settings.ssl_certfile:
+        context.load_cert_chain(
+            settings.ssl_certfile, settings.ssl_keyfile or None, settings.ssl_key_password or None
+        )
+    return context
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -172,15 +194,23 @@ _SECURITY_LIBRDKAFKA = {
     "ssl_cafile": "ssl.ca.location",
     "ssl_certfile": "ssl.certificate.location",
     "ssl_keyfile": "ssl.key.location",
+    "ssl_password": "ssl.key.password",
 }
 
 
 def _librdkafka_security(settings: Settings) -> dict[str, Any]:
-    return {
+    config = {
         _SECURITY_LIBRDKAFKA[name]: value
         for name, value in security_config(settings).items()
-        if value is not None
+        if value is not None and name in _SECURITY_LIBRDKAFKA
     }
+    if settings.security_protocol.endswith("SSL"):
+        # librdkafka checks the host name since 1.9; said here so both clients agree.
+        skip_host = settings.ssl_insecure_skip_hostname_check or settings.ssl_insecure_skip_verify
+        config["ssl.endpoint.identification.algorithm"] = "none" if skip_host else "https"
+        if settings.ssl_insecure_skip_verify:
+            config["enable.ssl.certificate.verification"] = False
+    return config
 
 
 def librdkafka_consumer(settings: Settings) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from stream_fm.config import Settings
 from stream_fm.kafka import KafkaIO
+from stream_fm.kafka.refusal import NOTICED
 from stream_fm.worker.recovery import Recovery
 from stream_fm.worker.retry import Retry
 
@@ -16,6 +18,7 @@ class Health:
         self.recovery = recovery
         self.retry = retry
         self.io: KafkaIO | None = None
+        self.refusal: Callable[[], str | None] = lambda: None  # the cluster's refusal, if any
         self._last_beat_s = time.monotonic()
 
     def beat(self) -> None:
@@ -34,6 +37,9 @@ class Health:
         """/readyz: state restored, partitions assigned, broker answering, outputs and
         checkpoints going through; otherwise the reason."""
         io, recovery = self.io, self.recovery
+        refused = self.refusal() or _noticed(self.settings)
+        if refused is not None:
+            return False, refused
         if io is None or not recovery.restored:
             return False, "state not restored yet"
         if not recovery.offsets and not io.assignment():
@@ -46,3 +52,10 @@ class Health:
         if problem is not None:
             return False, f"outputs rejected: {problem}"
         return True, "ok"
+
+
+def _noticed(settings: Settings) -> str | None:
+    # Before the worker meets a refusal itself (a client still trying to log in), the
+    # client's own report of it.
+    refusal = NOTICED.recent(settings)
+    return None if refusal is None else str(refusal)

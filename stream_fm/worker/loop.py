@@ -17,10 +17,18 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from stream_fm import __version__
-from stream_fm.config import Settings, describe
-from stream_fm.errors import BrokerError, CheckpointError, InvalidEvent, ProduceError
+from stream_fm.config import Settings, describe, read_secret_files
+from stream_fm.errors import (
+    BrokerError,
+    CheckpointError,
+    ClusterRefused,
+    ConfigError,
+    InvalidEvent,
+    ProduceError,
+)
 from stream_fm.events import REASONS
 from stream_fm.kafka import KafkaIO, Partition, Record, UnreadableRecord, connect
+from stream_fm.kafka.refusal import NOTICED, classify, sniff_kafka_python
 from stream_fm.metrics import MetricsServer, WorkerMetrics
 from stream_fm.model.base import Engine
 from stream_fm.model.delta import DeltaTracker
@@ -31,6 +39,8 @@ from stream_fm.worker.health import Health
 from stream_fm.worker.observe import Observer
 from stream_fm.worker.publish import publish
 from stream_fm.worker.recovery import Recovery
+from stream_fm.worker.refusals import EXIT_CODE as REFUSAL_EXIT_CODE
+from stream_fm.worker.refusals import RefusalWatch
 from stream_fm.worker.retry import Retry
 from stream_fm.worker.watchdog import Behind, Watchdog
 
@@ -63,6 +73,10 @@ class Worker:
         self.server: MetricsServer | None = None  # /metrics, /healthz, /readyz while running
         self._stopping = threading.Event()
         self._polled_at: float | None = None  # when the last poll returned
+        self.refusals = RefusalWatch(settings.auth_failure_exit_s)
+        self.health.refusal = self.refusals.problem
+        self._reconnect_pending = False  # new secrets: the clients are made again
+        self._checkpoints_seen = 0
         self._longest_pause_s = 0.0
 
     @property
@@ -84,6 +98,7 @@ class Worker:
     def run(self) -> int:
         settings = self.settings
         log.info("starting with %s", describe(settings))
+        sniff_kafka_python()  # the admin calls use kafka-python whatever the client
         self.server = server = MetricsServer(
             self.registry,
             settings.metrics_host,
@@ -94,32 +109,16 @@ class Worker:
         log.info("metrics, /healthz and /readyz on %s", server.url)
         code = 0
         try:
-            outputs = settings.output_topics
-            if self.sync is not None:
-                ensure_topic(settings)
-                outputs = [*outputs, settings.model_updates_topic]
-            self.io = self.health.io = connect(settings, outputs)
-            missing = self.io.wait_for_topics(settings.input_topics, timeout_s=30)
-            if missing:
-                log.warning("input topic(s) %s not found yet; waiting", ", ".join(missing))
-            self.recovery.start(self.io)
-            self.observer.gauges()
-            self.io.subscribe(
-                settings.input_topics, self.recovery.on_assigned, self.recovery.on_revoked
-            )
-            while not self._stopping.is_set():
-                self.step()
-            try:
-                if self.sync is not None:
-                    self.sync.leaving = True  # the last update tells peers this one stops
-                self.recovery.final_checkpoint()
-                if self.sync is not None:
-                    self.sync.say_goodbye(self.io)
-            except (ProduceError, CheckpointError) as error:
-                # Nothing is lost: the next start resumes from the last durable checkpoint.
-                if isinstance(error, ProduceError):
-                    self.metrics.produce_errors.labels(kind=_kind(error)).inc()
-                code = 1
+            if self._start():
+                while not self._stopping.is_set():
+                    self.step()
+                code = self._finish()
+        except _Stopped:
+            pass  # SIGTERM while reconnecting: the last durable checkpoint stands
+        except ClusterRefused as refusal:
+            # Nothing to save: the state is the last checkpoint's, which the offsets match.
+            print(f"stream-fm worker giving up: {refusal}", flush=True)
+            code = REFUSAL_EXIT_CODE
         finally:
             if self.io is not None:
                 self.io.close()
@@ -129,6 +128,102 @@ class Worker:
         log.info(summary)
         print(summary, flush=True)
         return code
+
+    def _start(self) -> bool:
+        """Connect, restore and subscribe; a refusal by the cluster is waited out (or ends
+        the worker). False: stopped before it could start."""
+        while not self._stopping.is_set():
+            tried_at = time.monotonic()
+            NOTICED.clear()  # what the clients report from here on is about this attempt
+            try:
+                self._connect()
+                return True
+            except BrokerError as error:
+                refusal = self._refusal_of(error)
+                if refusal is None:
+                    raise
+                if self.io is not None:
+                    self.io.close()
+                    self.io = self.health.io = None
+                self._wait_refused(refusal, since=tried_at)
+        return False
+
+    def _connect(self) -> None:
+        settings = self.settings
+        outputs = settings.output_topics
+        if self.sync is not None:
+            ensure_topic(settings)
+            outputs = [*outputs, settings.model_updates_topic]
+        self.io = self.health.io = connect(settings, outputs)
+        missing = self.io.wait_for_topics(settings.input_topics, timeout_s=30)
+        if missing:
+            log.warning("input topic(s) %s not found yet; waiting", ", ".join(missing))
+        self.recovery.start(self.io)
+        self.observer.gauges()
+        self.io.subscribe(
+            settings.input_topics, self.recovery.on_assigned, self.recovery.on_revoked
+        )
+
+    def _finish(self) -> int:
+        """The last checkpoint and commit after SIGTERM: 0, or 1 if it could not be made."""
+        assert self.io is not None
+        try:
+            if self.sync is not None:
+                self.sync.leaving = True  # the last update tells peers this one stops
+            self.recovery.final_checkpoint()
+            if self.sync is not None:
+                self.sync.say_goodbye(self.io)
+        except (ProduceError, CheckpointError) as error:
+            # Nothing is lost: the next start resumes from the last durable checkpoint.
+            if isinstance(error, ProduceError):
+                self.metrics.produce_errors.labels(kind=_kind(error)).inc()
+            return 1
+        return 0
+
+    def _refusal_of(self, error: BaseException) -> ClusterRefused | None:
+        """The cluster's refusal behind ``error``: in its text, or in what the client logged."""
+        if isinstance(error, ClusterRefused):
+            return error
+        return classify(str(error), self.settings) or NOTICED.recent(self.settings)
+
+    def _wait_refused(self, refusal: ClusterRefused, since: float | None = None) -> None:
+        """Back off (SIGTERM still ends the wait); a refused login re-reads the secret files."""
+        wait_s = self.refusals.refused(refusal, since=since)
+        final = self.refusals.give_up()
+        if final is not None:
+            raise final
+        if refusal.cause == "authentication":
+            self._reread_secrets()
+        self._stopping.wait(wait_s)
+        self.health.beat()
+        self._polled_at = None  # a deliberate wait, not a pause of the loop
+
+    def _reread_secrets(self) -> None:
+        """A rotated Secret is mounted in place: take its new content for the next login."""
+        try:
+            fresh = read_secret_files(self.settings)
+        except ConfigError as error:
+            log.error("%s", error)
+            return
+        if fresh == self.settings:
+            return
+        log.info("the secret files changed: logging in with their new content")
+        self.settings = self.recovery.settings = self.health.settings = fresh
+        if self.sync is not None:
+            self.sync.settings = fresh
+        self._reconnect_pending = self.io is not None  # running: a new client, at the step
+
+    def _reconnect(self) -> None:
+        """Release the partitions (a checkpoint where it can be made; else the last durable
+        one stands), then connect again from the checkpoint store like a start."""
+        assert self.io is not None
+        self._reconnect_pending = False
+        with contextlib.suppress(BrokerError, CheckpointError):
+            self.recovery.release(self.io.assignment())
+        self.io.close()
+        self.io = self.health.io = None
+        if not self._start():
+            raise _Stopped
 
     def step(self) -> None:
         """One poll and, if records came, one batch. Safe to call repeatedly."""
@@ -142,16 +237,31 @@ class Worker:
             self.watchdog.rest()
             return
         self._pause_ended()
+        if self._reconnect_pending:
+            self._reconnect()
+            return
         try:
             if self._consumer_lost:
                 self._new_consumer()
             records = self.io.poll(self.settings.poll_timeout_ms, self.settings.max_poll_records)
             self._polled_at = time.perf_counter()
         except BrokerError as error:
+            records = []
+            refusal = self._refusal_of(error)
+            if refusal is not None:
+                self._wait_refused(refusal)
+                return
             log.warning("%s; retrying", error)
             time.sleep(BROKER_RETRY_S)
             self._polled_at = None
-            records = []
+        if records:
+            self.refusals.progressed("consume")
+            NOTICED.clear()
+        elif not self.io.assignment():  # nothing flows: a refusal the client only reported?
+            refusal = NOTICED.recent(self.settings)
+            if refusal is not None:
+                self._wait_refused(refusal)
+                return
         self.watchdog.polled(len(records))
         self._raise_fatal()
         try:
@@ -168,6 +278,9 @@ class Worker:
             self.recovery.settle()
             if self.recovery.checkpoint_due():
                 self.recovery.begin_checkpoint(reason="periodic")
+            if self.recovery.checkpoints != self._checkpoints_seen:
+                self._checkpoints_seen = self.recovery.checkpoints
+                self.refusals.progressed("produce")  # outputs and offsets went through
         except ProduceError as error:
             self._produce_failed(error)
         if self.watchdog.due():
@@ -277,6 +390,12 @@ class Worker:
             self.io.record_rejected(error.topic, error.nbytes)  # the next copy is cut to fit
         wait_s = self.retry.failed(error, self.recovery.checkpoints)
         log.error("%s: rolling back to the last checkpoint, retrying in %gs", error, wait_s)
+        refusal = self._refusal_of(error)
+        if refusal is not None:  # the Retry's waits apply; the refusal's clock runs
+            self.refusals.refused(refusal, side="produce")
+            final = self.refusals.give_up()
+            if final is not None:
+                raise final
         self.metrics.produce_errors.labels(kind=_kind(error)).inc()
         self.metrics.rollbacks.inc()
         self.observer.totals["rollbacks"] += 1
@@ -286,6 +405,10 @@ class Worker:
     def _raise_fatal(self) -> None:
         if self.recovery.fatal is not None:
             raise self.recovery.fatal
+
+
+class _Stopped(Exception):
+    """SIGTERM came while the worker was reconnecting: leave the loop without a checkpoint."""
 
 
 def _kind(error: ProduceError) -> str:

@@ -251,13 +251,20 @@ class KafkaBroker:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _named_ports(self) -> dict[str, int]:
+        """Every port the broker listens on, by what it is for (0: not chosen yet)."""
+        return {"port": self.port, "controller port": self.controller_port}
+
+    def _set_port(self, what: str, port: int) -> None:
+        setattr(self, what.replace(" ", "_"), port)
+
     def _choose_ports(self) -> None:
         # Ports are chosen once; restart() must come back on the same ones.
-        if not self.port or not self.controller_port:
-            free = iter(free_ports(self.host, 2))
-            self.port = self.port or next(free)
-            self.controller_port = self.controller_port or next(free)
-        for what, p in (("port", self.port), ("controller port", self.controller_port)):
+        named = self._named_ports()
+        missing = [what for what, p in named.items() if not p]
+        for what, p in zip(missing, free_ports(self.host, len(missing)), strict=True):
+            self._set_port(what, p)
+        for what, p in self._named_ports().items():
             if not port_is_free(self.host, p):
                 raise BrokerStartError(
                     f"cannot start Apache Kafka: {what} {self.host}:{p} is already in use"
@@ -329,6 +336,7 @@ class KafkaBroker:
             "format", "--ignore-formatted",
             "--cluster-id", _cluster_id(),
             "--config", str(self.data_dir / "server.properties"),
+            *self._format_args(),
         )  # fmt: skip
         # Short-lived tool: tiered compilation off and a serial GC start faster.
         cmd[1:1] = ["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"]
@@ -349,6 +357,10 @@ class KafkaBroker:
                 f"formatting Kafka storage failed (exit {out.returncode}):\n"
                 f"{tail_text(out.stdout + out.stderr, 30)}"
             )
+
+    def _format_args(self) -> list[str]:
+        """More arguments for ``kafka-storage format`` (a secured broker's SCRAM users)."""
+        return []
 
     def _spawn(self) -> None:
         assert self.data_dir is not None

@@ -1,0 +1,264 @@
+"""A secured cluster the way managed Kafka runs it: every way in works with exactly the ACLs
+docs/operations.md lists, and every refusal is named — in /readyz, in one log line, and by
+exit code 3 — with nothing committed and no secret shown anywhere.
+
+The broker (``SecuredBroker``) has SASL_SSL (SCRAM-SHA-256/512, PLAIN), SASL_PLAINTEXT, mutual
+TLS and the StandardAuthorizer denying what no ACL allows; the harness uses its PLAINTEXT
+operator listener. Workers are real ``stream-fm run`` processes, secrets given as files.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from stream_fm.config import build_settings
+from stream_fm.errors import BrokerStartError
+from stream_fm.kafka.acls import AclNeed, required_acls
+from stream_fm.kafka.admin import committed_offsets, read_topic
+from stream_fm.tools.bench.kafka.processes import WorkerProcess
+from stream_fm.tools.broker.secure import SecuredBroker
+from stream_fm.tools.broker.tls import CertificateAuthority
+from tests.integration.kafka_helpers import produce
+
+pytestmark = pytest.mark.usefixtures("kafka_client")
+
+N_IMPRESSIONS = 300
+GIVE_UP_S = 5.0  # auth_failure_exit_s in the refusal tests
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[SecuredBroker]:
+    broker = SecuredBroker(users=("worker", "noacl"))
+    try:
+        broker.start()
+    except BrokerStartError as exc:
+        broker.close()
+        pytest.fail(f"cannot start the secured Apache Kafka broker: {exc}", pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+class Setup:
+    """Topics with impressions in them, the worker's settings as files and variables."""
+
+    def __init__(self, broker: SecuredBroker, work: Path, client: str) -> None:
+        self.broker, self.work, self.client = broker, work, client
+        u = uuid.uuid4().hex[:8]
+        self.topics = {"input": f"in-{u}", "predictions": f"pred-{u}", "dead_letters": f"dlq-{u}"}
+        self.group = f"group-{u}"
+        broker.create_topics([self.topics["input"], self.topics["predictions"]], partitions=2)
+        broker.create_topics([self.topics["dead_letters"]], partitions=1)
+        events = [
+            {"type": "impression", "id": f"imp-{u}-{i}", "ts": 1_700_000_000_000 + i,
+             "features": {"site": str(i % 7), "ad": str(i % 11)}}
+            for i in range(N_IMPRESSIONS)
+        ]  # fmt: skip
+        produce(broker, self.topics["input"], [(e["id"].encode(), orjson.dumps(e)) for e in events])
+        self.secrets: list[str] = []
+
+    def env(
+        self, protocol: str, mechanism: str = "", user: str = "worker", **over: Any
+    ) -> dict[str, str]:
+        """STREAM_FM_* for a worker connecting as ``user``; secrets go in files (0600)."""
+        values = self.broker.client_settings(protocol, mechanism, user) | over
+        env: dict[str, str] = {}
+        for name, value in values.items():
+            if name in ("sasl_password", "ssl_key_password"):
+                self.secrets.append(str(value))
+                path = self.work / f"{name}-{uuid.uuid4().hex[:6]}"
+                path.write_text(f"{value}\n")
+                path.chmod(0o600)
+                env[f"STREAM_FM_{name.upper()}_FILE"] = str(path)
+            else:
+                env[f"STREAM_FM_{name.upper()}"] = str(value)
+        env["STREAM_FM_AUTH_FAILURE_EXIT_S"] = str(over.get("auth_failure_exit_s", GIVE_UP_S))
+        env["STREAM_FM_APPLY_LOG_PATH"] = str(self.work / "apply.jsonl")
+        env["STREAM_FM_LOG_LEVEL"] = "INFO"
+        return env
+
+    def needs(self, env: dict[str, str]) -> list[AclNeed]:
+        """The ACLs docs/operations.md lists for this worker's settings."""
+        return required_acls(
+            build_settings(
+                {
+                    "group_id": self.group,
+                    "input_topics": (self.topics["input"],),
+                    "predictions_topic": self.topics["predictions"],
+                    "dead_letter_topic": self.topics["dead_letters"],
+                }
+            )
+        )
+
+    def worker(self, env: dict[str, str], name: str = "worker") -> WorkerProcess:
+        return WorkerProcess(
+            env.pop("STREAM_FM_BOOTSTRAP_SERVERS"),
+            {**self.topics, "labels": ""},
+            self.work,
+            name,
+            attribution_window_s=60.0,
+            group_id=self.group,
+            kafka_client=self.client,
+            extra_env=env,
+        )
+
+
+@pytest.fixture
+def setup(secured: SecuredBroker, tmp_path: Path, kafka_client: str) -> Setup:
+    return Setup(secured, tmp_path, kafka_client)
+
+
+def _readyz(worker: WorkerProcess) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(worker.url + "/readyz", timeout=2) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError as error:
+        return 0, str(error)
+
+
+def _wait_predictions(setup: Setup, worker: WorkerProcess, timeout_s: float = 90.0) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_topic(setup.broker.bootstrap_servers, setup.topics["predictions"], 10)
+        if len(records) >= N_IMPRESSIONS:
+            return records
+        if worker.process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(records)} of {N_IMPRESSIONS} predictions; worker log:\n"
+                + worker.log_tail(40)
+            )
+        time.sleep(0.5)
+
+
+WAYS_IN = [
+    ("SASL_SSL", "SCRAM-SHA-256"),
+    ("SASL_SSL", "SCRAM-SHA-512"),
+    ("SASL_SSL", "PLAIN"),
+    ("SASL_PLAINTEXT", "SCRAM-SHA-512"),
+    ("SSL", ""),  # mutual TLS, the client key encrypted
+]
+
+
+@pytest.mark.parametrize(("protocol", "mechanism"), WAYS_IN, ids=[f"{p}-{m}" for p, m in WAYS_IN])
+def test_every_way_in_with_the_listed_acls_predicts_each_impression_once(
+    setup: Setup, protocol: str, mechanism: str
+) -> None:
+    env = setup.env(protocol, mechanism)
+    setup.broker.grant("worker", setup.needs(env))
+    worker = setup.worker(env)
+    try:
+        records = _wait_predictions(setup, worker)
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log_tail(40)
+    assert set(Counter(r.key for r in records).values()) == {1}
+    committed = committed_offsets(
+        setup.broker.bootstrap_servers, setup.group, setup.topics["input"]
+    )
+    assert sum(o or 0 for o in committed.values()) == N_IMPRESSIONS
+    _assert_no_secret(setup, worker)
+
+
+def _assert_no_secret(setup: Setup, worker: WorkerProcess) -> None:
+    """No secret in the log, the checkpoints, the apply log or any output record."""
+    places: dict[str, bytes] = {"log": worker.log_path.read_bytes()}
+    for path in [*worker.checkpoint_dir.rglob("*"), setup.work / "apply.jsonl"]:
+        if path.is_file():
+            places[str(path)] = path.read_bytes()
+    for topic in setup.topics.values():
+        for r in read_topic(setup.broker.bootstrap_servers, topic, 10):
+            headers = b"".join(k.encode() + (v or b"") for k, v in r.headers)
+            places[f"{topic}@{r.offset}"] = (r.key or b"") + (r.value or b"") + headers
+    for secret in setup.secrets:
+        leaks = [where for where, data in places.items() if secret.encode() in data]
+        assert not leaks, f"a secret shows in {leaks}"
+
+
+def _other_ca(setup: Setup) -> CertificateAuthority:
+    return CertificateAuthority.create(setup.work / "other-ca", "other-ca")
+
+
+REFUSALS: dict[str, tuple[str, str, str, str]] = {
+    # case: (protocol, mechanism, what /readyz and the log must say)
+    "wrong-password": ("SASL_SSL", "SCRAM-SHA-512", "authentication", "sasl_password_file"),
+    "unknown-user": ("SASL_SSL", "SCRAM-SHA-256", "authentication", "sasl_username='ghost'"),
+    "untrusted-broker": ("SASL_SSL", "SCRAM-SHA-512", "certificate", "not signed by a CA in ssl_cafile"),
+    "hostname-mismatch": ("SASL_SSL", "SCRAM-SHA-512", "certificate", "not issued for the host"),
+    "untrusted-client-cert": ("SSL", "", "certificate", "refused the client certificate"),
+    "expired-client-cert": ("SSL", "", "certificate", "refused the client certificate"),
+    "no-group-acl": ("SASL_SSL", "SCRAM-SHA-512", "authorization", "ACL GROUP"),
+    "no-input-read-acl": ("SASL_SSL", "SCRAM-SHA-512", "authorization", "READ"),
+    "no-output-write-acl": ("SASL_SSL", "PLAIN", "authorization", "WRITE"),
+}  # fmt: skip
+
+
+def _refused_env(setup: Setup, case: str) -> dict[str, str]:
+    protocol, mechanism, _, _ = REFUSALS[case]
+    env = setup.env(protocol, mechanism)
+    needs = setup.needs(env)
+    drop = {
+        "no-group-acl": ("GROUP", "READ"),
+        "no-input-read-acl": ("TOPIC", "READ"),
+        "no-output-write-acl": ("TOPIC", "WRITE"),
+    }.get(case)
+    setup.broker.grant("worker", [n for n in needs if (n.resource, n.operation) != drop])
+    if case == "wrong-password":
+        Path(env["STREAM_FM_SASL_PASSWORD_FILE"]).write_text("not-the-password\n")
+    elif case == "unknown-user":
+        env["STREAM_FM_SASL_USERNAME"] = "ghost"
+    elif case == "untrusted-broker":
+        env["STREAM_FM_SSL_CAFILE"] = str(_other_ca(setup).cert_path)
+    elif case == "hostname-mismatch":
+        env["STREAM_FM_BOOTSTRAP_SERVERS"] = env["STREAM_FM_BOOTSTRAP_SERVERS"].replace(
+            "127.0.0.1", "localhost"
+        )
+    elif case in ("untrusted-client-cert", "expired-client-cert"):
+        issuer = _other_ca(setup) if case == "untrusted-client-cert" else setup.broker.ca
+        cert = issuer.issue(f"worker-{case}", expired=case == "expired-client-cert")
+        env["STREAM_FM_SSL_CERTFILE"], env["STREAM_FM_SSL_KEYFILE"] = str(cert.cert), str(cert.key)
+        env.pop("STREAM_FM_SSL_KEY_PASSWORD_FILE")
+    return env
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_refusal_is_named_in_readyz_and_the_log_and_ends_the_worker_with_code_3(
+    setup: Setup, case: str
+) -> None:
+    _, _, cause, phrase = REFUSALS[case]
+    worker = setup.worker(_refused_env(setup, case))
+    said, deadline = "", time.monotonic() + 60
+    try:
+        while worker.process.poll() is None and time.monotonic() < deadline:
+            status, body = _readyz(worker)
+            if status == 503 and "refused by the cluster" in body:
+                said = body
+                break
+            time.sleep(0.25)
+        code = worker.process.wait(timeout=120)
+    finally:
+        worker.stop()
+    log = worker.log_path.read_text(errors="replace")
+    assert f"refused by the cluster ({cause})" in said and phrase in said, (
+        said,
+        worker.log_tail(30),
+    )
+    assert code == 3, worker.log_tail(30)
+    assert f"giving up: refused by the cluster ({cause})" in log
+    committed = committed_offsets(
+        setup.broker.bootstrap_servers, setup.group, setup.topics["input"]
+    )
+    assert all(o is None for o in committed.values()), "a refused worker committed offsets"
+    _assert_no_secret(setup, worker)
