@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_fm.config import SPECS, describe, load_settings
+from stream_fm.config import SPECS, describe, load_settings, read_secret_files
 from stream_fm.errors import ConfigError
+from stream_fm.tools.broker.tls import CertificateAuthority
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -72,6 +73,54 @@ def test_every_setting_has_help_and_settings_are_frozen() -> None:
 def test_describe_masks_the_password() -> None:
     settings = load_settings(env={"STREAM_FM_SASL_PASSWORD": "hunter2"})
     assert describe(settings)["sasl_password"] == "***"
+
+
+def test_secrets_come_from_files_are_masked_and_never_in_repr(tmp_path: Path) -> None:
+    password = tmp_path / "sasl-password"
+    password.write_text("s3cret-from-a-Secret\n")
+    env = {"STREAM_FM_SASL_PASSWORD_FILE": str(password), "STREAM_FM_SASL_USERNAME": "ann"}
+    settings = load_settings(env=env)
+    assert settings.sasl_password == "s3cret-from-a-Secret"  # one trailing newline dropped
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(describe(settings))
+    password.write_text("rotated\n")  # a rotated Secret: read again after a refused login
+    assert read_secret_files(settings).sasl_password == "rotated"
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"STREAM_FM_SASL_PASSWORD_FILE": "/nonexistent/pw"}, r"^sasl_password_file: cannot read"),
+        (
+            {"STREAM_FM_SASL_PASSWORD": "a", "STREAM_FM_SASL_PASSWORD_FILE": "/x"},
+            r"^sasl_password_file: give sasl_password or sasl_password_file, not both",
+        ),
+        (
+            {"STREAM_FM_SECURITY_PROTOCOL": "SSL", "STREAM_FM_SSL_CERTFILE": __file__},
+            r"^ssl_keyfile: mutual TLS needs both",
+        ),
+    ],
+)
+def test_bad_secret_and_tls_settings_fail_at_start_up_naming_the_setting(
+    env: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(env=env)
+
+
+def test_a_certificate_or_key_that_does_not_load_fails_at_start_up(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    issued = ca.issue("client", key_password="right")
+    base = {
+        "STREAM_FM_SECURITY_PROTOCOL": "SSL",
+        "STREAM_FM_SSL_CAFILE": str(ca.cert_path),
+        "STREAM_FM_SSL_CERTFILE": str(issued.cert),
+        "STREAM_FM_SSL_KEYFILE": str(issued.key),
+    }
+    assert load_settings(env=base | {"STREAM_FM_SSL_KEY_PASSWORD": "right"}).ssl_key_password
+    with pytest.raises(ConfigError, match=r"^ssl_keyfile: cannot load .*wrong ssl_key_password"):
+        load_settings(env=base | {"STREAM_FM_SSL_KEY_PASSWORD": "wrong"})
+    with pytest.raises(ConfigError, match=r"^ssl_cafile: .* holds no usable PEM certificate"):
+        load_settings(env=base | {"STREAM_FM_SSL_CAFILE": __file__})
 
 
 def test_variables_read_elsewhere_are_not_settings() -> None:

@@ -35,7 +35,7 @@ from kafka.structs import OffsetAndMetadata
 
 from stream_fm.config import Settings
 from stream_fm.errors import BrokerError, ProduceError
-from stream_fm.kafka import lenient  # noqa: F401 - readable header keys, see there
+from stream_fm.kafka import last_words, lenient  # noqa: F401 - kafka-python fixes, see there
 from stream_fm.kafka.acls import AclNeed
 from stream_fm.kafka.settings import client_setting, security_config
 
@@ -191,10 +191,19 @@ def topic_limits(settings: Settings, topics: Sequence[str]) -> dict[str, int]:
         return limits
     try:
         with Admin(settings.bootstrap_servers, settings, request_timeout_ms=10_000) as admin:
+            unread = []
             for topic in dict.fromkeys(topics):
                 value = admin.topic_config(topic, MAX_MESSAGE_BYTES)
                 if value is not None and value.isdigit():
                     limits[topic] = int(value)
+                else:
+                    unread.append(topic)
+            if unread:  # said once, at start-up: the fallback this worker uses
+                log.warning(
+                    "cannot read max.message.bytes of %s (absent, or no DESCRIBE_CONFIGS ACL): "
+                    "records are bounded by the producer's max_request_size_bytes instead",
+                    ", ".join(unread),
+                )
     except BrokerError as error:
         log.warning("cannot read the output topics' size limits (%s); using the producer's", error)
     return limits

@@ -68,6 +68,9 @@ class ClientCommon:
         missing = list(topics)
         while missing and time.monotonic() < deadline:
             missing = [t for t in missing if not self.partitions_for(t)]
+            refusal = NOTICED.recent(self.settings)
+            if missing and refusal is not None:  # not absent: hidden from this principal
+                raise refusal
             if missing:
                 time.sleep(0.2)
         return missing

@@ -302,9 +302,13 @@ class ConfluentIO(ClientCommon):
         try:
             metadata = self._consumer.list_topics(topic, timeout=5)
         except KafkaException as error:
+            self._producer.poll(0)  # serves error_cb: a refused login is reported there
             raise BrokerError(f"cannot read the partitions of {topic}: {error}") from error
         found = metadata.topics.get(topic)
-        if found is None or found.error is not None:
+        if found is not None and found.error is not None:
+            _noted(found.error)  # absent, or hidden from this principal (a refusal)
+            return set()
+        if found is None:
             return set()
         return set(found.partitions)
 

@@ -21,7 +21,7 @@ from kafka.structs import OffsetAndMetadata
 
 from stream_fm.config import Settings
 from stream_fm.errors import BrokerError, ProduceError
-from stream_fm.kafka import lenient  # noqa: F401 - readable header keys, see there
+from stream_fm.kafka import last_words, lenient  # noqa: F401 - kafka-python fixes, see there
 from stream_fm.kafka.base import Headers, Partition, Rebalance, Record, UnreadableRecord
 from stream_fm.kafka.common import ClientCommon
 from stream_fm.kafka.partitioner import key_partitions

@@ -69,13 +69,13 @@ _RULES: list[tuple[str, re.Pattern[str], Callable[[Settings, str], str]]] = [
     (
         "certificate",
         re.compile(
-            r"alert (unknown ca|bad certificate|certificate required|handshake failure)"
-            r"|alert_(unknown_ca|bad_certificate|certificate_required)",
+            r"alert[ _](unknown[ _]ca|bad[ _]certificate|certificate[ _]required"
+            r"|handshake[ _]failure|certificate[ _]unknown)",
             re.I,
         ),
         lambda s, _: (
             f"the broker refused the client certificate (ssl_certfile="
-            f"{s.ssl_certfile or 'none'}): missing or not signed by a CA the broker trusts"
+            f"{s.ssl_certfile or 'none'}): missing, expired or not signed by a CA it trusts"
         ),
     ),
     (
@@ -119,7 +119,7 @@ _RULES: list[tuple[str, re.Pattern[str], Callable[[Settings, str], str]]] = [
     ),
     (
         "authorization",
-        re.compile(r"TopicAuthorization|TOPIC_AUTHORIZATION", re.I),
+        re.compile(r"TopicAuthorization|TOPIC_AUTHORIZATION|not authorized for this client", re.I),
         _topics,
     ),
     (
@@ -150,6 +150,9 @@ class Noticed:
         self._at = 0.0
 
     def note(self, text: str) -> None:
+        """Keep ``text`` if it reads like a refusal (others never hide an earlier one)."""
+        if not _LOOKS_REFUSED.search(text):
+            return
         with self._lock:
             self._text, self._at = text, time.monotonic()
 
@@ -179,11 +182,39 @@ class _Sniffer(logging.Handler):
             text = record.getMessage()
         except Exception:  # a client's malformed log call must not break ours
             return
-        if _LOOKS_REFUSED.search(text):
-            NOTICED.note(text)
+        NOTICED.note(text)
 
 
 _LOOKS_REFUSED = re.compile("|".join(f"(?:{p.pattern})" for _, p, _ in _RULES), re.I | re.S)
+
+
+def diagnose(settings: Settings, timeout_s: float = 10.0) -> ClusterRefused | None:
+    """Ask the cluster as this worker what it refuses it: login, the input topics, the group.
+    For a failure no client explained (librdkafka only times out when the group is not
+    allowed); kafka-python names each refusal in its errors."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka import errors as kafka_errors
+
+    from stream_fm.kafka.settings import security_config
+
+    consumer = None
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            request_timeout_ms=int(timeout_s * 1000),
+            **security_config(settings),
+        )
+        for topic in settings.input_topics:
+            partitions = consumer.partitions_for_topic(topic) or {0}
+            consumer.committed(TopicPartition(topic, min(partitions)))
+    except kafka_errors.KafkaError as error:
+        return classify(f"{type(error).__name__}: {error}", settings) or NOTICED.recent(settings)
+    finally:
+        if consumer is not None:
+            consumer.close()
+    return NOTICED.recent(settings)
 
 
 def sniff_kafka_python() -> None:

@@ -28,7 +28,7 @@ from stream_fm.errors import (
 )
 from stream_fm.events import REASONS
 from stream_fm.kafka import KafkaIO, Partition, Record, UnreadableRecord, connect
-from stream_fm.kafka.refusal import NOTICED, classify, sniff_kafka_python
+from stream_fm.kafka.refusal import NOTICED, classify, diagnose, sniff_kafka_python
 from stream_fm.metrics import MetricsServer, WorkerMetrics
 from stream_fm.model.base import Engine
 from stream_fm.model.delta import DeltaTracker
@@ -139,7 +139,7 @@ class Worker:
                 self._connect()
                 return True
             except BrokerError as error:
-                refusal = self._refusal_of(error)
+                refusal = self._refusal_of(error) or diagnose(self.settings)
                 if refusal is None:
                     raise
                 if self.io is not None:
@@ -390,17 +390,17 @@ class Worker:
             self.io.record_rejected(error.topic, error.nbytes)  # the next copy is cut to fit
         wait_s = self.retry.failed(error, self.recovery.checkpoints)
         log.error("%s: rolling back to the last checkpoint, retrying in %gs", error, wait_s)
-        refusal = self._refusal_of(error)
-        if refusal is not None:  # the Retry's waits apply; the refusal's clock runs
-            self.refusals.refused(refusal, side="produce")
-            final = self.refusals.give_up()
-            if final is not None:
-                raise final
         self.metrics.produce_errors.labels(kind=_kind(error)).inc()
         self.metrics.rollbacks.inc()
         self.observer.totals["rollbacks"] += 1
         self.recovery.rollback()
         self.observer.gauges()
+        refusal = self._refusal_of(error)
+        if refusal is not None:  # the Retry's waits apply; the refusal's clock runs
+            self.refusals.refused(refusal, side="produce")
+            final = self.refusals.give_up()
+            if final is not None:  # rolled back first: the state is the checkpoint's again
+                raise final
 
     def _raise_fatal(self) -> None:
         if self.recovery.fatal is not None:

@@ -36,6 +36,7 @@ class RefusalWatch:
         self.exit_after_s = exit_after_s
         self._current: ClusterRefused | None = None
         self._side = "consume"
+        self._times = 0  # refusals met in this streak
         self._since = 0.0
         self._wait_s = 0.0
 
@@ -46,6 +47,8 @@ class RefusalWatch:
         while producing: logged once per distinct cause; returns how long to wait now."""
         if self._current is None:
             self._since = time.monotonic() if since is None else since
+            self._times = 0
+        self._times += 1
         if self._current is None or str(self._current) != str(refusal):
             log.error("%s", refusal)
         self._current, self._side = refusal, side
@@ -66,8 +69,8 @@ class RefusalWatch:
 
     def give_up(self) -> ClusterRefused | None:
         """The refusal to end the process with, once it lasted ``exit_after_s``."""
-        if self._current is None or not self.exit_after_s:
-            return None
+        if self._current is None or not self.exit_after_s or self._times < 2:
+            return None  # met once: /readyz says why for one wait at least
         if time.monotonic() - self._since < self.exit_after_s:
             return None
         return self._current

@@ -24,7 +24,7 @@ import pytest
 from stream_fm.config import build_settings
 from stream_fm.errors import BrokerStartError
 from stream_fm.kafka.acls import AclNeed, required_acls
-from stream_fm.kafka.admin import committed_offsets, read_topic
+from stream_fm.kafka.admin import TopicReader, committed_offsets, read_topic
 from stream_fm.tools.bench.kafka.processes import WorkerProcess
 from stream_fm.tools.broker.secure import SecuredBroker
 from stream_fm.tools.broker.tls import CertificateAuthority
@@ -60,13 +60,19 @@ class Setup:
         self.group = f"group-{u}"
         broker.create_topics([self.topics["input"], self.topics["predictions"]], partitions=2)
         broker.create_topics([self.topics["dead_letters"]], partitions=1)
-        events = [
-            {"type": "impression", "id": f"imp-{u}-{i}", "ts": 1_700_000_000_000 + i,
-             "features": {"site": str(i % 7), "ad": str(i % 11)}}
-            for i in range(N_IMPRESSIONS)
-        ]  # fmt: skip
-        produce(broker, self.topics["input"], [(e["id"].encode(), orjson.dumps(e)) for e in events])
         self.secrets: list[str] = []
+        self.produced = 0
+        self.produce_more(N_IMPRESSIONS)
+
+    def produce_more(self, n: int) -> None:
+        events = [
+            {"type": "impression", "id": f"imp-{self.group}-{i}", "ts": 1_700_000_000_000 + i,
+             "features": {"site": str(i % 7), "ad": str(i % 11)}}
+            for i in range(self.produced, self.produced + n)
+        ]  # fmt: skip
+        self.produced += n
+        records = [(e["id"].encode(), orjson.dumps(e)) for e in events]
+        produce(self.broker, self.topics["input"], records)
 
     def env(
         self, protocol: str, mechanism: str = "", user: str = "worker", **over: Any
@@ -163,7 +169,7 @@ def test_every_way_in_with_the_listed_acls_predicts_each_impression_once(
         records = _wait_predictions(setup, worker)
     finally:
         code = worker.stop()
-    assert code == 0, worker.log_tail(40)
+    assert code == 0, _tail(worker.log_path.read_text(errors="replace"))
     assert set(Counter(r.key for r in records).values()) == {1}
     committed = committed_offsets(
         setup.broker.bootstrap_servers, setup.group, setup.topics["input"]
@@ -185,6 +191,10 @@ def _assert_no_secret(setup: Setup, worker: WorkerProcess) -> None:
     for secret in setup.secrets:
         leaks = [where for where, data in places.items() if secret.encode() in data]
         assert not leaks, f"a secret shows in {leaks}"
+
+
+def _tail(log: str, n: int = 30) -> str:
+    return "\n".join(line for line in log.splitlines()[-n:] if not line.startswith("%7"))
 
 
 def _other_ca(setup: Setup) -> CertificateAuthority:
@@ -251,14 +261,68 @@ def test_a_refusal_is_named_in_readyz_and_the_log_and_ends_the_worker_with_code_
     finally:
         worker.stop()
     log = worker.log_path.read_text(errors="replace")
-    assert f"refused by the cluster ({cause})" in said and phrase in said, (
-        said,
-        worker.log_tail(30),
-    )
-    assert code == 3, worker.log_tail(30)
+    assert f"refused by the cluster ({cause})" in said and phrase in said, (said, _tail(log))
+    assert code == 3, _tail(log)
     assert f"giving up: refused by the cluster ({cause})" in log
     committed = committed_offsets(
         setup.broker.bootstrap_servers, setup.group, setup.topics["input"]
     )
-    assert all(o is None for o in committed.values()), "a refused worker committed offsets"
+    # At most a new partition's starting offset (0): nothing was delivered, so none moved.
+    assert all(not o for o in committed.values()), f"a refused worker committed {committed}"
+    assert not read_topic(setup.broker.bootstrap_servers, setup.topics["predictions"], 10)
     _assert_no_secret(setup, worker)
+
+
+def _committed_ids(broker: SecuredBroker, topic: str) -> list[bytes]:
+    with TopicReader(broker.bootstrap_servers, isolation_level="read_committed") as reader:
+        return [r.key or b"" for r in reader.read(topic, timeout_s=10)]
+
+
+def test_a_scram_password_rotated_while_running_is_picked_up_nothing_lost_or_doubled(
+    tmp_path: Path, kafka_client: str
+) -> None:
+    """The password changes on the broker, then in the mounted file, while the worker runs.
+    Sessions must log in again every 3 s (``connections.max.reauth.ms``, as managed clusters
+    do), so the old password is refused within seconds; the worker reads the file again, logs
+    in with the new one and goes on. With transactions, read_committed readers see every
+    impression exactly once."""
+    reauth = {"connections.max.reauth.ms": "3000"}
+    with SecuredBroker(users=("worker",), extra_properties=reauth) as broker:
+        setup = Setup(broker, tmp_path, kafka_client)  # the first half of the impressions
+        env = setup.env("SASL_SSL", "SCRAM-SHA-512", transactional_id=f"tx-{uuid.uuid4().hex[:6]}")
+        env["STREAM_FM_AUTH_FAILURE_EXIT_S"] = "300"
+        env["STREAM_FM_CHECKPOINT_INTERVAL_S"] = "2"
+        tx = AclNeed("TRANSACTIONAL_ID", env["STREAM_FM_TRANSACTIONAL_ID"], "WRITE", "")
+        broker.grant("worker", [*setup.needs(env), tx])
+        worker = setup.worker(env)
+        try:
+            _wait_committed(setup, worker, N_IMPRESSIONS)
+            new_password = f"rotated-{uuid.uuid4().hex}"
+            setup.secrets.append(new_password)
+            broker.set_password("worker", new_password)
+            time.sleep(8)  # the Secret reaches the pod later than the broker changes
+            Path(env["STREAM_FM_SASL_PASSWORD_FILE"]).write_text(new_password + "\n")
+            setup.produce_more(N_IMPRESSIONS)
+            ids = _wait_committed(setup, worker, 2 * N_IMPRESSIONS)
+        finally:
+            code = worker.stop()
+        log = worker.log_path.read_text(errors="replace")
+        assert code == 0, _tail(log)
+        assert "the secret files changed" in log, _tail(log)
+        assert len(ids) == len(set(ids)) == 2 * N_IMPRESSIONS, "lost or doubled predictions"
+        _assert_no_secret(setup, worker)
+
+
+def _wait_committed(setup: Setup, worker: WorkerProcess, n: int) -> list[bytes]:
+    deadline = time.monotonic() + 180
+    while True:
+        ids = _committed_ids(setup.broker, setup.topics["predictions"])
+        if len(set(ids)) >= n:
+            time.sleep(2)  # a duplicate would come with the records after
+            return _committed_ids(setup.broker, setup.topics["predictions"])
+        if worker.process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(set(ids))} of {n} committed predictions; worker log:\n"
+                + _tail(worker.log_path.read_text(errors="replace"), 60)
+            )
+        time.sleep(0.5)

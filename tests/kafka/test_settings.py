@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import pytest
 
 from stream_fm.config import build_settings
@@ -9,9 +12,11 @@ from stream_fm.kafka.settings import (
     CLIENT_SETTINGS,
     client_setting,
     consumer_config,
+    librdkafka_consumer,
     producer_config,
     security_config,
 )
+from stream_fm.tools.broker.tls import CertificateAuthority
 
 
 def test_every_entry_says_why_and_has_its_unit_in_its_name() -> None:
@@ -62,3 +67,30 @@ def test_sasl_settings_are_passed_through() -> None:
         "sasl_plain_password": "secret",
     }
     assert security_config(None) == {}
+
+
+def test_tls_settings_reach_both_clients_and_verification_is_on_unless_named_insecure(
+    tmp_path: Path,
+) -> None:
+    ca = CertificateAuthority.create(tmp_path)
+    client = ca.issue("client", key_password="kp")
+    values = {
+        "security_protocol": "SSL",
+        "ssl_cafile": str(ca.cert_path),
+        "ssl_certfile": str(client.cert),
+        "ssl_keyfile": str(client.key),
+        "ssl_key_password": "kp",
+    }
+    settings = build_settings(values)
+    kafka_python = security_config(settings)
+    assert kafka_python["ssl_password"] == "kp" and "ssl_check_hostname" not in kafka_python
+    rdkafka = librdkafka_consumer(settings)
+    assert rdkafka["ssl.key.password"] == "kp"
+    assert rdkafka["ssl.endpoint.identification.algorithm"] == "https"
+    assert "enable.ssl.certificate.verification" not in rdkafka
+    insecure = build_settings(values | {"ssl_insecure_skip_verify": True})
+    assert security_config(insecure)["ssl_context"].verify_mode == ssl.CERT_NONE
+    assert librdkafka_consumer(insecure)["enable.ssl.certificate.verification"] is False
+    no_host = build_settings(values | {"ssl_insecure_skip_hostname_check": True})
+    assert security_config(no_host)["ssl_check_hostname"] is False
+    assert librdkafka_consumer(no_host)["ssl.endpoint.identification.algorithm"] == "none"

@@ -9,6 +9,7 @@ from stream_fm.tools.bench.kafka.results import (
     KafkaBenchReport,
     ScaleOutResult,
     ScaleOutWorker,
+    SecuredRun,
     WorkerResult,
 )
 
@@ -84,6 +85,8 @@ def format_report(report: KafkaBenchReport) -> str:
             f"{p.bytes / max(p.records, 1):.0f} B each); preloaded at {p.records_per_s:,.0f}/s"
         )
     lines += _throughput(report)
+    if report.secured is not None:
+        lines += _secured(report.secured)
     if report.scale_out is not None:
         lines += _format_scale_out(report.scale_out)
     if report.latency:
@@ -91,6 +94,19 @@ def format_report(report: KafkaBenchReport) -> str:
     for run in report.clients:
         lines += _memory(run.worker)
     return "\n".join(lines)
+
+
+def _secured(run: SecuredRun) -> list[str]:
+    w = run.worker
+    return [
+        "",
+        f"secured: the worker on {run.client} over {run.protocol} ({run.mechanism}, TLS), as a "
+        f"user with only the ACLs it needs, same topic right after its PLAINTEXT run",
+        f"{'worker on ' + run.protocol + ' (steady state)':<52}{_f(w.events_per_s):>14}",
+        f"{'worker on PLAINTEXT (above)':<52}{_f(run.plaintext_events_per_s):>14}",
+        f"{'ratio ' + run.protocol + ' / PLAINTEXT':<52}{_f(run.ratio_to_plaintext, '.3f'):>14}",
+        f"({w.records:,} records, {w.predictions:,} predictions, exit code {w.exit_code})",
+    ]
 
 
 def _throughput(report: KafkaBenchReport) -> list[str]:

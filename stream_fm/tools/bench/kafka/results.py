@@ -173,6 +173,19 @@ class ClientRun:
 
 
 @dataclass
+class SecuredRun:
+    """The worker over the same topic again, through a SASL_SSL listener: what TLS and SCRAM
+    cost against its PLAINTEXT run just before."""
+
+    client: str
+    protocol: str
+    mechanism: str
+    worker: WorkerResult
+    plaintext_events_per_s: float
+    ratio_to_plaintext: float | None
+
+
+@dataclass
 class KafkaBenchReport:
     kafka_version: str
     bootstrap_servers: str
@@ -182,6 +195,7 @@ class KafkaBenchReport:
     quix: QuixResult | None = None
     latency: list[LatencyResult] = field(default_factory=list)
     scale_out: ScaleOutResult | None = None
+    secured: SecuredRun | None = None
     latency_measures: str = LATENCY_MEASURES
     exact_latency_measures: str = EXACT_LATENCY_MEASURES
 

@@ -48,6 +48,8 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+from stream_fm.config import build_settings
+from stream_fm.kafka.acls import required_acls
 from stream_fm.tools.bench.kafka.data import _topics, preload
 from stream_fm.tools.bench.kafka.latency import measure_latency
 from stream_fm.tools.bench.kafka.options import KafkaBenchOptions, Say, _stderr
@@ -57,11 +59,13 @@ from stream_fm.tools.bench.kafka.results import (
     ClientRun,
     KafkaBenchReport,
     PreloadResult,
+    SecuredRun,
     _json_safe,
 )
 from stream_fm.tools.bench.kafka.scale_out import measure_scale_out
 from stream_fm.tools.bench.kafka.throughput import measure_ceiling, measure_worker
 from stream_fm.tools.broker import KafkaBroker
+from stream_fm.tools.broker.secure import SecuredBroker
 
 
 def run_kafka_bench(
@@ -78,7 +82,8 @@ def run_kafka_bench(
     try:
         if broker is None:
             say("bench kafka: starting Apache Kafka (KRaft) ...")
-            with KafkaBroker(log_path=work / "kafka.log", partitions=options.partitions) as own:
+            # Secured listeners beside the PLAINTEXT one the other phases use.
+            with SecuredBroker(log_path=work / "kafka.log", partitions=options.partitions) as own:
                 return _run(options, own, work, say)
         return _run(options, broker, work, say)
     finally:
@@ -94,6 +99,8 @@ def main_kafka_bench(options: KafkaBenchOptions, json_path: Path | None = None) 
     if json_path:
         json_path.write_text(json.dumps(report.as_dict(), indent=2))
     failed = [r.exit_code for r in report.latency] + [c.worker.exit_code for c in report.clients]
+    if report.secured is not None:
+        failed.append(report.secured.worker.exit_code)
     if report.scale_out is not None:
         runs = (report.scale_out.single, report.scale_out.pair)
         failed += [w.exit_code for run in runs for w in run.workers]
@@ -123,6 +130,8 @@ def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) 
         report.clients.append(
             _client_run(broker, client, run_id, topics["input"], report.preload, work, options, say)
         )
+    if isinstance(broker, SecuredBroker):
+        report.secured = _secured_run(broker, report, run_id, topics["input"], work, options, say)
     if options.quix:
         output = f"bench-{run_id}-quix-output"
         broker.create_topics([output], partitions=options.partitions)
@@ -175,6 +184,55 @@ def _client_run(
     say(f"bench kafka: worker on {client} {worker.events_per_s:,.0f} events/s")
     ratio = worker.events_per_s / ceilings[0].events_per_s if ceilings[0].events_per_s else None
     return ClientRun(client, ceilings[0], ceilings[1], worker, ratio)
+
+
+def _secured_run(
+    broker: SecuredBroker,
+    report: KafkaBenchReport,
+    run_id: str,
+    input_topic: str,
+    work: Path,
+    options: KafkaBenchOptions,
+    say: Say,
+) -> SecuredRun:
+    """The load client's worker once more over the same topic, through SASL_SSL with SCRAM,
+    as a user holding exactly the ACLs the worker needs; right after its PLAINTEXT run."""
+    client, mechanism = options.load_client, "SCRAM-SHA-512"
+    plain = report.client(client)
+    assert plain is not None and report.preload is not None
+    topics = {**_topics(run_id, f"worker-{client}-secured", options.labels), "input": input_topic}
+    broker.create_topics(
+        [t for name, t in topics.items() if name != "input"], partitions=options.partitions
+    )
+    values = broker.client_settings("SASL_SSL", mechanism)
+    password_file = work / "sasl-password"
+    password_file.write_text(values.pop("sasl_password"))
+    password_file.chmod(0o600)
+    env = {f"STREAM_FM_{k.upper()}": str(v) for k, v in values.items()}
+    env["STREAM_FM_SASL_PASSWORD_FILE"] = str(password_file)
+    group = f"bench-throughput-{client}-secured-{run_id}"
+    env["STREAM_FM_GROUP_ID"] = group
+    needs = required_acls(
+        build_settings(
+            {
+                "group_id": group,
+                "input_topics": (input_topic,),
+                "predictions_topic": topics["predictions"],
+                "dead_letter_topic": topics["dead_letters"],
+                "labels_topic": topics.get("labels", ""),
+            }
+        )
+    )
+    broker.grant("worker", needs)
+    say(f"bench kafka: the worker on {client} over SASL_SSL ({mechanism}) ...")
+    worker = measure_worker(
+        broker.bootstrap_servers, topics, report.preload.records, report.preload.impressions,
+        work, options, say, client, secured=env,
+    )  # fmt: skip
+    rate = plain.worker.events_per_s
+    say(f"bench kafka: worker on {client} over SASL_SSL {worker.events_per_s:,.0f} events/s")
+    ratio = worker.events_per_s / rate if rate else None
+    return SecuredRun(client, "SASL_SSL", mechanism, worker, rate, ratio)
 
 
 # --- output --------------------------------------------------------------------------------

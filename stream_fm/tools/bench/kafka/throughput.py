@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from stream_fm.config import build_settings
@@ -78,14 +79,19 @@ def measure_worker(
     options: KafkaBenchOptions,
     say: Say,
     client: str = "kafka-python",
+    secured: Mapping[str, str] | None = None,
 ) -> WorkerResult:
+    """``secured``: the worker connects as these STREAM_FM_* say (a SASL_SSL listener); the
+    figures are still read on ``bootstrap_servers``."""
+    env = dict(secured or {})
     worker = WorkerProcess(
-        bootstrap_servers,
+        env.pop("STREAM_FM_BOOTSTRAP_SERVERS", bootstrap_servers),
         topics,
         work,
-        f"throughput-{client}",
+        f"throughput-{client}" + ("-secured" if secured else ""),
         options.attribution_window_s,
         kafka_client=client,
+        extra_env=env,
     )
     profiler: PySpy | None = None
     watermarks = Watermarks(bootstrap_servers, topics["predictions"])
