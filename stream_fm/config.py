@@ -257,6 +257,14 @@ class Settings:
     metrics_port: int = field(
         default=9464, metadata=help_text("port of the metrics server; 0 picks a free one")
     )
+    metrics_web_config: str = field(
+        default="",
+        metadata=help_text(
+            "Prometheus exporter-toolkit web config file: TLS for /metrics, /healthz, /readyz "
+            "(tls_server_config) and basic auth on /metrics (basic_auth_users, bcrypt); "
+            "empty = plain HTTP"
+        ),
+    )
     log_level: str = field(default="INFO", metadata=help_text("DEBUG, INFO, WARNING or ERROR"))
     model: FMParams = field(default_factory=FMParams, metadata=help_text("FM hyperparameters"))
 

@@ -15,6 +15,8 @@ import contextlib
 import http.server
 import math
 import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -29,6 +31,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from stream_fm.errors import ConfigError
+from stream_fm.webconfig import WebConfig, check_basic_auth
 
 __all__ = [
     "BATCH_SECONDS_BUCKETS",
@@ -449,13 +452,30 @@ class _Server(http.server.ThreadingHTTPServer):
         registry: CollectorRegistry,
         health_check: HealthCheck,
         ready_check: HealthCheck,
+        web: WebConfig | None = None,
     ) -> None:
         # ThreadingHTTPServer is IPv4-only unless told; a literal IPv6 host needs AF_INET6.
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.registry = registry
         self.health_check = health_check
         self.ready_check = ready_check
+        self.web = web or WebConfig(None)
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that cannot speak TLS (or hangs up) is its own problem, not a traceback.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.web.tls is None:
+            return sock, address
+        # The handshake runs in the request's own thread (a slow client holds up nobody).
+        return self.web.tls.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        ), address
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -468,8 +488,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._respond(send_body=False)
 
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except (OSError, ssl.SSLError):
+                self.request.close()
+                raise
+        super().setup()
+
     def _respond(self, send_body: bool) -> None:
         path = urlsplit(self.path).path
+        if path == "/metrics" and not check_basic_auth(
+            self.server.web.users, self.headers.get("Authorization")
+        ):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="stream-fm metrics"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             self._send(200, encoder(self.server.registry), content_type, send_body)
@@ -516,7 +554,9 @@ class MetricsServer:
         *,
         health_check: HealthCheck = _always_ok,
         ready_check: HealthCheck = _always_ok,
+        web: WebConfig | None = None,
     ) -> None:
+        self._web = web or WebConfig(None)
         self._registry = registry
         self._host = host
         self._requested_port = port
@@ -534,7 +574,7 @@ class MetricsServer:
     @property
     def url(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
+        return f"{self._web.scheme}://{host}:{self.port}"
 
     def start(self) -> MetricsServer:
         if self._server is not None:
@@ -545,6 +585,7 @@ class MetricsServer:
                 self._registry,
                 self._health_check,
                 self._ready_check,
+                self._web,
             )
         except OSError as exc:
             # The operator fixes this by changing the setting, so name it.

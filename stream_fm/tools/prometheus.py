@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,9 +55,14 @@ def repo_rule_files() -> list[Path]:
 
 
 def scrape_config(
-    targets: Sequence[str], *, scrape_interval_s: float, rule_files: Sequence[Path | str]
+    targets: Sequence[str],
+    *,
+    scrape_interval_s: float,
+    rule_files: Sequence[Path | str],
+    scrape: Mapping[str, Any] | None = None,
 ) -> str:
-    """A prometheus.yml for job ``stream_fm`` (JSON, which is YAML) scraping ``targets``."""
+    """A prometheus.yml for job ``stream_fm`` (JSON, which is YAML) scraping ``targets``;
+    ``scrape``: more of the scrape config (``scheme``, ``tls_config``, ``basic_auth``)."""
     interval = f"{max(1, round(scrape_interval_s))}s"
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
@@ -67,6 +72,7 @@ def scrape_config(
                 "job_name": JOB,
                 "metrics_path": "/metrics",
                 "static_configs": [{"targets": list(targets)}],
+                **(scrape or {}),
             }
         ],
     }
@@ -96,7 +102,9 @@ class PrometheusServer:
         rule_files: Sequence[Path | str] = (),
         binary: str | None = None,
         start_timeout_s: float = 60.0,
+        scrape: Mapping[str, Any] | None = None,
     ) -> None:
+        self.scrape = dict(scrape or {})
         self.workdir = Path(workdir)
         self.targets = list(targets)
         self.scrape_interval_s = scrape_interval_s
@@ -117,7 +125,10 @@ class PrometheusServer:
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(
             scrape_config(
-                self.targets, scrape_interval_s=self.scrape_interval_s, rule_files=self.rule_files
+                self.targets,
+                scrape_interval_s=self.scrape_interval_s,
+                rule_files=self.rule_files,
+                scrape=self.scrape,
             )
         )
         self.port = free_ports()[0]

@@ -35,6 +35,7 @@ from stream_fm.model.delta import DeltaTracker
 from stream_fm.model.fast import FastFM
 from stream_fm.pipeline import Pipeline
 from stream_fm.sync import ModelSync, ensure_topic
+from stream_fm.webconfig import load_web_config
 from stream_fm.worker.health import Health
 from stream_fm.worker.observe import Observer
 from stream_fm.worker.publish import publish
@@ -105,6 +106,9 @@ class Worker:
             settings.metrics_port,
             health_check=self.health.alive,
             ready_check=self.health.ready,
+            web=load_web_config(settings.metrics_web_config)
+            if settings.metrics_web_config
+            else None,
         ).start()
         log.info("metrics, /healthz and /readyz on %s", server.url)
         code = 0

@@ -9,19 +9,26 @@ every rule must evaluate without error, and the scraped text must pass ``promtoo
 
 from __future__ import annotations
 
+import base64
 import math
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import orjson
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
 from stream_fm.tools.broker import KafkaBroker
+from stream_fm.tools.broker.tls import CertificateAuthority
 from stream_fm.tools.dashboard import load_dashboard, panel_queries
 from stream_fm.tools.prometheus import PrometheusServer
 from tests.integration.conftest import UniqueTopic
@@ -67,11 +74,76 @@ def _odd_records(start_ts_ms: int) -> list[tuple[bytes | None, bytes]]:
     ]
 
 
+class SecuredMetrics:
+    """A web config file (exporter-toolkit format) with a throwaway CA's server certificate
+    and one bcrypt user, and what Prometheus needs to scrape through it."""
+
+    def __init__(self, directory: Path, ca: CertificateAuthority, password: str) -> None:
+        self.directory, self.ca, self.password = directory, ca, password
+        self.config = directory / "web.yml"
+
+    @classmethod
+    def create(cls, directory: Path) -> SecuredMetrics:
+        ca = CertificateAuthority.create(directory, "metrics-ca")
+        server = ca.issue("metrics", hosts=("127.0.0.1",))
+        password = uuid.uuid4().hex
+        web = cls(directory, ca, password)
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
+        web.config.write_text(
+            yaml.safe_dump(
+                {
+                    "tls_server_config": {
+                        "cert_file": server.cert.name,
+                        "key_file": server.key.name,
+                    },
+                    "basic_auth_users": {"prometheus": hashed},
+                }
+            )
+        )
+        (directory / "password").write_text(password)
+        return web
+
+    def prometheus_scrape(self) -> dict[str, Any]:
+        return {
+            "scheme": "https",
+            "tls_config": {"ca_file": str(self.ca.cert_path)},
+            "basic_auth": {
+                "username": "prometheus",
+                "password_file": str(self.directory / "password"),
+            },
+        }
+
+    def get(self, url: str, password: str | None = None) -> bytes:
+        context = ssl.create_default_context(cafile=str(self.ca.cert_path))
+        token = base64.b64encode(f"prometheus:{password or self.password}".encode()).decode()
+        request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            return bytes(response.read())
+
+    def assert_guarded(self, base_url: str) -> None:
+        """/metrics wants the password; the probes' endpoints answer without it, over TLS."""
+        assert base_url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(self.ca.cert_path))
+        for headers in (
+            {},
+            {"Authorization": "Basic " + base64.b64encode(b"prometheus:x").decode()},
+        ):
+            request = urllib.request.Request(f"{base_url}/metrics", headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5, context=context)
+            assert refused.value.code == 401
+        with urllib.request.urlopen(f"{base_url}/healthz", timeout=5, context=context) as response:
+            assert response.status == 200
+        with pytest.raises(OSError):  # plain HTTP on the TLS port gets nothing
+            urllib.request.urlopen(base_url.replace("https", "http") + "/healthz", timeout=5)
+
+
 def test_every_panel_and_rule_evaluates_on_live_data(
     kafka_broker: KafkaBroker, unique_topic: UniqueTopic, tmp_path: Path
 ) -> None:
     prometheus_binary = require_prometheus()
     promtool = require_promtool()
+    web = SecuredMetrics.create(tmp_path / "web")
     topics = {
         "input": (unique_topic("events", partitions=2),),
         "predictions": unique_topic("predictions", partitions=2),
@@ -88,18 +160,22 @@ def test_every_panel_and_rule_evaluates_on_live_data(
         # One model per group: a peer in the group, so the sync panels have data too.
         model_updates_topic=unique_topic("updates", partitions=1),
         model_sync_interval_ms=500,
+        # /metrics over TLS with basic auth, as Prometheus scrapes a secured exporter.
+        metrics_web_config=str(web.config),
     )
     with WorkerThread(settings) as running, WorkerThread(settings):
         running.wait_for(lambda w: w.server is not None and w.ready()[0], timeout_s=120)
         assert running.worker.server is not None
         metrics_url = f"{running.worker.server.url}/metrics"
-        target = metrics_url.removeprefix("http://").removesuffix("/metrics")
+        target = metrics_url.removeprefix("https://").removesuffix("/metrics")
+        web.assert_guarded(running.worker.server.url)
         with PrometheusServer(
             tmp_path / "prometheus",
             [target],
             scrape_interval_s=1.0,
             rule_files=[ALERTS],
             binary=prometheus_binary,
+            scrape=web.prometheus_scrape(),
         ) as prometheus:
             simulator = subprocess.Popen(
                 [
@@ -154,8 +230,7 @@ def test_every_panel_and_rule_evaluates_on_live_data(
             for record in ("job:stream_fm_logloss:rate1h", "job:stream_fm_calibration:rate1h"):
                 assert _finite_values(prometheus.query(record)), record
 
-        with urllib.request.urlopen(metrics_url, timeout=5) as response:
-            scraped = response.read().decode()
+        scraped = web.get(metrics_url).decode()
 
     # promtool's linter on exactly what Prometheus scraped.
     lint = subprocess.run(
