@@ -125,9 +125,9 @@ def setup(secured: SecuredBroker, tmp_path: Path, kafka_client: str) -> Setup:
     return Setup(secured, tmp_path, kafka_client)
 
 
-def _readyz(worker: WorkerProcess) -> tuple[int, str]:
+def _readyz(worker: WorkerProcess, page: str = "/readyz") -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(worker.url + "/readyz", timeout=2) as response:
+        with urllib.request.urlopen(worker.url + page, timeout=2) as response:
             return int(response.status), response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -164,9 +164,12 @@ def test_every_way_in_with_the_listed_acls_predicts_each_impression_once(
 ) -> None:
     env = setup.env(protocol, mechanism)
     setup.broker.grant("worker", setup.needs(env))
+    # One record that is not an event: a dead letter, whose headers are searched too.
+    produce(setup.broker, setup.topics["input"], [(b"bad", b"{not json")])
     worker = setup.worker(env)
     try:
         records = _wait_predictions(setup, worker)
+        pages = {page: _readyz(worker, page)[1].encode() for page in ("/metrics", "/readyz")}
     finally:
         code = worker.stop()
     assert code == 0, _tail(worker.log_path.read_text(errors="replace"))
@@ -174,13 +177,18 @@ def test_every_way_in_with_the_listed_acls_predicts_each_impression_once(
     committed = committed_offsets(
         setup.broker.bootstrap_servers, setup.group, setup.topics["input"]
     )
-    assert sum(o or 0 for o in committed.values()) == N_IMPRESSIONS
-    _assert_no_secret(setup, worker)
+    assert sum(o or 0 for o in committed.values()) == N_IMPRESSIONS + 1
+    assert len(read_topic(setup.broker.bootstrap_servers, setup.topics["dead_letters"], 10)) == 1
+    assert b"stream_fm_events_total" in pages["/metrics"]
+    _assert_no_secret(setup, worker, pages)
 
 
-def _assert_no_secret(setup: Setup, worker: WorkerProcess) -> None:
-    """No secret in the log, the checkpoints, the apply log or any output record."""
-    places: dict[str, bytes] = {"log": worker.log_path.read_bytes()}
+def _assert_no_secret(
+    setup: Setup, worker: WorkerProcess, pages: dict[str, bytes] | None = None
+) -> None:
+    """No secret in the log (describe() included), /metrics, /readyz, the checkpoints, the
+    apply log or any output record (dead-letter headers included)."""
+    places: dict[str, bytes] = {"log": worker.log_path.read_bytes(), **(pages or {})}
     for path in [*worker.checkpoint_dir.rglob("*"), setup.work / "apply.jsonl"]:
         if path.is_file():
             places[str(path)] = path.read_bytes()
