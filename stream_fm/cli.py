@@ -167,6 +167,13 @@ def _demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ("--partitions", {"type": int, "default": 2, "help": "partitions of every topic"}),
         ("--work-dir", {"type": Path, "help": "logs and checkpoints (default: a new temp dir)"}),
         (
+            "--secure",
+            {
+                "action": "store_true",
+                "help": "Kafka with SASL_SSL, mTLS and ACLs; the worker logs in with SCRAM",
+            },
+        ),
+        (
             "--prometheus",
             {
                 "action": "store_true",
@@ -417,6 +424,7 @@ def _demo(args: argparse.Namespace) -> int:
             work_dir=args.work_dir,
             prometheus=args.prometheus or args.snapshot is not None,
             snapshot=args.snapshot,
+            secure=args.secure,
         )
     )
 

@@ -8,6 +8,9 @@ seconds it reads the worker's own /metrics and prints progressive log loss and N
 and over the recent window, AUC and throughput. Ctrl-C (or ``--duration-s``) stops every
 child in order; every child also dies with the demo if it is killed outright.
 
+``--secure`` starts Kafka with SASL_SSL, mutual TLS and the StandardAuthorizer; the worker
+logs in with SCRAM from a password file, holding only the ACLs it needs.
+
 ``--prometheus`` adds a real Prometheus server scraping the worker with the alert rules of
 deploy/prometheus/alerts.yml; ``--snapshot PNG`` then draws the dashboard's key panels from it.
 """
@@ -29,8 +32,11 @@ from types import FrameType
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream_fm.config import load_settings
 from stream_fm.errors import StreamFMError
+from stream_fm.kafka.acls import required_acls
 from stream_fm.tools.broker import KafkaBroker
+from stream_fm.tools.broker.secure import SecuredBroker
 from stream_fm.tools.dashboard import render_snapshot
 from stream_fm.tools.process import Child, free_ports, port_is_free
 from stream_fm.tools.prometheus import JOB, PrometheusServer, repo_rule_files
@@ -58,6 +64,7 @@ class DemoOptions:
     prometheus: bool = False
     snapshot: Path | None = None
     every_s: float = 5.0
+    secure: bool = False  # the worker logs in over SASL_SSL with only the ACLs it needs
 
 
 class ChildExited(StreamFMError):
@@ -88,16 +95,36 @@ def _metrics_port(requested: int) -> int:
     return port
 
 
-def _worker_env(broker: KafkaBroker, work: Path, port: int) -> dict[str, str]:
+def _secured_worker(broker: SecuredBroker, work: Path) -> dict[str, str]:
+    """SASL_SSL with SCRAM-SHA-512 as user ``worker``, the password in a 0600 file, the
+    throwaway CA trusted, and exactly the ACLs the worker's settings need granted."""
+    values = broker.client_settings("SASL_SSL", "SCRAM-SHA-512")
+    password = work / "sasl-password"
+    password.write_text(values.pop("sasl_password") + "\n")
+    password.chmod(0o600)
+    env = {f"STREAM_FM_{name.upper()}": str(value) for name, value in values.items()}
+    env["STREAM_FM_SASL_PASSWORD_FILE"] = str(password)
+    broker.grant("worker", required_acls(load_settings(env={**_DEMO_SETTINGS, **env})))
+    return env
+
+
+_DEMO_SETTINGS = {
+    "STREAM_FM_INPUT_TOPICS": TOPICS["events"],
+    "STREAM_FM_PREDICTIONS_TOPIC": TOPICS["predictions"],
+    "STREAM_FM_DEAD_LETTER_TOPIC": TOPICS["dead_letters"],
+    "STREAM_FM_LABELS_TOPIC": TOPICS["labels"],
+    "STREAM_FM_GROUP_ID": "stream-fm-demo",
+}
+
+
+def _worker_env(
+    broker: KafkaBroker, work: Path, port: int, secured: dict[str, str] | None = None
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             "STREAM_FM_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "STREAM_FM_INPUT_TOPICS": TOPICS["events"],
-            "STREAM_FM_PREDICTIONS_TOPIC": TOPICS["predictions"],
-            "STREAM_FM_DEAD_LETTER_TOPIC": TOPICS["dead_letters"],
-            "STREAM_FM_LABELS_TOPIC": TOPICS["labels"],
-            "STREAM_FM_GROUP_ID": "stream-fm-demo",
+            **_DEMO_SETTINGS,
             "STREAM_FM_CHECKPOINT_DIR": str(work / "checkpoints"),
             "STREAM_FM_CHECKPOINT_INTERVAL_S": "10",
             "STREAM_FM_METRICS_PORT": str(port),
@@ -105,6 +132,7 @@ def _worker_env(broker: KafkaBroker, work: Path, port: int) -> dict[str, str]:
             "STREAM_FM_LOG_LEVEL": "WARNING",
         }
     )
+    env.update(secured or {})
     return env
 
 
@@ -198,12 +226,20 @@ def run_demo(options: DemoOptions) -> int:
     )
     _say("demo: starting Apache Kafka (KRaft); the first run fetches its jars with Maven ...")
     code = 0
+    kind = SecuredBroker if options.secure else KafkaBroker
     with (
         _sigterm_as_interrupt(),
-        KafkaBroker(log_path=work / "kafka.log", partitions=options.partitions) as broker,
+        kind(log_path=work / "kafka.log", partitions=options.partitions) as broker,
     ):
         _say(f"demo: Kafka {broker.kafka_version} on {broker.bootstrap_servers} (pid {broker.pid})")
         broker.create_topics(TOPICS.values(), partitions=options.partitions)
+        secured = _secured_worker(broker, work) if isinstance(broker, SecuredBroker) else None
+        if secured is not None:
+            _say(
+                f"demo: secured: the worker logs in on {secured['STREAM_FM_BOOTSTRAP_SERVERS']} "
+                "over SASL_SSL (SCRAM-SHA-512) as 'worker', with only the ACLs it needs "
+                f"(password file {secured['STREAM_FM_SASL_PASSWORD_FILE']})"
+            )
         port = _metrics_port(options.metrics_port)
         children: list[Child] = []
         prom: PrometheusServer | None = None
@@ -212,7 +248,7 @@ def run_demo(options: DemoOptions) -> int:
                 "worker",
                 [sys.executable, "-m", "stream_fm", "run"],
                 work / "worker.log",
-                env=_worker_env(broker, work, port),
+                env=_worker_env(broker, work, port, secured),
             )
             children.append(worker)
             simulator = Child(

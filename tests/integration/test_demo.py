@@ -143,6 +143,15 @@ def test_a_taken_metrics_port_moves_the_demo_to_a_free_one() -> None:
     assert f"metrics on http://127.0.0.1:{moved.group(1)}/metrics" in demo.output
 
 
+def test_the_secure_demo_logs_in_over_sasl_ssl_with_only_its_acls_and_learns() -> None:
+    demo = Demo("--secure", "--metrics-port", "0", "--duration-s", "20")
+    line = demo.wait_for_traffic()
+    code = demo.finish(timeout_s=300)
+    assert code == 0, demo.output[-4000:]
+    assert "over SASL_SSL (SCRAM-SHA-512) as 'worker', with only the ACLs it needs" in demo.output
+    assert "refused by the cluster" not in demo.output, line
+
+
 @pytest.mark.parametrize("child", ["simulator"])
 def test_a_child_that_dies_is_reported_with_its_log_and_fails_the_demo(child: str) -> None:
     demo = Demo("--metrics-port", "0")
