@@ -106,6 +106,25 @@ class Settings:
             "an authentication failure, so a rotated Secret takes effect without a restart"
         ),
     )
+    sasl_oauthbearer_token_endpoint_url: str = field(
+        default="",
+        metadata=help_text("OAUTHBEARER: the OpenID Connect token endpoint (client credentials)"),
+    )
+    sasl_oauthbearer_client_id: str = field(
+        default="", metadata=help_text("OAUTHBEARER: the client id at the token endpoint")
+    )
+    sasl_oauthbearer_client_secret: str = field(
+        default="",
+        repr=False,
+        metadata=help_text("OAUTHBEARER: the client secret (prefer the _file setting)"),
+    )
+    sasl_oauthbearer_client_secret_file: str = field(
+        default="",
+        metadata=help_text("file holding sasl_oauthbearer_client_secret"),
+    )
+    sasl_oauthbearer_scope: str = field(
+        default="", metadata=help_text("OAUTHBEARER: scope requested with the token (optional)")
+    )
     ssl_cafile: str = field(
         default="", metadata=help_text("CA bundle for SSL (empty: the system's CAs)")
     )
@@ -325,6 +344,11 @@ def _validate(s: Settings) -> None:
         not s.security_protocol.startswith("SASL") or bool(s.sasl_mechanism),
         "sasl_mechanism",
         f"required with security_protocol={s.security_protocol}",
+    )
+    require(
+        s.sasl_mechanism != "OAUTHBEARER" or bool(s.sasl_oauthbearer_token_endpoint_url),
+        "sasl_oauthbearer_token_endpoint_url",
+        "required with sasl_mechanism=OAUTHBEARER (client credentials at an OIDC provider)",
     )
     for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         path = getattr(s, name)
@@ -557,7 +581,7 @@ def check_tls_files(settings: Settings) -> None:
 
 #: Settings that are secrets: never shown, each may come from a file ``<name>_file``
 #: (``STREAM_FM_<NAME>_FILE``, the convention of Docker and Kubernetes secrets).
-SECRETS: Final = ("sasl_password", "ssl_key_password")
+SECRETS: Final = ("sasl_password", "ssl_key_password", "sasl_oauthbearer_client_secret")
 
 
 def read_secret_files(settings: Settings) -> Settings:

@@ -103,7 +103,12 @@ def security_config(settings: Settings | None) -> dict[str, Any]:
     if settings is None:
         return {}
     config: dict[str, Any] = {"security_protocol": settings.security_protocol}
-    if settings.sasl_mechanism:
+    if settings.sasl_mechanism == "OAUTHBEARER":
+        from stream_fm.kafka.oauth import ClientCredentials
+
+        config["sasl_mechanism"] = "OAUTHBEARER"
+        config["sasl_oauth_token_provider"] = ClientCredentials(settings)
+    elif settings.sasl_mechanism:
         config["sasl_mechanism"] = settings.sasl_mechanism
         config["sasl_plain_username"] = settings.sasl_username or None
         config["sasl_plain_password"] = settings.sasl_password or None
@@ -204,6 +209,15 @@ def _librdkafka_security(settings: Settings) -> dict[str, Any]:
         for name, value in security_config(settings).items()
         if value is not None and name in _SECURITY_LIBRDKAFKA
     }
+    if settings.sasl_mechanism == "OAUTHBEARER":  # librdkafka fetches the token itself
+        config |= {
+            "sasl.oauthbearer.method": "oidc",
+            "sasl.oauthbearer.token.endpoint.url": settings.sasl_oauthbearer_token_endpoint_url,
+            "sasl.oauthbearer.client.id": settings.sasl_oauthbearer_client_id,
+            "sasl.oauthbearer.client.secret": settings.sasl_oauthbearer_client_secret,
+        }
+        if settings.sasl_oauthbearer_scope:
+            config["sasl.oauthbearer.scope"] = settings.sasl_oauthbearer_scope
     if settings.security_protocol.endswith("SSL"):
         # librdkafka checks the host name since 1.9; said here so both clients agree.
         skip_host = settings.ssl_insecure_skip_hostname_check or settings.ssl_insecure_skip_verify
