@@ -122,6 +122,14 @@ class Admin:
         except kafka_errors.KafkaError as error:
             raise BrokerError(f"cannot create topics {wanted}: {error}") from error
 
+    def topic_exists(self, topic: str) -> bool:
+        """Whether ``topic`` exists and this principal may see it (DESCRIBE, which READ and
+        WRITE imply)."""
+        try:
+            return topic in set(self._client.list_topics())
+        except kafka_errors.KafkaError as error:
+            raise BrokerError(f"cannot list topics: {error}") from error
+
     def topic_config(self, topic: str, name: str) -> str | None:
         """The effective value of one topic setting (defaults included), None if unreadable."""
         try:

@@ -50,6 +50,10 @@ def ensure_topic(settings: Settings) -> None:
     """Create the model-updates topic if it does not exist: one partition (one order for
     every reader), replicated like the cluster allows, kept for a week."""
     with Admin(settings.bootstrap_servers, settings) as admin:
+        if admin.topic_exists(settings.model_updates_topic):  # no CREATE ACL needed then
+            log.info("model updates go through the existing topic %s", settings.model_updates_topic)
+            return
+        log.info("creating the model-updates topic %s", settings.model_updates_topic)
         replication = max(1, min(3, admin.live_brokers()))
         admin.create_topics(
             [settings.model_updates_topic],

@@ -96,6 +96,11 @@ class Setup:
 
     def needs(self, env: dict[str, str]) -> list[AclNeed]:
         """The ACLs docs/operations.md lists for this worker's settings."""
+        features = {
+            name: env[f"STREAM_FM_{name.upper()}"]
+            for name in ("transactional_id", "model_updates_topic")
+            if f"STREAM_FM_{name.upper()}" in env
+        }
         return required_acls(
             build_settings(
                 {
@@ -103,6 +108,7 @@ class Setup:
                     "input_topics": (self.topics["input"],),
                     "predictions_topic": self.topics["predictions"],
                     "dead_letter_topic": self.topics["dead_letters"],
+                    **features,
                 }
             )
         )
@@ -183,6 +189,45 @@ def test_every_way_in_with_the_listed_acls_predicts_each_impression_once(
     _assert_no_secret(setup, worker, pages)
 
 
+def test_an_expired_broker_certificate_is_named(tmp_path: Path, kafka_client: str) -> None:
+    with SecuredBroker(users=("worker",), expired_cert=True) as broker:
+        setup = Setup(broker, tmp_path, kafka_client)
+        env = setup.env("SASL_SSL", "SCRAM-SHA-512")
+        broker.grant("worker", setup.needs(env))
+        worker = setup.worker(env)
+        try:
+            code = worker.process.wait(timeout=180)
+        finally:
+            worker.stop()
+        log = worker.log_path.read_text(errors="replace")
+        assert code == 3, _tail(log)
+        assert (
+            "giving up: refused by the cluster (certificate): the broker's certificate has "
+            "expired" in log
+        ), _tail(log)
+
+
+def test_one_model_per_group_needs_no_create_acl_when_the_updates_topic_exists(
+    setup: Setup,
+) -> None:
+    updates = f"updates-{setup.group}"
+    setup.broker.create_topics([updates], partitions=1)
+    env = setup.env("SASL_SSL", "SCRAM-SHA-512", model_updates_topic=updates)
+    needs = [n for n in setup.needs(env) if not n.optional]  # no CREATE, no DESCRIBE_CONFIGS
+    assert {(n.resource, n.name, n.operation) for n in needs} >= {("TOPIC", updates, "WRITE")}
+    setup.broker.grant("worker", needs)
+    worker = setup.worker(env)
+    try:
+        _wait_predictions(setup, worker)
+    finally:
+        code = worker.stop()
+    log = worker.log_path.read_text(errors="replace")
+    assert code == 0, _tail(log)
+    assert f"model updates go through the existing topic {updates}" in log
+    assert "cannot read max.message.bytes" in log  # the optional ACL's fallback, said once
+    assert read_topic(setup.broker.bootstrap_servers, updates, 10), "no model update published"
+
+
 def _assert_no_secret(
     setup: Setup, worker: WorkerProcess, pages: dict[str, bytes] | None = None
 ) -> None:
@@ -220,17 +265,21 @@ REFUSALS: dict[str, tuple[str, str, str, str]] = {
     "no-group-acl": ("SASL_SSL", "SCRAM-SHA-512", "authorization", "ACL GROUP"),
     "no-input-read-acl": ("SASL_SSL", "SCRAM-SHA-512", "authorization", "READ"),
     "no-output-write-acl": ("SASL_SSL", "PLAIN", "authorization", "WRITE"),
+    "no-transactional-id-acl": ("SASL_SSL", "SCRAM-SHA-512", "authorization", "TRANSACTIONAL_ID"),
 }  # fmt: skip
 
 
 def _refused_env(setup: Setup, case: str) -> dict[str, str]:
     protocol, mechanism, _, _ = REFUSALS[case]
     env = setup.env(protocol, mechanism)
+    if case == "no-transactional-id-acl":
+        env["STREAM_FM_TRANSACTIONAL_ID"] = f"tx-{uuid.uuid4().hex[:8]}"
     needs = setup.needs(env)
     drop = {
         "no-group-acl": ("GROUP", "READ"),
         "no-input-read-acl": ("TOPIC", "READ"),
         "no-output-write-acl": ("TOPIC", "WRITE"),
+        "no-transactional-id-acl": ("TRANSACTIONAL_ID", "WRITE"),
     }.get(case)
     setup.broker.grant("worker", [n for n in needs if (n.resource, n.operation) != drop])
     if case == "wrong-password":
@@ -300,8 +349,7 @@ def test_a_scram_password_rotated_while_running_is_picked_up_nothing_lost_or_dou
         env = setup.env("SASL_SSL", "SCRAM-SHA-512", transactional_id=f"tx-{uuid.uuid4().hex[:6]}")
         env["STREAM_FM_AUTH_FAILURE_EXIT_S"] = "300"
         env["STREAM_FM_CHECKPOINT_INTERVAL_S"] = "2"
-        tx = AclNeed("TRANSACTIONAL_ID", env["STREAM_FM_TRANSACTIONAL_ID"], "WRITE", "")
-        broker.grant("worker", [*setup.needs(env), tx])
+        broker.grant("worker", setup.needs(env))
         worker = setup.worker(env)
         try:
             _wait_committed(setup, worker, N_IMPRESSIONS)

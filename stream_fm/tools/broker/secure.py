@@ -36,8 +36,12 @@ class SecuredBroker(KafkaBroker):
     key encrypted with the same password). Users have no ACLs until ``grant``.
     """
 
-    def __init__(self, users: Iterable[str] = ("worker",), **kwargs: Any) -> None:
+    def __init__(
+        self, users: Iterable[str] = ("worker",), expired_cert: bool = False, **kwargs: Any
+    ) -> None:
+        """``expired_cert``: the broker serves a certificate that has expired (a refusal test)."""
         super().__init__(**kwargs)
+        self.expired_cert = expired_cert
         self.sasl_ssl_port = self.ssl_port = self.sasl_plaintext_port = 0
         self._passwords = {u: secrets.token_urlsafe(18) for u in users}
         self._ca: CertificateAuthority | None = None
@@ -130,7 +134,7 @@ class SecuredBroker(KafkaBroker):
             assert self.data_dir is not None
             self._ca = CertificateAuthority.create(self.data_dir / "tls")
             # Its address only: a client that dials "localhost" meets a host name mismatch.
-            server = self._ca.issue("broker", hosts=(self.host,))
+            server = self._ca.issue("broker", hosts=(self.host,), expired=self.expired_cert)
             self._broker_tls = self._ca.keystore(server)
             self._clients = {
                 u: self._ca.issue(u, key_password=p) for u, p in self._passwords.items()
