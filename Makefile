@@ -9,6 +9,8 @@ $(BIN)/stream-fm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
+	# Compile the kernels into numba's cache now, so the first replay or worker does not.
+	$(BIN)/stream-fm compile
 	touch $@
 
 install: $(BIN)/stream-fm

@@ -40,8 +40,8 @@ GRAFANA = DEPLOY / "grafana"
 # One checkpoint write (serialize, fsync, rename, fsync the directory) on top of the batch the
 # drain finishes; the grace periods must leave at least this much after poll + produce.
 CHECKPOINT_WRITE_S = 5.0
-# numba compiles the kernels before /healthz listens (~60 s cold), then the worker waits up to
-# 30 s for its input topics (Worker.run) before the loop makes progress.
+# On a node whose CPU differs from the image builder's, numba compiles the kernels at start
+# (~60 s cold), then the worker waits up to 30 s for its input topics before the loop runs.
 STARTUP_BUDGET_S = 60 + 30
 SCRAPE_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
 
@@ -376,6 +376,22 @@ def test_pod_security_matches_the_image() -> None:
         Path(m["mountPath"]) for m in _container()["volumeMounts"] if m["name"] in empty_dirs
     ]
     assert any(numba_cache.is_relative_to(path) for path in writable)
+
+
+def test_the_image_carries_compiled_kernels_and_k8s_seeds_them() -> None:
+    # The Dockerfile compiles as the app user after NUMBA_CACHE_DIR is set ...
+    steps = _dockerfile_instructions()
+    compile_at = steps.index(("RUN", "stream-fm compile"))
+    assert ("USER", "streamfm") in steps[:compile_at]
+    cache = _dockerfile_env()["NUMBA_CACHE_DIR"]
+    # ... and the init container copies that cache to the volume the worker mounts there.
+    (init,) = _pod_spec()["initContainers"]
+    assert init["image"] == _container()["image"]
+    assert f"{cache}/." in " ".join(init["command"])
+    (seed,) = init["volumeMounts"]
+    mounts = {m["mountPath"]: m["name"] for m in _container()["volumeMounts"]}
+    assert mounts[cache] == seed["name"]
+    assert seed["mountPath"] in " ".join(init["command"])
 
 
 def test_service_is_headless_and_selects_the_pods() -> None:

@@ -185,8 +185,9 @@ def test_replay_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
     report = json.loads(out.read_text())
     for key in (
         "examples", "logloss", "normalized_entropy", "auc", "calibration",
-        "examples_per_second", "seconds",
+        "examples_per_second", "seconds", "compile_seconds",
     ):  # fmt: skip
         assert key in report, key
     assert report["examples"] == ROWS
+    assert report["compile_seconds"] > 0  # timed apart from the stream's seconds
     assert json.loads(capsys.readouterr().out)["examples"] == ROWS

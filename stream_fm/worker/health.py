@@ -19,6 +19,7 @@ class Health:
         self.retry = retry
         self.io: KafkaIO | None = None
         self.refusal: Callable[[], str | None] = lambda: None  # the cluster's refusal, if any
+        self.compiled = False  # the kernels are compiled or loaded (``warmup``)
         self._last_beat_s = time.monotonic()
 
     def beat(self) -> None:
@@ -40,6 +41,8 @@ class Health:
         refused = self.refusal() or _noticed(self.settings)
         if refused is not None:
             return False, refused
+        if not self.compiled:
+            return False, "compiling the model kernels"
         if io is None or not recovery.restored:
             return False, "state not restored yet"
         if not recovery.offsets and not io.assignment():

@@ -35,6 +35,7 @@ from stream_fm.model.delta import DeltaTracker
 from stream_fm.model.fast import FastFM
 from stream_fm.pipeline import Pipeline
 from stream_fm.sync import ModelSync, ensure_topic
+from stream_fm.warmup import warm_up
 from stream_fm.webconfig import load_web_config
 from stream_fm.worker.health import Health
 from stream_fm.worker.observe import Observer
@@ -113,7 +114,7 @@ class Worker:
         log.info("metrics, /healthz and /readyz on %s", server.url)
         code = 0
         try:
-            if self._start():
+            if self._compile() and self._start():
                 while not self._stopping.is_set():
                     self.step()
                 code = self._finish()
@@ -132,6 +133,32 @@ class Worker:
         log.info(summary)
         print(summary, flush=True)
         return code
+
+    def _compile(self) -> bool:
+        """Compile (or load) the kernels before connecting, so the first batch does not pay
+        for it; /healthz stays alive meanwhile, /readyz says why it is not ready. False:
+        stopped first."""
+        outcome: list[float | BaseException] = []
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                outcome.append(warm_up(self.settings))
+            except BaseException as error:  # re-raised in the loop's thread
+                outcome.append(error)
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="stream-fm-compile", daemon=True).start()
+        while not done.wait(0.5):
+            self.health.beat()
+            if self._stopping.is_set():
+                return False
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        log.info("kernels ready in %.1f s", outcome[0])
+        self.health.compiled = True
+        return True
 
     def _start(self) -> bool:
         """Connect, restore and subscribe; a refusal by the cluster is waited out (or ends
