@@ -62,7 +62,13 @@ RULES: Final = ("share", "scaled", "average", "sum")
 #: ``sum``).
 SCALED_OPTIMIZERS: Final = ("adagrad", "adaptive")
 #: Per optimizer, the ``lin`` columns that combine by maximum (the others add up).
-MAX_COLUMNS: Final = {"sgd": (), "adagrad": (), "ftrl": (), "adaptive": (kernel.LIN_S,)}
+MAX_COLUMNS: Final = {
+    "sgd": (),
+    "adagrad": (),
+    "ftrl": (),
+    "adaptive": (kernel.LIN_S,),
+    "adam": (),  # moments and step counts add up like the weights
+}
 #: The ``lin`` and ``bias`` columns a worker's move of which ``average`` takes the mean of.
 MOVED_LIN: Final = (kernel.LIN_W,)
 MOVED_BIAS: Final = (kernel.B_W0,)
@@ -245,7 +251,7 @@ def combine(
         return _weighted(deltas, buckets, base(buckets), max_columns, has_acc, power)
     n, width, k = len(buckets), deltas[0].lin.shape[1], deltas[0].v.shape[1]
     lin, v = np.zeros((n, width)), np.zeros((n, k))
-    v_acc = np.zeros((n if has_acc else 0, k))
+    v_acc = np.zeros((n if has_acc else 0, deltas[0].v_acc.shape[1]))
     movers = np.zeros(n)
     adds = np.array([c for c in range(width) if c not in max_columns], dtype=np.int64)
     for delta in deltas:

@@ -42,7 +42,8 @@ def _array_shapes(params: FMParams) -> dict[str, tuple[tuple[int, ...], type[np.
         "bias": ((kernel.N_BIAS,), np.float64),
         "lin": ((b, kernel.LIN_WIDTH[opt]), np.float64),
         "v": ((b, k), np.float64),
-        "v_acc": ((b if opt != "sgd" else 0, k), np.float64),
+        # Per-latent optimizer state: AdaGrad's sums, or Adam's two moments side by side.
+        "v_acc": ((b if opt != "sgd" else 0, 2 * k if opt == "adam" else k), np.float64),
         "counters": ((kernel.N_COUNTERS,), np.int64),
     }
 

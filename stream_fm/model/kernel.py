@@ -88,17 +88,27 @@ OPT_SGD: Final = 0
 OPT_ADAGRAD: Final = 1
 OPT_FTRL: Final = 2
 OPT_ADAPTIVE: Final = 3
+OPT_ADAM: Final = 4
 OPTIMIZER_CODES: Final = {
     "sgd": OPT_SGD,
     "adagrad": OPT_ADAGRAD,
     "ftrl": OPT_FTRL,
     "adaptive": OPT_ADAPTIVE,
+    "adam": OPT_ADAM,
 }
-LIN_WIDTH: Final = {"sgd": 1, "adagrad": 2, "ftrl": 4, "adaptive": 4}
+# Adam's decay rates and epsilon (Kingma & Ba 2015, their defaults; fwumious_wabbit's too).
+ADAM_BETA1: Final = 0.9
+ADAM_BETA2: Final = 0.999
+ADAM_EPS: Final = 1e-8
+LIN_WIDTH: Final = {"sgd": 1, "adagrad": 2, "ftrl": 4, "adaptive": 4, "adam": 4}
 LIN_W: Final = 0
 LIN_N: Final = 1
 LIN_Z: Final = 2
 LIN_S: Final = 2  # adaptive: the largest |x| seen for the feature (normalized updates)
+# adam: LIN_N the second moment, LIN_M the first, LIN_T the bucket's step count (the
+# per-coordinate bias correction of lazy Adam; the bucket's latents share it).
+LIN_M: Final = 2
+LIN_T: Final = 3
 
 # Layout of the ``hp`` hyperparameter array.
 HP_LR_W: Final = 0
@@ -119,6 +129,9 @@ B_N0: Final = 1
 B_Z0: Final = 2
 B_NORM: Final = 3  # adaptive: sum over examples of sum_i (x_i / scale_i)^2, importance-weighted
 B_TOTAL: Final = 4  # adaptive: sum of importance weights
+# adam: B_N0 the intercept's second moment, B_M0 its first, B_T0 its step count.
+B_M0: Final = 2
+B_T0: Final = 3
 N_BIAS: Final = 5
 C_LEARNED: Final = 0
 C_REFUSED: Final = 1
@@ -191,13 +204,12 @@ def prefetch_feature(j: int, lin: F64, v: F64, v_acc: F64) -> None:
     (A prefetch never faults, so even k = 0 is harmless.)
     """
     k = v.shape[1]
-    first = j * k
-    last = first + k - 1
+    ka = v_acc.shape[1]  # k, or 2k for Adam's two moments
     prefetch(lin, j * lin.shape[1])
-    prefetch(v, first)
-    prefetch(v_acc, first)
-    prefetch(v, last)
-    prefetch(v_acc, last)
+    prefetch(v, j * k)
+    prefetch(v_acc, j * ka)
+    prefetch(v, j * k + k - 1)
+    prefetch(v_acc, j * ka + ka - 1)
 
 
 @jit_inline
@@ -260,11 +272,12 @@ def loss_gradient(y: float, e: float, label: int, clip: float) -> float:
 @jit_inline
 def restore(
     a: int, n: int, indices: I32, lin: F64, v: F64, v_acc: F64, bk_lin: F64, bk_v: F64,
-    bk_va: F64,
+    bk_va: F64, cols: int,
 ) -> None:  # fmt: skip
-    """Undo a refused step; reverse order so a repeated bucket ends at its first backup."""
-    cols = min(lin.shape[1], LIN_Z + 1)  # FTRL's padding column is never written
+    """Undo a refused step; reverse order so a repeated bucket ends at its first backup.
+    ``cols``: the ``lin`` columns the optimizer writes (FTRL's padding column never is)."""
     k = v.shape[1]
+    ka = v_acc.shape[1]
     has_acc = v_acc.shape[0] > 0
     for i in range(n - 1, -1, -1):
         j = indices[a + i]
@@ -273,7 +286,7 @@ def restore(
         for f in range(k):
             v[j, f] = bk_v[i, f]
         if has_acc:
-            for f in range(k):
+            for f in range(ka):
                 v_acc[j, f] = bk_va[i, f]
 
 
@@ -460,6 +473,62 @@ def learn_adaptive(
 
 
 @jit_inline
+def adam_coordinate(
+    state: F64, w: int, m: int, sq: int, t: int, grad: float, lr: float
+) -> float:  # fmt: skip
+    """One lazy Adam step of the coordinate whose value, moments and step count sit at
+    ``state[w]``, ``state[m]``, ``state[sq]``, ``state[t]``; returns the new value.
+
+    Lazy: the moments decay only when the coordinate has a gradient, and the bias correction
+    uses the coordinate's own step count, so a rare feature's first steps are full size."""
+    steps = state[t] + 1.0
+    state[t] = steps
+    m1 = ADAM_BETA1 * state[m] + (1.0 - ADAM_BETA1) * grad
+    m2 = ADAM_BETA2 * state[sq] + (1.0 - ADAM_BETA2) * grad * grad
+    state[m] = m1
+    state[sq] = m2
+    m_hat = m1 / (1.0 - ADAM_BETA1**steps)
+    v_hat = m2 / (1.0 - ADAM_BETA2**steps)
+    value: float = state[w] - lr * m_hat / (math.sqrt(v_hat) + ADAM_EPS)
+    return value
+
+
+@jit_inline
+def latents_adam(
+    a: int, n: int, indices: I32, values: F64, g: float, lr: float, l2: float, lin: F64,
+    v: F64, v_acc: F64, s: F64, bk_v: F64, bk_va: F64,
+) -> bool:  # fmt: skip
+    """Lazy Adam on every latent coordinate: ``v_acc[j, :k]`` the second moments,
+    ``v_acc[j, k:]`` the first; the bias correction uses the bucket's step count (``LIN_T``,
+    already advanced by the linear step). Gradients use the pre-step sums ``s``."""
+    k = v.shape[1]
+    ok = True
+    for i in range(n):
+        j = indices[a + i]
+        x = values[a + i]
+        xx = x * x
+        steps = lin[j, LIN_T]
+        c1 = 1.0 - ADAM_BETA1**steps
+        c2 = 1.0 - ADAM_BETA2**steps
+        for f in range(k):
+            vf = v[j, f]
+            m2 = v_acc[j, f]
+            m1 = v_acc[j, k + f]
+            bk_v[i, f] = vf
+            bk_va[i, f] = m2
+            bk_va[i, k + f] = m1
+            gv = g * (x * s[f] - vf * xx) + l2 * vf
+            m1 = ADAM_BETA1 * m1 + (1.0 - ADAM_BETA1) * gv
+            m2 = ADAM_BETA2 * m2 + (1.0 - ADAM_BETA2) * gv * gv
+            vf -= lr * (m1 / c1) / (math.sqrt(m2 / c2) + ADAM_EPS)
+            v_acc[j, f] = m2
+            v_acc[j, k + f] = m1
+            v[j, f] = vf
+            ok &= (vf - vf) + (m1 - m1) + (m2 - m2) == 0.0
+    return ok
+
+
+@jit_inline
 def learn(
     a: int, b: int, indices: I32, values: F64, g: float, opt: int, hp: F64, bias: F64, lin: F64,
     v: F64, v_acc: F64, s: F64, bk_bias: F64, bk_lin: F64, bk_v: F64, bk_va: F64,
@@ -486,6 +555,17 @@ def learn(
             wj -= lr_w * (g * values[a + i] + l2_w * wj)
             lin[j, LIN_W] = wj
             ok &= wj - wj == 0.0
+    elif opt == OPT_ADAM:
+        bias[B_W0] = adam_coordinate(bias, B_W0, B_M0, B_N0, B_T0, g, lr_0)
+        for i in range(n):
+            j = indices[a + i]
+            for c in range(4):
+                bk_lin[i, c] = lin[j, c]
+            wj = adam_coordinate(lin[j], LIN_W, LIN_M, LIN_N, LIN_T, g * values[a + i]
+                                 + l2_w * lin[j, LIN_W], lr_w)  # fmt: skip
+            lin[j, LIN_W] = wj
+            moments = lin[j, LIN_M] + lin[j, LIN_N]
+            ok &= (wj - wj) + (moments - moments) == 0.0
     elif opt == OPT_ADAGRAD:
         n0 = bias[B_N0] + g * g
         bias[B_N0] = n0
@@ -538,6 +618,8 @@ def learn(
     l2_v = hp[HP_L2_V]
     if opt == OPT_SGD:
         ok &= latents_sgd(a, n, indices, values, g, lr_v, l2_v, v, s, bk_v)
+    elif opt == OPT_ADAM:
+        ok &= latents_adam(a, n, indices, values, g, lr_v, l2_v, lin, v, v_acc, s, bk_v, bk_va)
     else:
         ok &= latents_adagrad(a, n, indices, values, g, lr_v, l2_v, eps, v, v_acc, s, bk_v, bk_va)
     return ok
@@ -564,7 +646,8 @@ def step(
     if not ok:
         for t in range(N_BIAS):
             bias[t] = bk_bias[t]
-        restore(a, b - a, indices, lin, v, v_acc, bk_lin, bk_v, bk_va)
+        cols = lin.shape[1] if opt == OPT_ADAM else min(lin.shape[1], LIN_Z + 1)
+        restore(a, b - a, indices, lin, v, v_acc, bk_lin, bk_v, bk_va, cols)
     return ok
 
 
@@ -598,7 +681,7 @@ def run_ops(
     bk_bias = np.empty(N_BIAS)
     bk_lin = np.empty((max_nnz, m))
     bk_v = np.empty((max_nnz, k))
-    bk_va = np.empty((max_nnz, k))
+    bk_va = np.empty((max_nnz, v_acc.shape[1]))
     clip = hp[HP_CLIP]
     # SGD has no latent accumulators: prefetch ``v`` twice rather than a bogus address.
     pf_acc = v_acc if v_acc.shape[0] > 0 else v

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from stream_fm.errors import CheckpointError, ConfigError
 
-OPTIMIZERS: Final = ("sgd", "adagrad", "ftrl", "adaptive")
+OPTIMIZERS: Final = ("sgd", "adagrad", "ftrl", "adaptive", "adam")
 # Indices are int32 in SparseExample, so a bucket id must fit in one.
 MAX_BUCKETS: Final = 1 << 31
 MAX_K: Final = 1024
@@ -61,11 +61,13 @@ class FMParams:
         default="adaptive",
         metadata=help_text(
             "adaptive (per-coordinate, normalized, importance-invariant: VW's update) | "
-            "adagrad | sgd | ftrl (FTRL-Proximal for the linear part, AdaGrad for latents)"
+            "adagrad | sgd | ftrl (FTRL-Proximal for the linear part, AdaGrad for latents) | "
+            "adam (lazy, per-coordinate bias correction; wants rates near 0.01)"
         ),
     )
     learning_rate: float = field(
-        default=0.5, metadata=help_text("step size of the linear weights (adaptive, adagrad, sgd)")
+        default=0.5,
+        metadata=help_text("step size of the linear weights (adaptive, adagrad, sgd, adam)"),
     )
     latent_learning_rate: float = field(
         default=0.2, metadata=help_text("step size of the latent vectors")

@@ -66,6 +66,11 @@ class Shape:
     lin_width: int
     has_acc: bool
 
+    @property
+    def acc_width(self) -> int:
+        """Per-latent optimizer values per bucket: Adam keeps two moments, AdaGrad one sum."""
+        return 2 * self.k if self.optimizer == "adam" else self.k
+
 
 @dataclass(frozen=True)
 class Update:
@@ -85,7 +90,7 @@ class Update:
 
 def row_bytes(shape: Shape) -> int:
     """Bytes per touched bucket: its id, lin, v, v_acc and its sum after, in float32."""
-    return 4 + 4 * (shape.lin_width + shape.k * (2 if shape.has_acc else 1) + 2)
+    return 4 + 4 * (shape.lin_width + shape.k + (shape.acc_width if shape.has_acc else 0) + 2)
 
 
 def encode(update: Update, limit_bytes: int) -> list[bytes]:
@@ -204,7 +209,8 @@ def _parse(
     lin = take("<f4", rows * shape.lin_width).astype(np.float64).reshape(rows, shape.lin_width)
     v = take("<f4", rows * shape.k).astype(np.float64).reshape(rows, shape.k)
     acc_rows = rows if shape.has_acc else 0
-    v_acc = take("<f4", acc_rows * shape.k).astype(np.float64).reshape(acc_rows, shape.k)
+    width = shape.acc_width
+    v_acc = take("<f4", acc_rows * width).astype(np.float64).reshape(acc_rows, width)
     base_lin = take("<f4", rows).astype(np.float64)
     base_acc = take("<f4", rows).astype(np.float64)
     bias = take("<f8", n_bias + 1).astype(np.float64) if n_bias else np.zeros(kernel.N_BIAS + 1)

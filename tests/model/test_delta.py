@@ -10,7 +10,7 @@ from stream_fm.model import FastFM, FMParams, SparseExample, kernel
 from stream_fm.model.delta import Delta, DeltaTracker, combine, exchange
 from stream_fm.tools.bench.sync import served_logloss
 
-OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adaptive")
+OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adaptive", "adam")
 
 
 def params(optimizer: str) -> FMParams:

@@ -33,9 +33,9 @@ def tracked(params: FMParams) -> DeltaTracker:
 
 AnyEngine = FastFM | RiverFM | DeltaTracker
 ENGINES: dict[str, tuple[Callable[[FMParams], AnyEngine], str]] = {
-    **{f"fast-{opt}": (FastFM, opt) for opt in (*OPTIMIZERS, "adaptive")},
+    **{f"fast-{opt}": (FastFM, opt) for opt in (*OPTIMIZERS, "adaptive", "adam")},
     **{f"river-{opt}": (RiverFM, opt) for opt in OPTIMIZERS},
-    **{f"tracked-{opt}": (tracked, opt) for opt in ("sgd", "adaptive")},
+    **{f"tracked-{opt}": (tracked, opt) for opt in ("sgd", "adaptive", "adam")},
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -189,6 +190,72 @@ def test_adagrad_step_follows_the_formula() -> None:
         assert fm.get_weights([4])[0] == pytest.approx(w, abs=1e-14)
 
 
+class AdamCoordinate:
+    """Lazy Adam on one coordinate, in plain Python (Kingma & Ba 2015, defaults)."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr, self.value, self.m, self.v, self.t = lr, 0.0, 0.0, 0.0, 0
+
+    def step(self, grad: float) -> float:
+        self.t += 1
+        self.m = 0.9 * self.m + 0.1 * grad
+        self.v = 0.999 * self.v + 0.001 * grad * grad
+        m_hat, v_hat = self.m / (1 - 0.9**self.t), self.v / (1 - 0.999**self.t)
+        self.value -= self.lr * m_hat / (math.sqrt(v_hat) + 1e-8)
+        return self.value
+
+
+def test_adam_steps_follow_the_formula_for_intercept_weights_and_latents() -> None:
+    lr, lr_v = 0.05, 0.02
+    fm = FastFM(
+        FMParams(n_buckets=N_BUCKETS, k=1, optimizer="adam", learning_rate=lr,
+                 intercept_learning_rate=lr, latent_learning_rate=lr_v, l2_w=0.0, l2_v=0.0,
+                 init_std=0.0, prior_ctr=0.5)
+    )  # fmt: skip
+    v0 = {4: 0.3, 9: -0.2}
+    fm.set_latents([4, 9], np.array([[0.3], [-0.2]]))
+    w0, w4, w9 = AdamCoordinate(lr), AdamCoordinate(lr), AdamCoordinate(lr)
+    lat = {j: AdamCoordinate(lr_v) for j in v0}
+    for j, value in v0.items():
+        lat[j].value = value
+    x = example([4, 9], [0.5, 1.0])
+    # Bucket 9 is also seen alone: its step count runs ahead of bucket 4's (lazy, per bucket).
+    alone = example([9], [1.0])
+    for xs, label in ((x, 1), (alone, 0), (x, 0), (x, 1), (alone, 1)):
+        idx, vals = xs.indices.tolist(), xs.values.tolist()
+        y = w0.value + sum({4: w4, 9: w9}[j].value * xv for j, xv in zip(idx, vals, strict=True))
+        s = sum(lat[j].value * xv for j, xv in zip(idx, vals, strict=True))
+        y += 0.5 * (s * s - sum((lat[j].value * xv) ** 2 for j, xv in zip(idx, vals, strict=True)))
+        g = sigmoid(y) - label
+        latent_grads = {
+            j: g * (xv * s - lat[j].value * xv * xv) for j, xv in zip(idx, vals, strict=True)
+        }
+        w0.step(g)
+        for j, xv in zip(idx, vals, strict=True):
+            {4: w4, 9: w9}[j].step(g * xv)
+            lat[j].step(latent_grads[j])
+        fm.learn_one(xs, label)
+        assert fm.intercept == pytest.approx(w0.value, abs=1e-12)
+        assert fm.get_weights([4, 9]).tolist() == pytest.approx([w4.value, w9.value], abs=1e-12)
+        got = fm.get_latents([4, 9])[:, 0].tolist()
+        assert got == pytest.approx([lat[4].value, lat[9].value], abs=1e-12)
+    # A rare feature's first step is a full lr (bias-corrected), whatever its gradient's size.
+    assert abs(AdamCoordinate(lr).step(1e-3)) == pytest.approx(lr, rel=1e-4)
+
+
+def test_adam_refused_step_restores_moments_and_step_counts() -> None:
+    params = FMParams(n_buckets=N_BUCKETS, k=4, optimizer="adam", learning_rate=0.05)
+    fm = FastFM(replace(params, l2_v=1e300))  # its next latent step overflows
+    fm.load_state(trained(params, 20).state(), strict=False)
+    before = fm.state()
+    assert np.asarray(before["v_acc"]).shape == (N_BUCKETS, 8)  # two moments per latent
+    fm.learn_one(example([5, 9, 5], [1.0, 0.5, 2.0]), 1)
+    assert fm.refused_updates == 1
+    after = fm.state()
+    for key in ("lin", "v", "v_acc", "bias"):
+        assert np.asarray(before[key]).tobytes() == np.asarray(after[key]).tobytes(), key
+
+
 def test_ftrl_follows_the_closed_form_and_l1_zeroes_weak_weights() -> None:
     alpha, beta, l1, l2 = 0.1, 1.0, 0.6, 0.5
     params = FMParams(
@@ -322,7 +389,7 @@ def test_score_then_learn_reuses_the_forward_pass_exactly() -> None:
         ("n_buckets", 1000),
         ("n_buckets", 0),
         ("k", -1),
-        ("optimizer", "adam"),
+        ("optimizer", "lbfgs"),
         ("learning_rate", 0.0),
         ("latent_learning_rate", float("nan")),
         ("intercept_learning_rate", -1.0),
@@ -374,7 +441,7 @@ def _one(kind: int, label: int, weight: float) -> OpBatch:
     )
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "ftrl"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "ftrl", "adam"])
 def test_an_importance_weight_scales_the_loss_gradient(optimizer: str) -> None:
     params = FMParams(n_buckets=N_BUCKETS, k=2, optimizer=optimizer, l2_w=0.0, l2_v=0.0)
     heavy, light, none = FastFM(params), FastFM(params), FastFM(params)
