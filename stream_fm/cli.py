@@ -345,6 +345,15 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
             "--scale-out-partitions",
             {"type": int, "default": 4, "help": "partitions of the scale-out topics"},
         ),
+        (
+            "--kafka-python-versions",
+            {
+                "default": "",
+                "help": "comma-separated kafka-python releases (e.g. 2.3.3,3.0.12; repeats "
+                "allowed) whose bare loops run after the installed one's, each in a child "
+                "process on the same topic (pip installs them into the work dir)",
+            },
+        ),
         ("--work-dir", {"type": Path, "help": "logs and checkpoints (default: a temp dir)"}),
         ("--json", {"type": Path, "help": "write all figures as JSON here"}),
     )
@@ -494,6 +503,9 @@ def _bench(args: argparse.Namespace) -> int:
             work_dir=args.work_dir,
             scale_out_events=args.scale_out_events,
             scale_out_partitions=args.scale_out_partitions,
+            kafka_python_versions=tuple(
+                v.strip() for v in args.kafka_python_versions.split(",") if v.strip()
+            ),
         )
         return main_kafka_bench(options, args.json)
     if getattr(args, "bench_target", None) == "scale":

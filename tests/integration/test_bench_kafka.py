@@ -15,6 +15,8 @@ EVENTS = 20_000
 # Large enough that the worker which joins the group first (and owns every partition until the
 # rebalance, a few seconds: heartbeats are 3 s apart) leaves work for the other one.
 SCALE_OUT_EVENTS = 200_000
+# A kafka-python release beside the installed one (pip fetches it): the 2.x line.
+OTHER_KAFKA_PYTHON = "2.3.3"
 
 
 def test_bench_kafka_subcommand_leaves_the_model_bench_alone() -> None:
@@ -46,6 +48,7 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
         work_dir=tmp_path,
         scale_out_events=SCALE_OUT_EVENTS,
         scale_out_partitions=4,
+        kafka_python_versions=(OTHER_KAFKA_PYTHON,),
     )
     report = run_kafka_bench(options, broker=kafka_broker, say=lambda _line: None)
 
@@ -128,6 +131,15 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
     assert scale_out.ratio_pair_to_single is not None
     assert math.isclose(scale_out.ratio_pair_to_single, pair.events_per_s / single.events_per_s)
 
+    installed, other = report.releases
+    assert installed.requested == "installed"
+    assert installed.version == report.client_versions["kafka-python"]
+    assert (other.requested, other.version) == (OTHER_KAFKA_PYTHON, OTHER_KAFKA_PYTHON)
+    for row in report.releases:
+        assert (row.consumed, row.produced, row.stopped) == (EVENTS, preload.impressions, "")
+        assert row.events_per_s > 0 and row.peak_rss_mb > 0
+    assert {"kafka-python", "confluent-kafka", "librdkafka"} <= set(report.client_versions)
+
     figures = json.loads(json.dumps(report.as_dict()))
     assert figures["clients"][1]["worker"]["records"] == EVENTS
     assert figures["latency"][0]["p99_ms"] > 0
@@ -149,6 +161,9 @@ def test_bench_kafka_tiny_run_reports_consistent_figures(
         "2 workers: combined",
         "ratio combined / 1 worker",
         "records processed in total",
+        "kafka-python releases",
+        f"{OTHER_KAFKA_PYTHON}  ",
+        f"clients: kafka-python {installed.version}",
     ):
         assert heading in table
 

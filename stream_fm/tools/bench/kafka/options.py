@@ -66,6 +66,7 @@ class KafkaBenchOptions:
     work_dir: Path | None = None
     scale_out_events: int = 1_000_000  # records of the scale-out phase; 0 = no such phase
     scale_out_partitions: int = 4
+    kafka_python_versions: tuple[str, ...] = ()  # releases whose bare loops run side by side
 
     @property
     def load_client(self) -> str:

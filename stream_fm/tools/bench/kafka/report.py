@@ -7,6 +7,7 @@ import math
 from stream_fm.tools.bench.kafka.options import EXACT_LATENCY_MEASURES, LATENCY_MEASURES
 from stream_fm.tools.bench.kafka.results import (
     KafkaBenchReport,
+    ReleaseCeiling,
     ScaleOutResult,
     ScaleOutWorker,
     SecuredRun,
@@ -84,7 +85,11 @@ def format_report(report: KafkaBenchReport) -> str:
             f"input: {p.records:,} records ({p.impressions:,} impressions, {p.clicks:,} clicks, 20 fields, "
             f"{p.bytes / max(p.records, 1):.0f} B each); preloaded at {p.records_per_s:,.0f}/s"
         )
+    if report.client_versions:
+        lines.append("clients: " + ", ".join(f"{k} {v}" for k, v in report.client_versions.items()))
     lines += _throughput(report)
+    if report.releases:
+        lines += _releases(report.releases)
     if report.secured is not None:
         lines += _secured(report.secured)
     if report.scale_out is not None:
@@ -94,6 +99,23 @@ def format_report(report: KafkaBenchReport) -> str:
     for run in report.clients:
         lines += _memory(run.worker)
     return "\n".join(lines)
+
+
+def _releases(rows: list[ReleaseCeiling]) -> list[str]:
+    base = rows[0].events_per_s
+    lines = [
+        "",
+        "kafka-python releases: the bare loop (consume + produce, flush at end) on the worker's "
+        "settings, each in a child process, one after the other over the same topic",
+        f"{'release':<24} {'events/s':>10} {'/ installed':>12} {'peak RSS MB':>12}  note",
+    ]
+    for row in rows:
+        label = f"{row.version}" + (" (installed)" if row.requested == "installed" else "")
+        lines.append(
+            f"{label:<24} {_f(row.events_per_s):>10} {_f(_ratio(row.events_per_s, base), '.3f'):>12}"
+            f" {_f(row.peak_rss_mb):>12}  {row.stopped or f'{row.consumed:,} records'}"
+        )
+    return lines
 
 
 def _secured(run: SecuredRun) -> list[str]:

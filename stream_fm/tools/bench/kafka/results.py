@@ -185,6 +185,37 @@ class SecuredRun:
     ratio_to_plaintext: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class ReleaseCeiling:
+    requested: str  # the release asked for, or "installed"
+    version: str  # what the child imported
+    consumed: int
+    produced: int
+    seconds: float
+    events_per_s: float
+    peak_rss_mb: float
+    stopped: str  # why the loop stopped early ("" when it consumed everything)
+
+
+def client_versions() -> dict[str, str]:
+    """The Kafka client libraries this run measured, as installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("kafka-python", "confluent-kafka", "quixstreams"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    try:
+        import confluent_kafka
+
+        versions["librdkafka"] = str(confluent_kafka.libversion()[0])
+    except ImportError:
+        pass
+    return versions
+
+
 @dataclass
 class KafkaBenchReport:
     kafka_version: str
@@ -196,6 +227,8 @@ class KafkaBenchReport:
     latency: list[LatencyResult] = field(default_factory=list)
     scale_out: ScaleOutResult | None = None
     secured: SecuredRun | None = None
+    releases: list[ReleaseCeiling] = field(default_factory=list)
+    client_versions: dict[str, str] = field(default_factory=dict)
     latency_measures: str = LATENCY_MEASURES
     exact_latency_measures: str = EXACT_LATENCY_MEASURES
 

@@ -54,6 +54,7 @@ from stream_fm.tools.bench.kafka.data import _topics, preload
 from stream_fm.tools.bench.kafka.latency import measure_latency
 from stream_fm.tools.bench.kafka.options import KafkaBenchOptions, Say, _stderr
 from stream_fm.tools.bench.kafka.quix import measure_quix
+from stream_fm.tools.bench.kafka.releases import measure_releases
 from stream_fm.tools.bench.kafka.report import format_report
 from stream_fm.tools.bench.kafka.results import (
     ClientRun,
@@ -61,6 +62,7 @@ from stream_fm.tools.bench.kafka.results import (
     PreloadResult,
     SecuredRun,
     _json_safe,
+    client_versions,
 )
 from stream_fm.tools.bench.kafka.scale_out import measure_scale_out
 from stream_fm.tools.bench.kafka.throughput import measure_ceiling, measure_worker
@@ -114,6 +116,7 @@ def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) 
         kafka_version=broker.kafka_version,
         bootstrap_servers=bootstrap,
         options=_json_safe(asdict(options)),
+        client_versions=client_versions(),
     )
     say(f"bench kafka: Kafka {broker.kafka_version} on {bootstrap}; work dir {work}")
     topics = _topics(run_id, "throughput", options.labels)
@@ -129,6 +132,10 @@ def _run(options: KafkaBenchOptions, broker: KafkaBroker, work: Path, say: Say) 
     for client in options.clients:
         report.clients.append(
             _client_run(broker, client, run_id, topics["input"], report.preload, work, options, say)
+        )
+    if options.kafka_python_versions:
+        report.releases = measure_releases(
+            broker, options.kafka_python_versions, topics["input"], expected, work, say
         )
     if isinstance(broker, SecuredBroker):
         report.secured = _secured_run(broker, report, run_id, topics["input"], work, options, say)
