@@ -49,6 +49,15 @@ from stream_fm.tools.simulate import SimulationParams, Simulator
 
 Say = Callable[[str], None]
 HOUR_S = 3600.0
+#: Adam's step sizes in the ``stream-fm/adam`` row: the best of seven tried on the real logs
+#: and a 300k simulated stream (docs/benchmarks.md, "Adam"); the defaults are VW's adaptive
+#: update's, ten to a hundred times too large for Adam.
+ADAM_RATES: dict[str, Any] = {
+    "optimizer": "adam",
+    "learning_rate": 0.003,
+    "latent_learning_rate": 0.001,
+    "intercept_learning_rate": 0.01,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +403,9 @@ def compare(
         chosen = build_settings({**_flat(settings), "label_policy": policy})
         name = "stream-fm" if policy == settings.label_policy else f"stream-fm/{policy}"
         add(run_pipeline(name, FastFM(settings.model), stream, chosen))
+    if settings.model.optimizer != "adam":
+        adam = build_settings({**_flat(settings), **ADAM_RATES})
+        add(run_pipeline("stream-fm/adam", FastFM(adam.model), stream, adam))
     vw_served = build_settings({**_flat(settings), "label_policy": CLICK_EARLY})
     for name, arguments in VW_VARIANTS.items():
         add(run_pipeline(name, VowpalWabbit(arguments, settings.hash_bits), stream, vw_served))
