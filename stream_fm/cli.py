@@ -226,12 +226,27 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_setting_flags(bench, LEARNING_SETTINGS)
     targets = bench.add_subparsers(
         dest="bench_target",
-        metavar="kafka|sync|scale|coldstart",
+        metavar="kafka|sync|scale|coldstart|hashsize",
         help="`stream-fm bench kafka --help`: the worker on a real broker; `stream-fm bench "
         "sync --help`: N workers as one model, offline; `stream-fm bench scale --help`: a group "
         "of N real workers with model sync; `stream-fm bench coldstart --help`: a fresh "
-        "machine's first replay against a steady one (default: the model benchmark)",
+        "machine's first replay against a steady one; `stream-fm bench hashsize --help`: log "
+        "loss, memory and checkpoint size by hash size (default: the model benchmark)",
     )
+    hashsize = targets.add_parser(
+        "hashsize",
+        help="the default settings at each hash size on the 2M simulated stream and the real "
+        "logs, each run its own process: log loss, peak RSS, checkpoint size",
+    )
+    _with_defaults(
+        hashsize,
+        ("--streams", {"default": "simulated-long,talkingdata,ipinyou,criteo-10k,avazu-9k,"
+                       "criteo-2k,avazu-3k", "help": "streams (names of `stream-fm bench`)"}),
+        ("--bits", {"default": "18,20,22,24", "help": "hash_bits values"}),
+        ("--events", {"type": int, "default": 2_000_000, "help": "events of simulated-long"}),
+        ("--data-dir", {"type": Path, "default": DATA_DIR, "help": "real logs"}),
+        ("--json", {"type": Path, "help": "write the figures as JSON here"}),
+    )  # fmt: skip
     coldstart = targets.add_parser(
         "coldstart",
         help="replay on an empty numba cache, `stream-fm compile`, then the first and a steady "
@@ -476,6 +491,12 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_target", None) == "hashsize":
+        from stream_fm.tools.bench.hashsize import main_hashsize
+
+        streams = [name for name in args.streams.split(",") if name.strip()]
+        bits = _ints(args.bits, "--bits")
+        return main_hashsize(streams, bits, args.data_dir, args.events, args.json)
     if getattr(args, "bench_target", None) == "coldstart":
         from stream_fm.tools.bench.coldstart import main_coldstart
 
