@@ -216,7 +216,7 @@ def _memory(w: WorkerResult) -> list[str]:
         "",
         f"memory of the worker on {w.client} (VmRSS): start {w.rss_start_mib:,.0f} MiB (after "
         f"{w.count_at_first:,} records), 1M {_f(w.rss_1m_mib, ',.0f', ' MiB')}, end "
-        f"{w.rss_end_mib:,.0f} MiB; peak (VmHWM) {w.rss_peak_mib:,.0f} MiB",
+        f"{w.rss_end_mib:,.0f} MiB; peak {w.rss_peak_mib:,.0f} MiB",
         "RSS by records processed: "
         + ", ".join(f"{x.events:,}: {x.rss_mib:,.0f}" for x in w.rss)
         + " (MiB)",

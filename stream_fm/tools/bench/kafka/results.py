@@ -67,7 +67,7 @@ class WorkerResult:
     rss_start_mib: float
     rss_1m_mib: float | None
     rss_end_mib: float
-    rss_peak_mib: float  # VmHWM
+    rss_peak_mib: float  # VmHWM, or the highest VmRSS sample when that is higher
     pending_end: int
     pending_max: int
     checkpoints: int

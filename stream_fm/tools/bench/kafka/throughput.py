@@ -173,7 +173,9 @@ def measure_worker(
         rss_start_mib=samples[0].rss_mib,
         rss_1m_mib=rss_1m,
         rss_end_mib=samples[-1].rss_mib,
-        rss_peak_mib=peak,
+        # The kernel raises VmHWM lazily (not when madvise frees pages), so a sample may
+        # exceed it by a page or so.
+        rss_peak_mib=max(peak, *(x.rss_mib for x in samples)),
         pending_end=round(last.get("stream_fm_pending_impressions")),
         pending_max=pending_max,
         checkpoints=round(last.get("stream_fm_checkpoints_total")),
