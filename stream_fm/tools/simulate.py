@@ -32,6 +32,7 @@ import math
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import IO, Any, Final
 
 import numpy as np
@@ -476,6 +477,19 @@ def _kafka_sink(
         )
 
     return emit
+
+
+def write_jsonl(params: SimulationParams, path: Path) -> int:
+    """The whole stream of ``params`` into a JSONL file, as ``stream-fm simulate --out`` writes
+    it; returns the number of events (benchmarks replay the file)."""
+    import orjson
+
+    events = 0
+    with path.open("wb") as out:
+        for event in Simulator(params).events():
+            out.write(orjson.dumps(event) + b"\n")
+            events += 1
+    return events
 
 
 def run_simulation(

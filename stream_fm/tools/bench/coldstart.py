@@ -114,18 +114,12 @@ def format_coldstart(result: ColdStart) -> str:
 
 
 def main_coldstart(impressions: int, json_path: Path | None) -> int:
-    import orjson
-
-    from stream_fm.tools.simulate import SimulationParams, Simulator
+    from stream_fm.tools.simulate import SimulationParams, write_jsonl
 
     with tempfile.TemporaryDirectory(prefix="stream-fm-coldstart-") as tmp:
         work = Path(tmp)
         data = work / "stream.jsonl"
-        events = 0
-        with data.open("wb") as out:
-            for event in Simulator(SimulationParams(n_impressions=impressions)).events():
-                out.write(orjson.dumps(event) + b"\n")
-                events += 1
+        events = write_jsonl(SimulationParams(n_impressions=impressions), data)
         result = measure(data, events, work)
     print(format_coldstart(result), flush=True)
     if json_path is not None:

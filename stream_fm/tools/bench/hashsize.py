@@ -101,14 +101,9 @@ def stream_files(
 
 def write_simulated(path: Path, events: int) -> Path:
     """The stream ``stream-fm bench`` calls ``simulated-long`` (same seed and rate), as JSONL."""
-    import orjson
+    from stream_fm.tools.simulate import SimulationParams, write_jsonl
 
-    from stream_fm.tools.simulate import SimulationParams, Simulator
-
-    simulator = Simulator(SimulationParams(n_fields=20, n_impressions=round(events / 1.03), seed=7))
-    with path.open("wb") as out:
-        for event in simulator.events():
-            out.write(orjson.dumps(event) + b"\n")
+    write_jsonl(SimulationParams(n_fields=20, n_impressions=round(events / 1.03), seed=7), path)
     return path
 
 
