@@ -100,6 +100,7 @@ class DeltaTracker:
         # Buckets learned since the last take: a flag per bucket, so memory stays bounded
         # however long the interval.
         self._touched = np.zeros(engine.params.n_buckets, dtype=bool)
+        self._crosses = engine.params.interactions == "all"
         self._base = _copy(self._live())
         #: False while records the model learned already (through updates from the topic)
         #: are processed again: they are scored and joined, their learn steps skipped.
@@ -126,7 +127,7 @@ class DeltaTracker:
     def learn_one(self, x: SparseExample, y: int) -> None:
         if not self.learning:
             return
-        self._touched[np.asarray(x.indices, dtype=np.int64)] = True
+        self._note(np.asarray(x.indices, dtype=np.int32), np.array([0, len(x.indices)]))
         self.engine.learn_one(x, y)
 
     def run_batch(self, batch: OpBatch) -> F64:
@@ -141,7 +142,17 @@ class DeltaTracker:
             np.add.at(edges, batch.indptr[rows + 1], -1)
             inside = np.cumsum(edges[:-1]) > 0
             self._touched[batch.indices[inside]] = True
+            if self._crosses:
+                for r in np.unique(rows).tolist():
+                    self._note(batch.indices, batch.indptr[r : r + 2])
         return self.engine.run_batch(batch)
+
+    def _note(self, indices: I32, span: npt.NDArray[np.int64]) -> None:
+        """Flag the buckets one example's learn step touches: its features and crosses."""
+        features = np.ascontiguousarray(indices[int(span[0]) : int(span[1])], dtype=np.int32)
+        self._touched[features] = True
+        if self._crosses:
+            self._touched[kernel.cross_buckets(features, self.engine.params.n_buckets)] = True
 
     def state(self, into: Mapping[str, StateValue] | None = None) -> dict[str, StateValue]:
         return self.engine.state(into)

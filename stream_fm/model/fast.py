@@ -81,6 +81,7 @@ class FastFM:
         p = self._params
         self._opt = kernel.OPTIMIZER_CODES[p.optimizer]
         self._hp = _hyper(p)
+        self._crosses = p.interactions == "all"
         shapes = _array_shapes(p)
         self._bias = np.zeros(kernel.N_BIAS)
         self._lin = _aligned_zeros(shapes["lin"][0])
@@ -300,9 +301,12 @@ class FastFM:
         if code != kernel.BATCH_OK:
             raise ValueError(f"invalid OpBatch: {kernel.BATCH_ERRORS[code]}")
         out = np.empty(op_kind.shape[0])
+        if not (indices.flags.writeable and values.flags.writeable):
+            # One compiled signature: the kernel's scratch arrays for crosses are writable.
+            indices, values = indices.copy(), values.copy()
         kernel.run_ops(
             indptr, indices, values, op_kind, op_row, op_label, op_weight, self._opt, self._hp,
-            self._bias, self._lin, self._v, self._v_acc, self._counters, out,
+            self._bias, self._lin, self._v, self._v_acc, self._counters, out, self._crosses,
         )  # fmt: skip
         return out
 

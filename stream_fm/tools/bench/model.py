@@ -406,6 +406,9 @@ def compare(
     if settings.model.optimizer != "adam":
         adam = build_settings({**_flat(settings), **ADAM_RATES})
         add(run_pipeline("stream-fm/adam", FastFM(adam.model), stream, adam))
+    if settings.model.interactions == "none":
+        crossed = build_settings({**_flat(settings), "interactions": "all"})
+        add(run_pipeline("stream-fm/crosses", FastFM(crossed.model), stream, crossed))
     vw_served = build_settings({**_flat(settings), "label_policy": CLICK_EARLY})
     for name, arguments in VW_VARIANTS.items():
         add(run_pipeline(name, VowpalWabbit(arguments, settings.hash_bits), stream, vw_served))
