@@ -174,18 +174,20 @@ class _Progress:
         if events > 0 and self.first_traffic_s is None:
             self.first_traffic_s = now - self.started
 
-        def get(name: str) -> float:
-            return m.get(name, math.nan)
+        def get(name: str) -> str:
+            # NE and AUC need both labels: until the first window closes only clicks are final.
+            value = m.get(name, math.nan)
+            return f"{value:.4f}" if math.isfinite(value) else "-"
 
         return (
             f"t={now - self.started:5.0f}s events={events:,.0f} ({rate:,.0f}/s) "
             f"predictions={m.get('stream_fm_predictions_total', 0):,.0f} "
             f"learned={m.get('stream_fm_examples_learned_total', 0):,.0f} "
-            f"logloss={get('stream_fm_progressive_logloss'):.4f} "
-            f"(window {get('stream_fm_logloss_window'):.4f}) "
-            f"NE={get('stream_fm_normalized_entropy'):.4f} "
-            f"(window {get('stream_fm_normalized_entropy_window'):.4f}) "
-            f"AUC={get('stream_fm_auc_window'):.4f} "
+            f"logloss={get('stream_fm_progressive_logloss')} "
+            f"(window {get('stream_fm_logloss_window')}) "
+            f"NE={get('stream_fm_normalized_entropy')} "
+            f"(window {get('stream_fm_normalized_entropy_window')}) "
+            f"AUC={get('stream_fm_auc_window')} "
             f"pending={m.get('stream_fm_pending_impressions', 0):,.0f}"
         )
 

@@ -42,12 +42,17 @@ class Demo:
         return "\n".join(self.lines)
 
     def wait_for_traffic(self) -> str:
-        """The first progress line showing events, predictions and learning."""
+        """The first progress line showing events, predictions, learning and an NE: the
+        first window (10 s of event time) has closed, so negatives are final too."""
         deadline = time.monotonic() + TRAFFIC_TIMEOUT_S
         while time.monotonic() < deadline:
             for line in list(self.lines):
                 m = re.search(r"events=([\d,]+).*predictions=([\d,]+) learned=([\d,]+)", line)
-                if m and all(int(g.replace(",", "")) > 0 for g in m.groups()):
+                if (
+                    m
+                    and all(int(g.replace(",", "")) > 0 for g in m.groups())
+                    and re.search(r"NE=\d", line)
+                ):
                     return line
             assert self.process.poll() is None, f"the demo exited:\n{self.output[-4000:]}"
             time.sleep(0.5)
