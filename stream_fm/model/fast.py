@@ -23,6 +23,7 @@ IndexLike = npt.ArrayLike
 def _hyper(params: FMParams) -> F64:
     hp = np.zeros(kernel.N_HP)
     hp[kernel.HP_LR_W] = params.learning_rate
+    hp[kernel.HP_LR_X] = params.cross_learning_rate
     hp[kernel.HP_LR_V] = params.latent_learning_rate
     hp[kernel.HP_LR_0] = params.intercept_learning_rate
     hp[kernel.HP_L1_W] = params.l1_w

@@ -121,7 +121,8 @@ HP_ALPHA: Final = 6
 HP_BETA: Final = 7
 HP_EPS: Final = 8
 HP_CLIP: Final = 9
-N_HP: Final = 10
+HP_LR_X: Final = 10  # the crosses' weights (``HP_LR_W`` for the features')
+N_HP: Final = 11
 
 # Layout of ``bias`` and ``counters``.
 B_W0: Final = 0
@@ -375,6 +376,7 @@ def learn_adaptive(
     (Karampatziakis & Langford 2011) rather than one Euler step: a high rate cannot overshoot
     the label, however many features move together."""
     lr_w = hp[HP_LR_W]
+    lr_x = hp[HP_LR_X]
     lr_v = hp[HP_LR_V]
     lr_0 = hp[HP_LR_0]
     l2_w = hp[HP_L2_W]
@@ -410,7 +412,8 @@ def learn_adaptive(
             lin[j, LIN_N] = nj
             # VW's rate: 1 / (sqrt(sum of squared gradients) x scale): sqrt(G) grows like |x|,
             # and so does the damping eps is given, so a feature's scale never matters.
-            speed += lr_w * x * x / (math.sqrt(nj + eps * scale * scale) * scale)
+            lr = lr_w if i < nf else lr_x
+            speed += lr * x * x / (math.sqrt(nj + eps * scale * scale) * scale)
         for f in range(k if i < nf else 0):
             d = x * (s[f] - v[j, f] * x)  # d logit / d v_jf
             bk_v[i, f] = v[j, f]
@@ -466,7 +469,8 @@ def learn_adaptive(
         scale = lin[j, LIN_S]
         wj = lin[j, LIN_W]
         if scale > 0.0:
-            rate = lr_w / (math.sqrt(lin[j, LIN_N] + eps * scale * scale) * scale)
+            rate = (lr_w if i < nf else lr_x) / (math.sqrt(lin[j, LIN_N] + eps * scale * scale)
+                                                  * scale)  # fmt: skip
             wj -= rate * (step * x + multiplier * w * l2_w * wj)
             lin[j, LIN_W] = wj
         for f in range(k if i < nf else 0):
@@ -546,11 +550,11 @@ def learn(
     ``s`` from the forward pass. Returns False, with the state untouched, if any new value
     would be NaN or infinite.
     """
-    lr_w = hp[HP_LR_W]
     lr_0 = hp[HP_LR_0]
     l2_w = hp[HP_L2_W]
     eps = hp[HP_EPS]
     n = b - a
+    nf = c - a  # crosses from here on: their weights step at ``HP_LR_X``
     ok = True
     if opt == OPT_SGD:
         # river's FM SGD is the textbook one (per-occurrence L2, own intercept step, no L2 on it).
@@ -559,7 +563,7 @@ def learn(
             j = indices[a + i]
             wj = lin[j, LIN_W]
             bk_lin[i, LIN_W] = wj
-            wj -= lr_w * (g * values[a + i] + l2_w * wj)
+            wj -= hp[HP_LR_W if i < nf else HP_LR_X] * (g * values[a + i] + l2_w * wj)
             lin[j, LIN_W] = wj
             ok &= wj - wj == 0.0
     elif opt == OPT_ADAM:
@@ -568,8 +572,9 @@ def learn(
             j = indices[a + i]
             for col in range(4):
                 bk_lin[i, col] = lin[j, col]
-            wj = adam_coordinate(lin[j], LIN_W, LIN_M, LIN_N, LIN_T, g * values[a + i]
-                                 + l2_w * lin[j, LIN_W], lr_w)  # fmt: skip
+            gw = g * values[a + i] + l2_w * lin[j, LIN_W]
+            wj = adam_coordinate(lin[j], LIN_W, LIN_M, LIN_N, LIN_T, gw,
+                                 hp[HP_LR_W if i < nf else HP_LR_X])  # fmt: skip
             lin[j, LIN_W] = wj
             moments = lin[j, LIN_M] + lin[j, LIN_N]
             ok &= (wj - wj) + (moments - moments) == 0.0
@@ -585,7 +590,7 @@ def learn(
             bk_lin[i, LIN_N] = nj
             gw = g * values[a + i] + l2_w * wj
             nj += gw * gw
-            wj -= lr_w / math.sqrt(nj + eps) * gw
+            wj -= hp[HP_LR_W if i < nf else HP_LR_X] / math.sqrt(nj + eps) * gw
             lin[j, LIN_N] = nj
             lin[j, LIN_W] = wj
             ok &= (nj - nj) + (wj - wj) == 0.0
@@ -623,7 +628,7 @@ def learn(
             ok &= (nj_new - nj_new) + (zj - zj) + (wj - wj) == 0.0
     lr_v = hp[HP_LR_V]
     l2_v = hp[HP_L2_V]
-    n = c - a
+    n = nf
     if opt == OPT_SGD:
         ok &= latents_sgd(a, n, indices, values, g, lr_v, l2_v, v, s, bk_v)
     elif opt == OPT_ADAM:

@@ -98,6 +98,13 @@ class FMParams:
             "features, hashed into the same buckets as a linear-only weight: VW's -q)"
         ),
     )
+    cross_learning_rate: float = field(
+        default=0.5,
+        metadata=help_text(
+            "step size of the crosses' weights (adaptive, adagrad, sgd, adam; ftrl uses "
+            "ftrl_alpha for them too)"
+        ),
+    )
     init_std: float = field(default=0.01, metadata=help_text("std of the normal latent init"))
     prior_ctr: float = field(
         default=0.02,
@@ -145,6 +152,7 @@ class FMParams:
         )
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.latent_learning_rate > 0, "latent_learning_rate", "must be > 0")
+        need(self.cross_learning_rate > 0, "cross_learning_rate", "must be > 0")
         need(self.intercept_learning_rate >= 0, "intercept_learning_rate", "must be >= 0")
         need(self.l1_w >= 0, "l1_w", "must be >= 0")
         need(
@@ -210,7 +218,7 @@ class FMParams:
 # regularisation an operator may change across a restart (``load_state(strict=False)``).
 STRUCTURAL_PARAMS: Final = ("n_buckets", "k", "optimizer", "interactions")
 # Params added after states were first written, with the value those states were learned with.
-ADDED_PARAMS: Final[dict[str, Any]] = {"interactions": "none"}
+ADDED_PARAMS: Final[dict[str, Any]] = {"interactions": "none", "cross_learning_rate": 0.5}
 
 
 def prior_logit(params: FMParams) -> float:

@@ -37,7 +37,12 @@ def spelled_out(x: SparseExample) -> SparseExample:
 def test_without_latents_crosses_are_the_pairs_as_features_bit_for_bit(optimizer: str) -> None:
     # With k = 0 there is nothing linear-only about them: the kernel's crosses must be exactly
     # the pairs an ordinary model is given spelled out (VW's -q, the oracle of this feature).
-    crossed = FastFM(FMParams(n_buckets=N_BUCKETS, k=0, optimizer=optimizer, interactions="all"))
+    crossed = FastFM(
+        FMParams(
+            n_buckets=N_BUCKETS, k=0, optimizer=optimizer, interactions="all",
+            cross_learning_rate=FMParams().learning_rate,
+        )
+    )  # fmt: skip
     plain = FastFM(FMParams(n_buckets=N_BUCKETS, k=0, optimizer=optimizer))
     for x, y in examples(200):
         assert crossed.predict_proba_one(x) == plain.predict_proba_one(spelled_out(x))
@@ -60,6 +65,31 @@ def test_crosses_move_weights_only_and_the_features_keep_their_latents() -> None
     assert np.all(fm.get_weights(crosses) > 0)  # every pair learned the click
     assert np.array_equal(fm.get_latents(crosses), latents_before)
     assert not np.array_equal(fm.get_latents([1, 2, 3]), FastFM(params).get_latents([1, 2, 3]))
+
+
+@pytest.mark.parametrize("optimizer", ("adaptive", "adagrad", "sgd", "adam"))
+def test_the_crosses_step_at_their_own_rate(optimizer: str) -> None:
+    def trained(rate: float) -> FastFM:
+        fm = FastFM(
+            FMParams(
+                n_buckets=N_BUCKETS, k=2, optimizer=optimizer, interactions="all",
+                cross_learning_rate=rate,
+            )
+        )  # fmt: skip
+        for x, y in examples(30):
+            fm.learn_one(x, y)
+        return fm
+
+    slow, fast = trained(0.01), trained(0.5)
+    x = examples(1, seed=3)[0][0]
+    crosses = kernel.cross_buckets(x.indices, N_BUCKETS)
+    fm = trained(0.01)
+    fm.learn_one(x, 1)
+    moved_slow = np.abs(fm.get_weights(crosses) - slow.get_weights(crosses)).sum()
+    fm = trained(0.5)
+    fm.learn_one(x, 1)
+    moved_fast = np.abs(fm.get_weights(crosses) - fast.get_weights(crosses)).sum()
+    assert 0 < moved_slow < moved_fast
 
 
 def test_crosses_change_what_the_model_learns() -> None:
