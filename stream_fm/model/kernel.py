@@ -407,12 +407,14 @@ def learn_adaptive(
             lin[j, LIN_S] = ax
         if scale > 0.0:
             xs = x / scale
-            norm_x += xs * xs
+            lr = lr_w if i < nf else lr_x
+            # A cross counts in the example's size as much as its rate says, so crosses at a
+            # low rate leave the features' normalized step as it was without them.
+            norm_x += xs * xs if i < nf else xs * xs * (lr_x / lr_w)
             nj = lin[j, LIN_N] + gg * x * x
             lin[j, LIN_N] = nj
             # VW's rate: 1 / (sqrt(sum of squared gradients) x scale): sqrt(G) grows like |x|,
             # and so does the damping eps is given, so a feature's scale never matters.
-            lr = lr_w if i < nf else lr_x
             speed += lr * x * x / (math.sqrt(nj + eps * scale * scale) * scale)
         for f in range(k if i < nf else 0):
             d = x * (s[f] - v[j, f] * x)  # d logit / d v_jf

@@ -17,6 +17,10 @@ import pytest
 TRAFFIC_TIMEOUT_S = 240.0  # a first run compiles the numba kernels
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Demo:
     """``stream-fm demo`` exactly as README runs it (no flags), its output read as it comes."""
 
@@ -27,6 +31,9 @@ class Demo:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # Ctrl-C as a terminal delivers it: a run started in the background (nohup, `&`)
+            # ignores SIGINT, and Python keeps an ignored SIGINT ignored in the demo.
+            preexec_fn=_sigint_as_in_a_terminal,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
