@@ -20,6 +20,10 @@ Numeric guard: a learn step updates in place while keeping a backup of every val
 if any new value (weight or optimizer state) is NaN or infinite, the backup is restored in
 reverse order (so a repeated bucket comes back right too) and the step is counted as refused.
 
+Crosses (``interactions="all"``): each example also gets every pair of its features as a
+linear-only feature (bucket ``cross_bucket(i, j)``, x = x_i x_j), built in scratch arrays just
+before its forward pass, after its own features: positions ``c:b`` of a range have no latents.
+
 A bucket repeated within one example (the hasher merges them, so this is only a safety net)
 acts as occurrences of one shared parameter: the occurrences are updated one after the other.
 """
