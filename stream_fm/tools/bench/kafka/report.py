@@ -169,8 +169,10 @@ def _throughput(report: KafkaBenchReport) -> list[str]:
             f"beside the loop; snapshot pause p99 {_f(w.checkpoint_pause_p99_ms, '.0f')} ms); "
             f"longest loop pause {_f(w.longest_pause_ms, '.0f')} ms; rate counted from "
             f"{w.count_at_first:,} records; start-up {w.startup_s:.1f} s; exit code after "
-            f"SIGTERM: {w.exit_code}{' (profiled with py-spy)' if w.profiled else ''}"
+            f"SIGTERM: {w.exit_code}{' (profiled with py-spy)' if w.profile else ''}"
         )
+        if w.profile:
+            lines.append(w.profile)
     return lines
 
 

@@ -77,7 +77,7 @@ class WorkerResult:
     longest_pause_ms: float  # stream_fm_loop_longest_pause_seconds
     exit_code: int | None
     summary: str
-    profiled: bool
+    profile: str  # the py-spy summary line ("" when not profiled)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from stream_fm.tools.bench.kafka.options import (
     Say,
 )
 from stream_fm.tools.bench.kafka.processes import PySpy, WorkerProcess
+from stream_fm.tools.bench.kafka.profile import profile_file, profile_summary
 from stream_fm.tools.bench.kafka.results import CeilingResult, RssSample, WorkerResult
 
 
@@ -94,6 +95,7 @@ def measure_worker(
         extra_env=env,
     )
     profiler: PySpy | None = None
+    profile_path: Path | None = None
     watermarks = Watermarks(bootstrap_servers, topics["predictions"])
     try:
         first: tuple[float, int] | None = None
@@ -125,7 +127,8 @@ def measure_worker(
                 first = (now, done)
                 samples.append(RssSample(done, 0.0, worker.rss_mib()))
                 if options.py_spy is not None:
-                    profiler = PySpy(worker.pid, options.py_spy, work / "py-spy.log")
+                    profile_path = profile_file(options.py_spy, worker.name)
+                    profiler = PySpy(worker.pid, profile_path, work / "py-spy.log")
             if first is not None:
                 while marks and marks[0] <= done:
                     marks.pop(0)
@@ -185,5 +188,5 @@ def measure_worker(
         longest_pause_ms=last.get("stream_fm_loop_longest_pause_seconds") * 1000,
         exit_code=exit_code,
         summary=worker.summary(),
-        profiled=options.py_spy is not None,
+        profile=profile_summary(profile_path) if profile_path is not None else "",
     )
