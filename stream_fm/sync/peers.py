@@ -67,7 +67,7 @@ def shape_of(tracker: DeltaTracker) -> Shape:
     params = tracker.engine.params
     return Shape(
         params.n_buckets, params.k, params.optimizer, kernel.LIN_WIDTH[params.optimizer],
-        tracker.has_acc,
+        tracker.has_acc, params.interactions == "all",
     )  # fmt: skip
 
 

@@ -42,13 +42,14 @@ from stream_fm.model.rounds import Bases
 
 MAGIC: Final = b"SFMU"
 VERSION: Final = 1
-# magic, version, optimizer, lin width, flags (has_acc, leaving), k, n_buckets, part, parts,
+# magic, version, optimizer, lin width, flags (has_acc, leaving, crosses), k, n_buckets, part, parts,
 # seq, round,
 # learned, rows, covered entries, writer bytes, bias length, crc32
 HEADER: Final = struct.Struct("<4sBBBBHIHHQqQIHHBI")
 _RANGE: Final = struct.Struct("<Iqq")
 FLAG_HAS_ACC: Final = 1
 FLAG_LEAVING: Final = 2
+FLAG_CROSSES: Final = 4  # the weights include crosses (``interactions="all"``)
 #: Why a record of the topic was skipped (``BadModelUpdate.reason``).
 REJECT_REASONS: Final = (
     "truncated", "not_an_update", "unknown_version", "checksum", "malformed", "other_model"
@@ -65,6 +66,7 @@ class Shape:
     optimizer: str
     lin_width: int
     has_acc: bool
+    crosses: bool = False  # a crossed model's weights mean something else: never mixed
 
     @property
     def acc_width(self) -> int:
@@ -116,7 +118,9 @@ def _record(update: Update, start: int, stop: int, part: int, parts: int) -> byt
         VERSION,
         kernel.OPTIMIZER_CODES[s.optimizer],
         s.lin_width,
-        int(s.has_acc) | (FLAG_LEAVING if update.leaving else 0),
+        int(s.has_acc)
+        | (FLAG_LEAVING if update.leaving else 0)
+        | (FLAG_CROSSES if s.crosses else 0),
         s.k,
         s.n_buckets,
         part,
@@ -165,7 +169,10 @@ def decode(record: bytes) -> Update:
         raise BadModelUpdate("checksum", "the body does not match its CRC-32")
     if opt not in _OPTIMIZERS or part >= parts:
         raise BadModelUpdate("malformed", f"optimizer code {opt}, part {part} of {parts}")
-    shape = Shape(n_buckets, k, _OPTIMIZERS[opt], width, bool(has_acc & FLAG_HAS_ACC))
+    shape = Shape(
+        n_buckets, k, _OPTIMIZERS[opt], width, bool(has_acc & FLAG_HAS_ACC),
+        bool(has_acc & FLAG_CROSSES),
+    )  # fmt: skip
     try:
         counts = (rows, n_covered, n_writer, n_bias)
         update = _parse(body, shape, counts, seq, round_id, learned, part, parts)

@@ -105,3 +105,11 @@ def test_a_goodbye_travels_in_the_flags() -> None:
     got = decode(record)
     assert got.leaving and got.shape.has_acc
     assert not decode(encode(update(rows=3), 1 << 20)[0]).leaving
+
+
+def test_a_crossed_model_says_so_and_is_another_shape() -> None:
+    crossed = replace(update(rows=3), shape=replace(SHAPE, crosses=True))
+    got = decode(encode(crossed, 1 << 20)[0])
+    assert got.shape.crosses and got.shape.has_acc and not got.leaving
+    assert got.shape != SHAPE  # a peer without crosses refuses it as "other_model"
+    assert not decode(encode(update(rows=3), 1 << 20)[0]).shape.crosses
