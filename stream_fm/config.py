@@ -174,7 +174,7 @@ class Settings:
         metadata=help_text("wait for output acknowledgements before failing the batch"),
     )
     consumer_stall_timeout_s: float = field(
-        default=60.0,
+        default=30.0,
         metadata=help_text(
             "a consumer behind the log end that fetched nothing for this long is replaced "
             "(0: never)"
