@@ -127,7 +127,9 @@ class DeltaTracker:
     def learn_one(self, x: SparseExample, y: int) -> None:
         if not self.learning:
             return
-        self._note(np.asarray(x.indices, dtype=np.int32), np.array([0, len(x.indices)]))
+        features = np.ascontiguousarray(x.indices, dtype=np.int32)
+        self._touched[features] = True
+        self._note_crosses(features)
         self.engine.learn_one(x, y)
 
     def run_batch(self, batch: OpBatch) -> F64:
@@ -143,16 +145,16 @@ class DeltaTracker:
             inside = np.cumsum(edges[:-1]) > 0
             self._touched[batch.indices[inside]] = True
             if self._crosses:
+                indices, indptr = batch.indices, batch.indptr
                 for r in np.unique(rows).tolist():
-                    self._note(batch.indices, batch.indptr[r : r + 2])
+                    self._note_crosses(indices[indptr[r] : indptr[r + 1]])
         return self.engine.run_batch(batch)
 
-    def _note(self, indices: I32, span: npt.NDArray[np.int64]) -> None:
-        """Flag the buckets one example's learn step touches: its features and crosses."""
-        features = np.ascontiguousarray(indices[int(span[0]) : int(span[1])], dtype=np.int32)
-        self._touched[features] = True
+    def _note_crosses(self, features: I32) -> None:
+        """Flag the buckets of the crosses a learn step on these features moves."""
         if self._crosses:
-            self._touched[kernel.cross_buckets(features, self.engine.params.n_buckets)] = True
+            pairs = np.ascontiguousarray(features, dtype=np.int32)
+            self._touched[kernel.cross_buckets(pairs, self.engine.params.n_buckets)] = True
 
     def state(self, into: Mapping[str, StateValue] | None = None) -> dict[str, StateValue]:
         return self.engine.state(into)

@@ -706,15 +706,12 @@ def expand_crosses(
 
 @jit
 def cross_buckets(indices: I32, n_buckets: int) -> I32:
-    """The buckets of every pair of one example's features, in the order the kernel uses."""
+    """The buckets of every pair of one example's features, in the order the kernel uses
+    (``expand_crosses`` itself builds them)."""
     n = indices.shape[0]
-    out = np.empty(n * (n - 1) // 2, dtype=np.int32)
-    t = 0
-    for i in range(n):
-        for m in range(i + 1, n):
-            out[t] = cross_bucket(indices[i], indices[m], n_buckets)
-            t += 1
-    return out
+    out_idx = np.empty(n + n * (n - 1) // 2, dtype=np.int32)
+    expand_crosses(0, n, indices, np.ones(n), n_buckets, out_idx, np.empty(out_idx.shape[0]))
+    return out_idx[n:].copy()
 
 
 @jit
