@@ -7,11 +7,17 @@ The real public logs are not part of a plain clone: tests that need them take th
 ``real_data`` fixture, which finds them in ``STREAM_FM_DATA_DIR`` or ``../shared/data`` and
 skips with the reason otherwise (``-ra`` prints it in the summary). ``STREAM_FM_DATA_DIR`` set
 to a folder that does not exist is an error: whoever set it (CI) expects the logs to be read.
+
+The disk: a run needs ``MIN_FREE_GIB`` free in the temp dir or it stops at once, naming it
+(not with ENOSPC fifty minutes in); the header and the summary print free space at the start,
+the lowest seen between tests and at the end, so the run's peak use is in every CI log.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,54 @@ import pytest
 _TESTS = Path(__file__).resolve().parent
 _INTEGRATION = _TESTS / "integration"
 SHARED_DATA = _TESTS.parents[1] / "shared" / "data"
+# A full run's peak use of the temp dir, measured (docs/reliability.md), with room to spare.
+MIN_FREE_GIB = 6.0
+_GIB = 1024**3
+
+
+class _DiskWatch:
+    """Free space in the temp dir at the start, the lowest between tests, and at the end."""
+
+    def __init__(self) -> None:
+        self.where = tempfile.gettempdir()
+        self.start = self.lowest = self.free()
+
+    def free(self) -> float:
+        return shutil.disk_usage(self.where).free / _GIB
+
+    def sample(self) -> None:
+        self.lowest = min(self.lowest, self.free())
+
+
+_DISK = _DiskWatch()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if _DISK.start < MIN_FREE_GIB:
+        pytest.exit(
+            f"only {_DISK.start:.1f} GiB free in {_DISK.where}; a full run needs "
+            f"{MIN_FREE_GIB:.0f} GiB (broker logs, checkpoints): free some space first",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (
+        f"disk: {_DISK.start:.1f} GiB free in {_DISK.where} (a full run needs {MIN_FREE_GIB:.0f})"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _DISK.sample()  # before the fixtures go: a passing test's tmp_path is still there
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    _DISK.sample()
+    terminalreporter.write_line(
+        f"disk: {_DISK.free():.1f} GiB free in {_DISK.where} at the end; {_DISK.start:.1f} at "
+        f"the start, lowest {_DISK.lowest:.1f} (peak use {_DISK.start - _DISK.lowest:.1f} GiB)"
+    )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -40,6 +40,7 @@ from stream_fm.tools.broker.secure import SecuredBroker
 from stream_fm.tools.dashboard import render_snapshot
 from stream_fm.tools.process import Child, free_ports, port_is_free
 from stream_fm.tools.prometheus import JOB, PrometheusServer, repo_rule_files
+from stream_fm.tools.scratch import scratch_dir
 
 TOPICS = {
     "events": "ad-events",
@@ -52,6 +53,8 @@ TOPICS = {
 EVENT_TIME_IMPRESSIONS_PER_S = 1000
 ATTRIBUTION_WINDOW_S = 10
 SUPERVISE_EVERY_S = 0.5
+# What a demo in a temp dir removes when it ends: hundreds of MB per run otherwise.
+DEMO_BULK = ("checkpoints", "kafka", "prometheus/data")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +223,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_demo(options: DemoOptions) -> int:
-    work = options.work_dir or Path(tempfile.mkdtemp(prefix="stream-fm-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    """The demo in ``--work-dir``, or in a temp dir whose checkpoints go when it ends."""
+    with scratch_dir(options.work_dir, "stream-fm-demo-", DEMO_BULK) as work:
+        code, quality = _run_demo_in(options, work)
+    removed = "" if options.work_dir else " (its checkpoints removed)"
+    _say(
+        f"demo: stopped every child it started (Kafka included){quality}; "
+        f"logs are in {work}{removed}"
+    )
+    return code
+
+
+def _run_demo_in(options: DemoOptions, work: Path) -> tuple[int, str]:
+    """Broker, worker, simulator (and Prometheus) until Ctrl-C; the exit code and last NE."""
     _say(
         f"demo: logs in {work}: kafka.log, worker.log, simulator.log"
         + (", prometheus/prometheus.log" if options.prometheus else "")
@@ -231,7 +245,11 @@ def run_demo(options: DemoOptions) -> int:
     kind = SecuredBroker if options.secure else KafkaBroker
     with (
         _sigterm_as_interrupt(),
-        kind(log_path=work / "kafka.log", partitions=options.partitions) as broker,
+        kind(
+            data_dir=_fresh(work / "kafka"),
+            log_path=work / "kafka.log",
+            partitions=options.partitions,
+        ) as broker,
     ):
         _say(f"demo: Kafka {broker.kafka_version} on {broker.bootstrap_servers} (pid {broker.pid})")
         broker.create_topics(TOPICS.values(), partitions=options.partitions)
@@ -245,6 +263,7 @@ def run_demo(options: DemoOptions) -> int:
         port = _metrics_port(options.metrics_port)
         children: list[Child] = []
         prom: PrometheusServer | None = None
+        progress: _Progress | None = None  # Ctrl-C can come before the first progress line
         try:
             worker = Child(
                 "worker",
@@ -282,10 +301,13 @@ def run_demo(options: DemoOptions) -> int:
             code = 1
         finally:
             code = _stop_children(children, prom, work, code)
-    _say(
-        f"demo: stopped every child it started (Kafka included){_quality(progress)}; logs are in {work}"
-    )
-    return code
+    return code, _quality(progress)
+
+
+def _fresh(path: Path) -> Path:
+    """An empty directory at ``path``: every demo starts a new cluster, even in --work-dir."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def _quality(progress: _Progress | None) -> str:

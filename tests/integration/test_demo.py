@@ -121,10 +121,14 @@ def test_demo_as_readme_runs_it_shows_traffic_and_stops_on_ctrl_c() -> None:
     assert re.search(r"checkpoints=[1-9]", output), "the worker checkpointed on the way out"
     assert demo.lines[-1].startswith("demo: stopped every child it started"), output[-2000:]
     assert _wait_gone(pids, 10) == [], "a child outlived the demo"
+    # Its temp dir keeps the logs and loses the bulk: hundreds of MB per run filled a disk.
+    work = Path(re.findall(r"logs are in (\S+) \(its checkpoints removed\)", output)[-1])
+    assert sorted(p.name for p in work.iterdir()) == ["kafka.log", "simulator.log", "worker.log"]
 
 
-def test_children_die_with_the_demo_even_when_it_is_killed() -> None:
-    demo = Demo("--metrics-port", "0")
+def test_children_die_with_the_demo_even_when_it_is_killed(tmp_path: Path) -> None:
+    # Killed outright, the demo cannot clean up: its work goes where pytest removes it.
+    demo = Demo("--metrics-port", "0", "--work-dir", str(tmp_path))
     try:
         demo.wait_for_traffic()
         pids = demo.child_pids()
@@ -140,14 +144,14 @@ def test_children_die_with_the_demo_even_when_it_is_killed() -> None:
     assert left == [], f"still running after the demo was killed: {left}"
 
 
-def test_a_taken_metrics_port_moves_the_demo_to_a_free_one() -> None:
+def test_a_taken_metrics_port_moves_the_demo_to_a_free_one(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        demo = Demo("--metrics-port", str(taken), "--duration-s", "15")
+        demo = Demo("--metrics-port", str(taken), "--duration-s", "15", "--work-dir", str(tmp_path))
         code = demo.finish(timeout_s=300)
     assert code == 0, demo.output[-4000:]
     moved = re.search(rf"port {taken} is taken; the worker's metrics go to port (\d+)", demo.output)
@@ -155,8 +159,12 @@ def test_a_taken_metrics_port_moves_the_demo_to_a_free_one() -> None:
     assert f"metrics on http://127.0.0.1:{moved.group(1)}/metrics" in demo.output
 
 
-def test_the_secure_demo_logs_in_over_sasl_ssl_with_only_its_acls_and_learns() -> None:
-    demo = Demo("--secure", "--metrics-port", "0", "--duration-s", "20")
+def test_the_secure_demo_logs_in_over_sasl_ssl_with_only_its_acls_and_learns(
+    tmp_path: Path,
+) -> None:
+    demo = Demo(
+        "--secure", "--metrics-port", "0", "--duration-s", "20", "--work-dir", str(tmp_path)
+    )
     line = demo.wait_for_traffic()
     code = demo.finish(timeout_s=300)
     assert code == 0, demo.output[-4000:]
@@ -165,8 +173,10 @@ def test_the_secure_demo_logs_in_over_sasl_ssl_with_only_its_acls_and_learns() -
 
 
 @pytest.mark.parametrize("child", ["simulator"])
-def test_a_child_that_dies_is_reported_with_its_log_and_fails_the_demo(child: str) -> None:
-    demo = Demo("--metrics-port", "0")
+def test_a_child_that_dies_is_reported_with_its_log_and_fails_the_demo(
+    child: str, tmp_path: Path
+) -> None:
+    demo = Demo("--metrics-port", "0", "--work-dir", str(tmp_path))
     try:
         demo.wait_for_traffic()
         os.kill(demo.child_pids()[child], signal.SIGKILL)

@@ -43,7 +43,6 @@ when the broker appended it.
 from __future__ import annotations
 
 import logging
-import tempfile
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -68,14 +67,23 @@ from stream_fm.tools.bench.kafka.scale_out import measure_scale_out
 from stream_fm.tools.bench.kafka.throughput import measure_ceiling, measure_worker
 from stream_fm.tools.broker import KafkaBroker
 from stream_fm.tools.broker.secure import SecuredBroker
+from stream_fm.tools.scratch import scratch_dir
+
+# What a run in a temp dir removes at its end: the workers' checkpoints, the other releases.
+BENCH_BULK = ("*-checkpoints", "kafka-python-*")
 
 
 def run_kafka_bench(
     options: KafkaBenchOptions, broker: KafkaBroker | None = None, say: Say = _stderr
 ) -> KafkaBenchReport:
     """All phases on ``broker`` (or on a broker of its own, started and stopped here)."""
-    work = options.work_dir or Path(tempfile.mkdtemp(prefix="stream-fm-bench-kafka-"))
-    work.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(options.work_dir, "stream-fm-bench-kafka-", BENCH_BULK) as work:
+        return _run_quietly(options, broker, work, say)
+
+
+def _run_quietly(
+    options: KafkaBenchOptions, broker: KafkaBroker | None, work: Path, say: Say
+) -> KafkaBenchReport:
     # The preloading producer's IO thread waits for the GIL while this thread builds records;
     # kafka-python then warns about every slow selector task. Not a finding: keep it quiet.
     selector_log = logging.getLogger("kafka.net.selector")
