@@ -491,6 +491,13 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from stream_fm.tools.process import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        return _bench_target(args)
+
+
+def _bench_target(args: argparse.Namespace) -> int:
     if getattr(args, "bench_target", None) == "hashsize":
         from stream_fm.tools.bench.hashsize import main_hashsize
 

@@ -17,18 +17,14 @@ deploy/prometheus/alerts.yml; ``--snapshot PNG`` then draws the dashboard's key 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,7 +34,7 @@ from stream_fm.kafka.acls import required_acls
 from stream_fm.tools.broker import KafkaBroker
 from stream_fm.tools.broker.secure import SecuredBroker
 from stream_fm.tools.dashboard import render_snapshot
-from stream_fm.tools.process import Child, free_ports, port_is_free
+from stream_fm.tools.process import Child, free_ports, port_is_free, sigterm_as_interrupt
 from stream_fm.tools.prometheus import JOB, PrometheusServer, repo_rule_files
 from stream_fm.tools.scratch import scratch_dir
 
@@ -208,20 +204,6 @@ def _supervise(children: list[Child], broker: KafkaBroker) -> None:
             )
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the demo the way Ctrl-C does: children are stopped in order."""
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_demo(options: DemoOptions) -> int:
     """The demo in ``--work-dir``, or in a temp dir whose checkpoints go when it ends."""
     with scratch_dir(options.work_dir, "stream-fm-demo-", DEMO_BULK) as work:
@@ -244,7 +226,7 @@ def _run_demo_in(options: DemoOptions, work: Path) -> tuple[int, str]:
     code = 0
     kind = SecuredBroker if options.secure else KafkaBroker
     with (
-        _sigterm_as_interrupt(),
+        sigterm_as_interrupt(),
         kind(
             data_dir=_fresh(work / "kafka"),
             log_path=work / "kafka.log",

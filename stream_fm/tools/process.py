@@ -17,8 +17,9 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 PR_SET_PDEATHSIG = 1
@@ -158,3 +159,18 @@ class Child:
         with contextlib.suppress(OSError):
             self._log.close()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a tool the way Ctrl-C does: its children stop in order and its temp
+    files go (Python's default SIGTERM exits at once, leaving a benchmark's GBs in /tmp)."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

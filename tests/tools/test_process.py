@@ -1,8 +1,10 @@
-"""Children that write their own log, stop in order, and never outlive their parent."""
+"""Children that write their own log, stop in order, and never outlive their parent; tools
+that stop on SIGTERM as on Ctrl-C and leave only their logs in /tmp."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,7 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-from stream_fm.tools.process import Child, accepts, free_ports, port_is_free, tail_file
+import pytest
+
+from stream_fm.tools.process import (
+    Child,
+    accepts,
+    free_ports,
+    port_is_free,
+    sigterm_as_interrupt,
+    tail_file,
+)
+from stream_fm.tools.scratch import scratch_dir
 
 
 def test_free_ports_are_distinct_and_free() -> None:
@@ -73,3 +85,29 @@ def test_a_child_dies_with_its_parent_even_by_sigkill(tmp_path: Path) -> None:
     else:
         os.kill(child_pid, signal.SIGKILL)
         raise AssertionError("the child outlived its parent")
+
+
+def test_sigterm_as_interrupt_unwinds_like_ctrl_c_and_restores_the_handler() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    unwound = []
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+        finally:
+            unwound.append(True)  # a tool's cleanup runs
+    assert unwound == [True]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_scratch_dir_keeps_logs_drops_bulk_and_leaves_a_given_dir_whole(tmp_path: Path) -> None:
+    with scratch_dir(None, "stream-fm-test-", bulk=("*-checkpoints", "kafka")) as made:
+        for name in ("a-checkpoints", "kafka", "logs-kept"):
+            (made / name).mkdir()
+            (made / name / "f").write_bytes(b"x")
+        (made / "worker.log").write_text("kept")
+    assert sorted(p.name for p in made.iterdir()) == ["logs-kept", "worker.log"]
+    shutil.rmtree(made)
+    with scratch_dir(tmp_path, "unused-", bulk=("*",)) as given:
+        (given / "a-checkpoints").mkdir()
+    assert (tmp_path / "a-checkpoints").is_dir()
