@@ -34,6 +34,9 @@ from stream_fm.features import NUMERIC_TRANSFORMS, check_hashing
 from stream_fm.join import LABEL_POLICIES
 from stream_fm.model.params import FMParams, help_text
 
+#: How model updates carry their row values (``sync.wire``).
+MODEL_SYNC_PRECISIONS: Final = ("bfloat16", "float32")
+
 ENV_PREFIX: Final = "STREAM_FM_"
 # Variables with the prefix that are read elsewhere and are not settings (the Kafka jars'
 # cache and version; the folder of real ad logs the benchmarks and tests read).
@@ -194,6 +197,13 @@ class Settings:
         metadata=help_text(
             "how often a worker publishes what it learned since it last did (wall-clock "
             "rounds; shorter keeps young models closer to one worker's, longer sends less)"
+        ),
+    )
+    model_sync_precision: str = field(
+        default="bfloat16",
+        metadata=help_text(
+            "how model updates carry weights and sums: bfloat16 (half the bytes; what it "
+            "rounds off is sent with the bucket's next update) or float32"
         ),
     )
     # Events and features
@@ -379,6 +389,11 @@ def _validate(s: Settings) -> None:
         "must differ from the input and output topics",
     )
     require(s.model_sync_interval_ms >= 10, "model_sync_interval_ms", "must be >= 10")
+    require(
+        s.model_sync_precision in MODEL_SYNC_PRECISIONS,
+        "model_sync_precision",
+        f"must be one of {', '.join(MODEL_SYNC_PRECISIONS)}",
+    )
     require(s.max_event_bytes >= 64, "max_event_bytes", "must be >= 64")
     check_hashing(s.hash_bits, s.hash_seed, s.numeric_transform, s.max_features)
     require(

@@ -197,6 +197,18 @@ class DeltaTracker:
         self._taken = (buckets, before, learned)
         return delta
 
+    def keep_back(self, taken: Delta, sent: Delta) -> None:
+        """Only ``sent`` of the last ``take`` went out: the rest (``taken - sent``, rounding)
+        stays between the model and its base, so the bucket's next ``take`` includes it.
+        Maximum columns are values, not increments: nothing to keep."""
+        base, rows = self._base, taken.buckets.astype(np.int64)
+        width = taken.lin.shape[1]
+        adds = np.array([c for c in range(width) if c not in self.max_columns], dtype=np.int64)
+        base["lin"][np.ix_(rows, adds)] -= (taken.lin - sent.lin)[:, adds]
+        base["v"][rows] -= taken.v - sent.v
+        if self.has_acc:
+            base["v_acc"][rows] -= taken.v_acc - sent.v_acc
+
     def base_rows(self, buckets: I32) -> Arrays:
         """The rows of ``buckets`` as they were before the last ``take`` (its shared base)."""
         base = self._base

@@ -105,6 +105,8 @@ ADAM_BETA1: Final = 0.9
 ADAM_BETA2: Final = 0.999
 ADAM_EPS: Final = 1e-8
 LIN_WIDTH: Final = {"sgd": 1, "adagrad": 2, "ftrl": 4, "adaptive": 4, "adam": 4}
+#: The ``lin`` columns an optimizer writes (adaptive's fourth is padding, always zero).
+LIN_USED: Final = {"sgd": 1, "adagrad": 2, "ftrl": 4, "adaptive": 3, "adam": 4}
 LIN_W: Final = 0
 LIN_N: Final = 1
 LIN_Z: Final = 2

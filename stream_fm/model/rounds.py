@@ -31,6 +31,7 @@ Optimizers without squared-gradient sums (sgd, ftrl's linear part) add increment
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -43,6 +44,8 @@ from stream_fm.model.delta import SCALED_OPTIMIZERS, Delta, DeltaTracker
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
+#: How increments travel: the (delta, bases) a peer will read for the exact ones.
+Rounder = Callable[[Delta, "Bases"], tuple[Delta, "Bases"]]
 #: Rounds remembered: an increment of an older round is weighed against a fresh record.
 KEEP_ROUNDS: Final = 4
 
@@ -116,9 +119,13 @@ class _Round:
 class Rounds:
     """A ``DeltaTracker`` whose peers' increments are added per round (module docstring)."""
 
-    def __init__(self, tracker: DeltaTracker, keep: int = KEEP_ROUNDS) -> None:
+    def __init__(
+        self, tracker: DeltaTracker, keep: int = KEEP_ROUNDS, rounder: Rounder | None = None
+    ) -> None:
         self.tracker = tracker
         self.keep = keep
+        #: What the wire makes of the increments (``sync.wire.rounded``); None: exact.
+        self.rounder = rounder
         self.weighted = tracker.engine.params.optimizer in SCALED_OPTIMIZERS and tracker.has_acc
         self._rounds: dict[int, _Round] = {}
 
@@ -128,18 +135,23 @@ class Rounds:
 
     def publish(self, round_id: int) -> tuple[Delta, Bases]:
         """This worker's increments since its last publish, counted in round ``round_id``,
-        and its G0s (peers receive the increments in float32: the workers' models agree to
-        about 1e-7)."""
-        delta = self.tracker.take()
-        if not self.weighted:  # the moves add up: no sums to weigh them by
-            return delta, Bases(np.zeros(len(delta)), np.zeros(len(delta)), 0.0)
-        before = self.tracker.base_rows(delta.buckets)
-        bases = Bases(
-            before["lin"][:, kernel.LIN_N].astype(np.float64),
-            before["v_acc"].mean(axis=1),
-            float(before["bias"][kernel.B_N0]),
-        )
-        if len(delta):
+        and its G0s, as the wire carries them (``rounder``). What the rounding leaves out
+        stays in the tracker and goes with the bucket's next increment (error feedback)."""
+        taken = self.tracker.take()
+        if self.weighted:
+            before = self.tracker.base_rows(taken.buckets)
+            bases = Bases(
+                before["lin"][:, kernel.LIN_N].astype(np.float64),
+                before["v_acc"].mean(axis=1),
+                float(before["bias"][kernel.B_N0]),
+            )
+        else:  # the moves add up: no sums to weigh them by
+            bases = Bases(np.zeros(len(taken)), np.zeros(len(taken)), 0.0)
+        delta = taken
+        if self.rounder is not None and len(taken):
+            delta, bases = self.rounder(taken, bases)
+            self.tracker.keep_back(taken, delta)
+        if self.weighted and len(delta):
             self._merge(round_id, delta, bases, own=True)
         return delta, bases
 

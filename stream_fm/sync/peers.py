@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Final
 
 import numpy as np
@@ -32,7 +33,7 @@ from stream_fm.model.base import SparseExample
 from stream_fm.model.delta import DeltaTracker
 from stream_fm.model.rounds import Rounds
 from stream_fm.sync.metrics import SyncMetrics
-from stream_fm.sync.wire import Shape, Update, decode, encode
+from stream_fm.sync.wire import Shape, Update, decode, encode, rounded
 
 log = logging.getLogger("stream_fm.sync")
 
@@ -85,7 +86,8 @@ class ModelSync:
         self.topic = settings.model_updates_topic
         self.interval_s = settings.model_sync_interval_ms / 1000
         self.tracker = tracker
-        self.rounds = Rounds(tracker)
+        self.precision = settings.model_sync_precision
+        self.rounds = Rounds(tracker, rounder=partial(rounded, precision=self.precision))
         self.writer = writer
         self._key = writer.encode()
         self.shape = shape_of(tracker)
@@ -152,7 +154,7 @@ class ModelSync:
         self._seq += 1
         self._said_goodbye = leaving
         limit = io.record_limit_bytes(self.topic) - RECORD_OVERHEAD_BYTES - len(self._key)
-        parts = encode(update, limit)
+        parts = encode(update, limit, self.precision)
         for part in parts:
             io.send(self.topic, self._key, part)
             self.metrics.update_bytes.labels(direction="published").inc(len(part))

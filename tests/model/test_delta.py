@@ -10,7 +10,7 @@ import pytest
 
 from stream_fm.model import FastFM, FMParams, SparseExample, kernel
 from stream_fm.model.delta import Delta, DeltaTracker, combine, exchange
-from stream_fm.tools.bench.sync import served_logloss
+from stream_fm.tools.bench.sync import PRECISION, served_logloss
 
 OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adaptive", "adam", "adaptive+crosses")
 
@@ -114,10 +114,14 @@ def test_the_sync_bench_scores_every_prediction_of_every_worker() -> None:
         for i, p in enumerate(rng.integers(0, 8, 400).tolist())
     ]
     settings = build_settings({"hash_bits": 12, "k": 2})
-    one = served_logloss(events, settings, 1, 400, None)
+    one, none_sent = served_logloss(events, settings, 1, 400, None)
+    assert np.isfinite(one) and none_sent == 0
     for rule in ("average", "sum", None):
-        two = served_logloss(events, settings, 2, 50, rule)
-        assert 0.0 < two < 1.0 and np.isfinite(one)
+        two, _ = served_logloss(events, settings, 2, 50, rule)
+        assert 0.0 < two < 1.0
+    small, large = (served_logloss(events, settings, 2, 50, way) for way in PRECISION)
+    assert 0 < small[1] < 0.7 * large[1]  # bfloat16 rows, a tiny model: headers weigh more
+    assert abs(small[0] / large[0] - 1) < 0.01
 
 
 def shared_and_lone(lone: int) -> tuple[DeltaTracker, Delta, Delta]:

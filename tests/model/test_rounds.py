@@ -3,17 +3,21 @@ order its peers arrive in, nothing echoes back, and a lone worker is the engine 
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 from stream_fm.model import FastFM, SparseExample
 from stream_fm.model.delta import DeltaTracker
 from stream_fm.model.rounds import Rounds
+from stream_fm.sync.wire import rounded
 from tests.model.test_delta import OPTIMIZERS, examples, params
 
 
-def workers(n: int, optimizer: str) -> list[Rounds]:
-    return [Rounds(DeltaTracker(FastFM(params(optimizer)))) for _ in range(n)]
+def workers(n: int, optimizer: str, precision: str | None = None) -> list[Rounds]:
+    rounder = partial(rounded, precision=precision) if precision else None
+    return [Rounds(DeltaTracker(FastFM(params(optimizer))), rounder=rounder) for _ in range(n)]
 
 
 def learn(rounds: list[Rounds], round_: int) -> None:
@@ -66,10 +70,11 @@ def test_an_absorbed_increment_never_echoes_back() -> None:
     assert b.publish(2)[0].buckets.tolist() == [1, 2]
 
 
+@pytest.mark.parametrize("precision", [None, "bfloat16"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_a_worker_alone_is_the_engine_bit_for_bit(optimizer: str) -> None:
+def test_a_worker_alone_is_the_engine_bit_for_bit(optimizer: str, precision: str | None) -> None:
     alone = FastFM(params(optimizer))
-    [one] = workers(1, optimizer)
+    [one] = workers(1, optimizer, precision)
     for round_ in range(4):
         for x, y in examples(30, seed=round_):
             assert alone.predict_proba_one(x) == one.tracker.predict_proba_one(x)
@@ -91,3 +96,22 @@ def test_a_late_peer_of_an_older_round_still_counts_once() -> None:
     b.absorb(*late, 0)
     assert b.tracker.n_learned == before + 15
     assert np.isfinite(b.tracker.engine.live_arrays()["lin"]).all()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam"])
+def test_what_the_wire_rounds_off_goes_with_the_next_increment(optimizer: str) -> None:
+    a, b = workers(2, optimizer, "bfloat16")
+    for round_ in range(6):
+        learn([a], round_)
+        delta, bases = a.publish(round_)
+        assert np.array_equal(delta.v, rounded(delta, bases)[0].v)  # exactly what travels
+        b.absorb(delta, bases, round_)
+        mine, theirs = a.tracker.engine.live_arrays(), b.tracker.engine.live_arrays()
+        _, base = a.tracker.model_and_base()
+        kept = {name: mine[name] - base[name] for name in ("v", "v_acc")}
+        for name in ("v", "v_acc"):  # the peer lacks exactly what the writer kept back
+            np.testing.assert_allclose(theirs[name] + kept[name], mine[name], atol=1e-12)
+        sent_rows = delta.buckets  # what stays back is below 2^-8 of what went
+        assert np.all(np.abs(kept["v"][sent_rows]) <= 2**-8 * np.abs(delta.v))
+    assert 0 < np.abs(kept["v"]).max() < 2**-8 * np.abs(mine["v"]).max()
+    assert b.tracker.n_learned == a.tracker.n_learned

@@ -81,7 +81,7 @@ def features_of(keys: Sequence[str], values: Sequence[float]) -> dict[str, Any]:
     return out
 
 
-def _event_json(event: Event, prefix: str, ts_ms: int) -> tuple[bytes, bytes]:
+def event_json(event: Event, prefix: str, ts_ms: int) -> tuple[bytes, bytes]:
     ident = prefix + event.id
     if type(event) is Click:
         body: dict[str, Any] = {"type": "click", "id": ident, "ts": ts_ms}
@@ -119,7 +119,7 @@ def log_records(name: str, data_dir: Path) -> tuple[list[tuple[bytes, bytes]], f
         for event in ROW_READERS[fmt](file, hasher):
             labeled = type(event) is Labeled
             ts = BASE_TS_MS + len(records) if labeled else event.ts_ms
-            records.append(_event_json(event, f"{number}-", ts))
+            records.append(event_json(event, f"{number}-", ts))
     return records, FILE_WINDOW_S
 
 
