@@ -16,6 +16,8 @@ from stream_fm.errors import StreamFMError
 
 log = logging.getLogger("stream_fm")
 
+# What ``bench sync`` reads beyond learning: how updates are rounded and held back.
+SYNC_SETTINGS = ("model_sync_precision", "model_sync_hold_threshold", "model_sync_max_hold_ms")
 BENCH_STREAMS = (
     "simulated", "simulated-100", "simulated-drift", "simulated-long", "talkingdata",
     "ipinyou", "criteo-10k", "avazu-9k", "criteo-2k", "avazu-3k", "xlearn",
@@ -298,7 +300,7 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         ("--data-dir", {"type": Path, "default": DATA_DIR, "help": "real logs"}),
         ("--json", {"type": Path, "help": "write all figures as JSON here"}),
     )
-    _add_setting_flags(sync, LEARNING_SETTINGS)
+    _add_setting_flags(sync, (*LEARNING_SETTINGS, *SYNC_SETTINGS))
     kafka = targets.add_parser(
         "kafka",
         help="the worker against bare client loops and a bare Quix Streams application on a "

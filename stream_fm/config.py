@@ -206,6 +206,20 @@ class Settings:
             "rounds off is sent with the bucket's next update) or float32"
         ),
     )
+    model_sync_hold_threshold: float = field(
+        default=0.03,
+        metadata=help_text(
+            "a bucket whose weight and latents moved less than this (in logit units) since "
+            "they last went out waits, and goes out with its next increments (0: every "
+            "increment at once)"
+        ),
+    )
+    model_sync_max_hold_ms: int = field(
+        default=5000,
+        metadata=help_text(
+            "the longest an increment waits; a checkpoint and a SIGTERM send every waiting one"
+        ),
+    )
     # Events and features
     max_event_bytes: int = field(
         default=65_536, metadata=help_text("records larger than this go to the dead-letter topic")
@@ -389,6 +403,16 @@ def _validate(s: Settings) -> None:
         "must differ from the input and output topics",
     )
     require(s.model_sync_interval_ms >= 10, "model_sync_interval_ms", "must be >= 10")
+    require(
+        math.isfinite(s.model_sync_hold_threshold) and 0 <= s.model_sync_hold_threshold <= 1,
+        "model_sync_hold_threshold",
+        "must be within [0, 1] (0: every increment goes at once)",
+    )
+    require(
+        s.model_sync_interval_ms <= s.model_sync_max_hold_ms <= 0xFFFF * s.model_sync_interval_ms,
+        "model_sync_max_hold_ms",
+        "must be at least model_sync_interval_ms and at most 65,535 rounds",
+    )
     require(
         s.model_sync_precision in MODEL_SYNC_PRECISIONS,
         "model_sync_precision",

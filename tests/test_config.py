@@ -42,6 +42,9 @@ def test_precedence(tmp_path: Path) -> None:
         ({"overrides": {"numeric_transform": "sqrt"}}, "numeric_transform"),
         ({"overrides": {"checkpoint_keep": "1"}}, "checkpoint_keep"),
         ({"overrides": {"cold_start": "maybe"}}, "cold_start"),
+        ({"overrides": {"model_sync_precision": "float16"}}, "model_sync_precision"),
+        ({"overrides": {"model_sync_hold_threshold": "1.5"}}, "model_sync_hold_threshold"),
+        ({"overrides": {"model_sync_max_hold_ms": "100"}}, "model_sync_max_hold_ms"),
     ],
 )
 def test_bad_setting_fails_naming_it(source: dict[str, dict[str, object]], setting: str) -> None:

@@ -209,6 +209,19 @@ class DeltaTracker:
         if self.has_acc:
             base["v_acc"][rows] -= taken.v_acc - sent.v_acc
 
+    def hold_back(self, taken: Delta, rows: npt.NDArray[np.bool_]) -> Delta:
+        """Keep ``rows`` of the last ``take`` for a later one (none of them went out): they
+        stay between the model and its base and are taken again next time. Returns the
+        rest."""
+        held = replace(taken, buckets=taken.buckets[rows], lin=taken.lin[rows], v=taken.v[rows],
+                       v_acc=taken.v_acc[rows] if self.has_acc else taken.v_acc)  # fmt: skip
+        self.keep_back(held, replace(held, lin=np.zeros_like(held.lin), v=np.zeros_like(held.v),
+                                     v_acc=np.zeros_like(held.v_acc)))  # fmt: skip
+        self._touched[held.buckets] = True
+        go = ~rows
+        return replace(taken, buckets=taken.buckets[go], lin=taken.lin[go], v=taken.v[go],
+                       v_acc=taken.v_acc[go] if self.has_acc else taken.v_acc)  # fmt: skip
+
     def base_rows(self, buckets: I32) -> Arrays:
         """The rows of ``buckets`` as they were before the last ``take`` (its shared base)."""
         base = self._base
@@ -216,9 +229,10 @@ class DeltaTracker:
         rows["bias"] = base["bias"].copy()
         if self._taken is not None:
             own, before, _ = self._taken
-            where = np.searchsorted(buckets, own)
+            at = np.minimum(np.searchsorted(own, buckets), max(len(own) - 1, 0))
+            mine = own[at] == buckets if len(own) else np.zeros(len(buckets), dtype=bool)
             for name in self._rows:
-                rows[name][where] = before[name]
+                rows[name][mine] = before[name][at[mine]]
             rows["bias"] = before["bias"]
         return rows
 

@@ -51,6 +51,21 @@ KEEP_ROUNDS: Final = 4
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Which increments wait: a bucket's whose weight and latents moved less than
+    ``threshold`` since they last went out, for at most ``rounds`` rounds (the
+    significance filter of parameter servers, Li et al. 2014, and of Gaia, Hsieh et al.
+    2017)."""
+
+    threshold: float
+    rounds: int  # at most 65,535
+
+    def __post_init__(self) -> None:
+        if not (self.threshold >= 0 and 1 <= self.rounds <= 0xFFFF):
+            raise ValueError(f"a hold of {self.threshold} for {self.rounds} rounds")
+
+
+@dataclass(frozen=True)
 class Bases:
     """A worker's squared-gradient sums before its increments (its G0): per touched bucket
     the linear sum and the latents' mean sum, and the intercept's. They travel with the
@@ -120,12 +135,19 @@ class Rounds:
     """A ``DeltaTracker`` whose peers' increments are added per round (module docstring)."""
 
     def __init__(
-        self, tracker: DeltaTracker, keep: int = KEEP_ROUNDS, rounder: Rounder | None = None
+        self,
+        tracker: DeltaTracker,
+        keep: int = KEEP_ROUNDS,
+        rounder: Rounder | None = None,
+        hold: Hold | None = None,
     ) -> None:
         self.tracker = tracker
         self.keep = keep
         #: What the wire makes of the increments (``sync.wire.rounded``); None: exact.
         self.rounder = rounder
+        self.hold = hold
+        # Rounds each bucket's increments have waited (``hold``).
+        self._age = np.zeros(tracker.engine.params.n_buckets if hold else 0, np.uint16)
         self.weighted = tracker.engine.params.optimizer in SCALED_OPTIMIZERS and tracker.has_acc
         self._rounds: dict[int, _Round] = {}
 
@@ -133,11 +155,14 @@ class Rounds:
         """The model went back to a checkpoint: what the rounds contributed is gone with it."""
         self._rounds = {}
 
-    def publish(self, round_id: int) -> tuple[Delta, Bases]:
+    def publish(self, round_id: int, flush: bool = False) -> tuple[Delta, Bases]:
         """This worker's increments since its last publish, counted in round ``round_id``,
         and its G0s, as the wire carries them (``rounder``). What the rounding leaves out
-        stays in the tracker and goes with the bucket's next increment (error feedback)."""
+        stays in the tracker and goes with the bucket's next increment (error feedback), and
+        so do the rows ``hold`` keeps back (all go with ``flush``)."""
         taken = self.tracker.take()
+        if self.hold is not None and len(taken):
+            taken = self._hold_back(taken, flush)
         if self.weighted:
             before = self.tracker.base_rows(taken.buckets)
             bases = Bases(
@@ -154,6 +179,24 @@ class Rounds:
         if self.weighted and len(delta):
             self._merge(round_id, delta, bases, own=True)
         return delta, bases
+
+    def _hold_back(self, taken: Delta, flush: bool) -> Delta:
+        """Rows whose weight and latents moved less than ``hold.threshold`` (in logit units:
+        times the feature's largest |x| where the optimizer keeps it) wait, at most
+        ``hold.rounds`` rounds: the many small moves a frequent feature gets go out summed,
+        every so often; what moves a prediction goes at once."""
+        assert self.hold is not None
+        rows = taken.buckets.astype(np.int64)
+        age = self._age[rows]
+        if flush:
+            wait = np.zeros(len(rows), dtype=bool)
+        else:
+            move = np.maximum(np.abs(taken.lin[:, kernel.LIN_W]), np.abs(taken.v).max(axis=1))
+            if kernel.LIN_S in self.tracker.max_columns:  # adaptive: w x is the logit's part
+                move *= np.maximum(np.abs(taken.lin[:, kernel.LIN_S]), 1.0)
+            wait = (move < self.hold.threshold) & (age < self.hold.rounds)
+        self._age[rows] = np.where(wait, age + 1, 0)
+        return self.tracker.hold_back(taken, wait) if wait.any() else taken
 
     def absorb(self, delta: Delta, bases: Bases, round_id: int) -> None:
         """A peer's increments of round ``round_id``, added to the model (and its base)."""

@@ -31,7 +31,7 @@ from stream_fm.kafka.admin import Admin, ConsumedRecord, TopicFollower
 from stream_fm.model import kernel
 from stream_fm.model.base import SparseExample
 from stream_fm.model.delta import DeltaTracker
-from stream_fm.model.rounds import Rounds
+from stream_fm.model.rounds import Hold, Rounds
 from stream_fm.sync.metrics import SyncMetrics
 from stream_fm.sync.wire import Shape, Update, decode, encode, rounded
 
@@ -72,6 +72,17 @@ def shape_of(tracker: DeltaTracker) -> Shape:
     )  # fmt: skip
 
 
+def rounds_for(tracker: DeltaTracker, settings: Settings) -> Rounds:
+    """The tracker's rounds as the settings send them: rounded to ``model_sync_precision``,
+    small increments held back (``model_sync_hold_threshold``, ``model_sync_max_hold_ms``)."""
+    hold = None
+    if settings.model_sync_hold_threshold > 0:
+        waits = settings.model_sync_max_hold_ms // settings.model_sync_interval_ms
+        hold = Hold(settings.model_sync_hold_threshold, waits)
+    rounder = partial(rounded, precision=settings.model_sync_precision)
+    return Rounds(tracker, rounder=rounder, hold=hold)
+
+
 class ModelSync:
     """Publishes this worker's learning and applies its peers' (see the module docstring)."""
 
@@ -87,7 +98,7 @@ class ModelSync:
         self.interval_s = settings.model_sync_interval_ms / 1000
         self.tracker = tracker
         self.precision = settings.model_sync_precision
-        self.rounds = Rounds(tracker, rounder=partial(rounded, precision=self.precision))
+        self.rounds = rounds_for(tracker, settings)
         self.writer = writer
         self._key = writer.encode()
         self.shape = shape_of(tracker)
@@ -135,12 +146,13 @@ class ModelSync:
             first, _ = self._covered.get(key, (record.offset, 0))
             self._covered[key] = (first, record.offset + 1)
 
-    def publish(self, io: KafkaIO) -> int:
+    def publish(self, io: KafkaIO, flush: bool = False) -> int:
         """Send what was learned since the last publish (an empty update now and then, so
-        peers can tell a quiet worker from a lagging one); returns the records sent."""
+        peers can tell a quiet worker from a lagging one); returns the records sent. With
+        ``flush`` (a checkpoint) or on the way out, the increments that wait go too."""
         leaving = self.leaving
         round_id = self._round_published = self.round_now()
-        delta, bases = self.rounds.publish(round_id)
+        delta, bases = self.rounds.publish(round_id, flush=flush or leaving)
         empty = not len(delta) and not delta.learned and not np.any(delta.bias != 0)
         if empty and not leaving and time.monotonic() - self._sent_at < HEARTBEAT_S:
             self._covered = {}

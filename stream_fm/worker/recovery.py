@@ -374,7 +374,7 @@ class Recovery:
         assert self.io is not None
         started = time.perf_counter()
         if self.sync is not None:  # a durable model holds no learning its peers cannot get
-            self.sync.publish(self.io)
+            self.sync.publish(self.io, flush=True)
         self.io.flush()
         spare = self._spare or self._spare_ready
         self._spare = self._spare_ready = None

@@ -124,8 +124,12 @@ def test_two_workers_serve_one_model_every_example_counted_once_on_each(
         assert not any(
             v for k, v in metrics.items() if k.startswith("stream_fm_model_updates_rejected_total")
         )
-    probes = [sample(p, "stream_fm_model_probe_p") for p in (a, b)]
-    assert None not in probes and abs(probes[0] - probes[1]) < 1e-3, probes  # type: ignore[operator]
+
+    def probes_agree() -> bool:  # once the increments held back (5 s at most) went out too
+        probes = [sample(p, "stream_fm_model_probe_p") for p in (a, b)]
+        return None not in probes and abs(probes[0] - probes[1]) < 1e-3  # type: ignore[operator]
+
+    wait_until(probes_agree, 30, "both workers' probe p within 1e-3", b)
     for proc in (a, b):
         code, _ = proc.sigterm()
         assert code == 0, proc.tail()

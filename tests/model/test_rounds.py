@@ -10,14 +10,19 @@ import pytest
 
 from stream_fm.model import FastFM, SparseExample
 from stream_fm.model.delta import DeltaTracker
-from stream_fm.model.rounds import Rounds
+from stream_fm.model.rounds import Hold, Rounds
 from stream_fm.sync.wire import rounded
 from tests.model.test_delta import OPTIMIZERS, examples, params
 
 
-def workers(n: int, optimizer: str, precision: str | None = None) -> list[Rounds]:
+def workers(
+    n: int, optimizer: str, precision: str | None = None, hold: Hold | None = None
+) -> list[Rounds]:
     rounder = partial(rounded, precision=precision) if precision else None
-    return [Rounds(DeltaTracker(FastFM(params(optimizer))), rounder=rounder) for _ in range(n)]
+    return [
+        Rounds(DeltaTracker(FastFM(params(optimizer))), rounder=rounder, hold=hold)
+        for _ in range(n)
+    ]
 
 
 def learn(rounds: list[Rounds], round_: int) -> None:
@@ -70,11 +75,14 @@ def test_an_absorbed_increment_never_echoes_back() -> None:
     assert b.publish(2)[0].buckets.tolist() == [1, 2]
 
 
+@pytest.mark.parametrize("hold", [None, Hold(0.5, 3)])
 @pytest.mark.parametrize("precision", [None, "bfloat16"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_a_worker_alone_is_the_engine_bit_for_bit(optimizer: str, precision: str | None) -> None:
+def test_a_worker_alone_is_the_engine_bit_for_bit(
+    optimizer: str, precision: str | None, hold: Hold | None
+) -> None:
     alone = FastFM(params(optimizer))
-    [one] = workers(1, optimizer, precision)
+    [one] = workers(1, optimizer, precision, hold)
     for round_ in range(4):
         for x, y in examples(30, seed=round_):
             assert alone.predict_proba_one(x) == one.tracker.predict_proba_one(x)
@@ -115,3 +123,36 @@ def test_what_the_wire_rounds_off_goes_with_the_next_increment(optimizer: str) -
         assert np.all(np.abs(kept["v"][sent_rows]) <= 2**-8 * np.abs(delta.v))
     assert 0 < np.abs(kept["v"]).max() < 2**-8 * np.abs(mine["v"]).max()
     assert b.tracker.n_learned == a.tracker.n_learned
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_small_increments_wait_their_rounds_and_a_flush_sends_them_all(optimizer: str) -> None:
+    a, b = workers(2, optimizer, hold=Hold(threshold=10.0, rounds=3))  # every increment waits
+    waited = []
+    for round_ in range(4):
+        learn([a], round_)
+        delta, bases = a.publish(round_)
+        waited.append(len(delta))
+        b.absorb(delta, bases, round_)
+    assert waited[:3] == [0, 0, 0] and waited[3] > 0  # the fourth round sends what waited 3
+    assert b.tracker.n_learned == a.tracker.n_learned  # the counts never wait
+    learn([a], 4)
+    b.absorb(*a.publish(4, flush=True), 4)
+    mine, theirs = a.tracker.engine.live_arrays(), b.tracker.engine.live_arrays()
+    for name in ("v", "v_acc"):
+        np.testing.assert_allclose(theirs[name], mine[name], rtol=1e-12, err_msg=name)
+    np.testing.assert_allclose(theirs["lin"][:, 0], mine["lin"][:, 0], rtol=1e-12)
+
+
+def test_a_hold_is_bounded() -> None:
+    with pytest.raises(ValueError):
+        Hold(0.1, 0)
+    with pytest.raises(ValueError):
+        Hold(-1, 5)
+
+
+def test_an_increment_that_moves_a_prediction_goes_at_once() -> None:
+    [held], [plain] = workers(1, "adaptive", hold=Hold(1e-9, 25)), workers(1, "adaptive")
+    for one in (held, plain):
+        learn([one], 0)
+    assert held.publish(0)[0].buckets.tolist() == plain.publish(0)[0].buckets.tolist()

@@ -14,10 +14,10 @@ scale`` produces), since a group of N workers sends that much to its model-updat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from stream_fm.model.delta import RULES, DeltaTracker, exchange
 from stream_fm.model.fast import FastFM
 from stream_fm.model.rounds import Rounds
 from stream_fm.pipeline import Pipeline, decoder_for
-from stream_fm.sync.peers import shape_of
-from stream_fm.sync.wire import Update, decode, encode, rounded
+from stream_fm.sync.peers import rounds_for, shape_of
+from stream_fm.sync.wire import Update, decode, encode
 from stream_fm.tools.bench.model import Stream, chosen_streams, say
 from stream_fm.tools.bench.scale import BASE_TS_MS, event_json
 
@@ -74,8 +74,9 @@ def served_logloss(
     independent models)."""
     trackers = [DeltaTracker(FastFM(settings.model)) for _ in range(workers)]
     pipelines = [Pipeline.from_settings(settings, engine=t) for t in trackers]
-    precision = PRECISION.get(rule or "", "float32")
-    rounds = [Rounds(t, rounder=partial(rounded, precision=precision)) for t in trackers]
+    precision = PRECISION.get(rule or "", settings.model_sync_precision)
+    as_sent = dataclasses.replace(settings, model_sync_precision=precision)
+    rounds = [rounds_for(t, as_sent) for t in trackers]
     step = every if rule is not None else max(len(events), 1)
     sent = 0
     for start in range(0, len(events), step):
