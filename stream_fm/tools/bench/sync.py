@@ -5,7 +5,10 @@ Offline (no Kafka): a stream's events go to 8 partitions by Kafka's default part
 impression id, partition ``p`` to worker ``p mod N``; the workers take turns on each
 interval's events, then exchange under each combine rule, or (``absorb``, what the worker
 does) publish their increments through the wire format for every peer to absorb, its row values
-in bfloat16 (the default ``model_sync_precision``) or float32 (``absorb-f32``). Every figure is
+in bfloat16 (the default ``model_sync_precision``) or float32 (``absorb-f32``), small
+increments held back as ``model_sync_hold_threshold`` says (a round is ``every`` events, so
+``model_sync_max_hold_ms / model_sync_interval_ms`` rounds is the longest wait; at the end of
+the stream what still waits goes out, and counts). Every figure is
 the served log loss of all workers' predictions together (p before learning), as a ratio to
 one worker on the whole stream, so it says what scaling out costs in quality; the absorb ways
 also count their update bytes against the input's (each event as the JSON record ``bench
@@ -90,6 +93,8 @@ def served_logloss(
             sent += post(rounds, start // step, precision)
         elif rule is not None and workers > 1:
             exchange(trackers, rule)
+    if rule in PRECISION and workers > 1:  # what still waits goes out: it counts as traffic
+        sent += post(rounds, len(events) // step + 1, precision, flush=True)
     for pipeline in pipelines:
         pipeline.flush()  # the end of a finite stream: every window closes
     examples = sum(p.evaluator.examples for p in pipelines)
@@ -98,13 +103,13 @@ def served_logloss(
     return sum(p.evaluator.logloss * p.evaluator.examples for p in pipelines) / examples, sent
 
 
-def post(rounds: Sequence[Rounds], round_id: int, precision: str) -> int:
+def post(rounds: Sequence[Rounds], round_id: int, precision: str, flush: bool = False) -> int:
     """The worker's way: each publishes its increments through the wire format and every
     peer absorbs them as they come (``model.rounds``: no shared base, no barrier); returns
     the bytes published."""
     sent, published = [], 0
     for i, one in enumerate(rounds):
-        delta, bases = one.publish(round_id)
+        delta, bases = one.publish(round_id, flush)
         update = Update(str(i), 0, shape_of(one.tracker), delta, bases, round_id, {})
         records = encode(update, 1 << 20, precision)
         published += sum(len(r) for r in records)
