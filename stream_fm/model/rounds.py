@@ -148,6 +148,7 @@ class Rounds:
         self.hold = hold
         # Rounds each bucket's increments have waited (``hold``).
         self._age = np.zeros(tracker.engine.params.n_buckets if hold else 0, np.uint16)
+        self.waiting = 0  # buckets held back at the last publish
         self.weighted = tracker.engine.params.optimizer in SCALED_OPTIMIZERS and tracker.has_acc
         self._rounds: dict[int, _Round] = {}
 
@@ -196,6 +197,7 @@ class Rounds:
                 move *= np.maximum(np.abs(taken.lin[:, kernel.LIN_S]), 1.0)
             wait = (move < self.hold.threshold) & (age < self.hold.rounds)
         self._age[rows] = np.where(wait, age + 1, 0)
+        self.waiting = int(np.count_nonzero(wait))
         return self.tracker.hold_back(taken, wait) if wait.any() else taken
 
     def absorb(self, delta: Delta, bases: Bases, round_id: int) -> None:

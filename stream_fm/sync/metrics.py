@@ -54,6 +54,12 @@ class SyncMetrics:
             "p of a fixed probe example: workers of one group serving one model agree on it.",
             registry=r,
         )
+        self.waiting = Gauge(
+            "stream_fm_model_sync_waiting_buckets",
+            "Buckets whose small increments wait to go out with later ones "
+            "(model_sync_hold_threshold); a checkpoint sends them all.",
+            registry=r,
+        )
         self._newest: dict[str, float] = {}  # peer -> publish time of its newest applied update
 
     def peer_update(self, peer: str, published_at_s: float) -> None:

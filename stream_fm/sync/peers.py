@@ -153,6 +153,7 @@ class ModelSync:
         leaving = self.leaving
         round_id = self._round_published = self.round_now()
         delta, bases = self.rounds.publish(round_id, flush=flush or leaving)
+        self.metrics.waiting.set(self.rounds.waiting)
         empty = not len(delta) and not delta.learned and not np.any(delta.bias != 0)
         if empty and not leaving and time.monotonic() - self._sent_at < HEARTBEAT_S:
             self._covered = {}
