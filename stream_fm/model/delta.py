@@ -213,14 +213,17 @@ class DeltaTracker:
         """Keep ``rows`` of the last ``take`` for a later one (none of them went out): they
         stay between the model and its base and are taken again next time. Returns the
         rest."""
-        held = replace(taken, buckets=taken.buckets[rows], lin=taken.lin[rows], v=taken.v[rows],
-                       v_acc=taken.v_acc[rows] if self.has_acc else taken.v_acc)  # fmt: skip
-        self.keep_back(held, replace(held, lin=np.zeros_like(held.lin), v=np.zeros_like(held.v),
-                                     v_acc=np.zeros_like(held.v_acc)))  # fmt: skip
+        held = self._select(taken, rows)
+        nothing = replace(held, lin=np.zeros_like(held.lin), v=np.zeros_like(held.v),
+                          v_acc=np.zeros_like(held.v_acc))  # fmt: skip
+        self.keep_back(held, nothing)
         self._touched[held.buckets] = True
-        go = ~rows
-        return replace(taken, buckets=taken.buckets[go], lin=taken.lin[go], v=taken.v[go],
-                       v_acc=taken.v_acc[go] if self.has_acc else taken.v_acc)  # fmt: skip
+        return self._select(taken, ~rows)
+
+    def _select(self, delta: Delta, rows: npt.NDArray[np.bool_]) -> Delta:
+        """The delta of ``rows`` only (the intercept and the count stay whole)."""
+        return replace(delta, buckets=delta.buckets[rows], lin=delta.lin[rows], v=delta.v[rows],
+                       v_acc=delta.v_acc[rows] if self.has_acc else delta.v_acc)  # fmt: skip
 
     def base_rows(self, buckets: I32) -> Arrays:
         """The rows of ``buckets`` as they were before the last ``take`` (its shared base)."""

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -123,12 +123,7 @@ def row_bytes(shape: Shape, precision: str = "bfloat16") -> int:
 def rounded(delta: Delta, bases: Bases, precision: str = "bfloat16") -> tuple[Delta, Bases]:
     """The rows as a peer decodes them (the intercept travels exact). The writer's own
     round uses these, so every worker weighs the same numbers."""
-    if precision == "float32":
-        cast: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]] = _f32
-    elif precision == "bfloat16":
-        cast = _bf16
-    else:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cast = _bf16 if _value_bytes(precision) == 2 else _f32  # an unknown precision fails
     out = replace(delta, lin=cast(delta.lin), v=cast(delta.v), v_acc=cast(delta.v_acc))
     return out, replace(bases, lin=cast(bases.lin), acc=cast(bases.acc))
 
